@@ -1,0 +1,106 @@
+"""Configuration of the input pipeline and the error type it raises."""
+
+from __future__ import annotations
+
+import dataclasses
+
+FORMATS = ("auto", "txt", "jsonl", "parquet")
+MODES = ("packed", "documents")
+
+
+class DataError(ValueError):
+    """A user-facing data problem. The message is always a single line that
+    names the offending path or field and how to fix it."""
+
+    def __init__(self, message: str):
+        # Multi-line messages get buried in tracebacks; keep them greppable.
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Input pipeline settings.
+
+    Attributes:
+      corpus: path to a file or folder, or "default" (the running Python's
+        standard library sources, no download needed).
+      format: "auto" (by file suffix), "txt", "jsonl" or "parquet".
+      text_field: JSON key / parquet column holding a document's text.
+      tokenizer: "byte" or a path to a Hugging Face tokenizer.json.
+      cache_dir: where token shards are written ("~" is expanded).
+      seq_len: tokens per example; batches are int32 [batch_size, seq_len].
+      batch_size: examples per batch on *this* host.
+      mode: "packed" (documents joined by eos, fixed windows) or "documents"
+        (windows inside documents of at least seq_len tokens).
+      seed: shuffle and task seed, in [0, 2**32).
+      val_fraction: fraction of documents held out for evaluation, in [0, 1).
+      min_doc_tokens: documents with fewer tokens are skipped when sharding.
+      mixture: ((task_name, weight), ...) tasks mixed with the corpus; tasks
+        are looked up in drt_jax.data.mixture's registry.
+      corpus_weight: mixing weight of the corpus relative to `mixture`.
+      num_workers: grain worker processes; 0 reads in-process.
+    """
+
+    corpus: str = "default"
+    format: str = "auto"
+    text_field: str = "text"
+    tokenizer: str = "byte"
+    cache_dir: str = "~/.cache/drt_jax/data"
+    seq_len: int = 1024
+    batch_size: int = 8
+    mode: str = "packed"
+    seed: int = 0
+    val_fraction: float = 0.01
+    min_doc_tokens: int = 1
+    mixture: tuple[tuple[str, float], ...] = ()
+    corpus_weight: float = 1.0
+    num_workers: int = 0
+
+    def __post_init__(self):
+        # Lists from YAML/JSON configs are accepted and frozen into tuples so the
+        # config stays hashable.
+        object.__setattr__(self, "mixture", tuple(tuple(m) for m in self.mixture))
+        checks = [
+            (isinstance(self.corpus, str) and self.corpus != "", "corpus must be a non-empty path or 'default'"),
+            (self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}"),
+            (isinstance(self.text_field, str) and self.text_field != "", "text_field must be a non-empty string"),
+            (isinstance(self.tokenizer, str) and self.tokenizer != "", "tokenizer must be 'byte' or a path to tokenizer.json"),
+            (isinstance(self.cache_dir, str) and self.cache_dir != "", "cache_dir must be a non-empty path"),
+            (_is_int(self.seq_len) and self.seq_len >= 2, f"seq_len must be an int >= 2, got {self.seq_len!r}"),
+            (_is_int(self.batch_size) and self.batch_size >= 1, f"batch_size must be an int >= 1, got {self.batch_size!r}"),
+            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
+            (_is_int(self.seed) and 0 <= self.seed < 2**32, f"seed must be an int in [0, 2**32), got {self.seed!r}"),
+            (
+                isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0,
+                f"val_fraction must be in [0, 1), got {self.val_fraction!r}",
+            ),
+            (
+                _is_int(self.min_doc_tokens) and self.min_doc_tokens >= 1,
+                f"min_doc_tokens must be an int >= 1, got {self.min_doc_tokens!r}",
+            ),
+            (
+                isinstance(self.corpus_weight, (int, float)) and self.corpus_weight > 0,
+                f"corpus_weight must be > 0, got {self.corpus_weight!r}",
+            ),
+            (_is_int(self.num_workers) and self.num_workers >= 0, f"num_workers must be an int >= 0, got {self.num_workers!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DataError(f"DataConfig: {message}")
+        for entry in self.mixture:
+            if (
+                len(entry) != 2
+                or not isinstance(entry[0], str)
+                or not isinstance(entry[1], (int, float))
+                or entry[1] <= 0
+            ):
+                raise DataError(
+                    f"DataConfig: mixture entries must be (task_name, weight > 0), got {entry!r}"
+                )
+        names = [name for name, _ in self.mixture]
+        if len(set(names)) != len(names):
+            raise DataError(f"DataConfig: mixture task names must be unique, got {names}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

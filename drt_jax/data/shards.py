@@ -1,0 +1,226 @@
+"""Tokenize a corpus once into token shards on disk.
+
+Layout of one shard directory (under `cache_dir`):
+  tokens.bin     flat token ids of all documents back to back, uint16 when the
+                 vocabulary fits in 16 bits, else uint32; read through np.memmap.
+  offsets.npy    int64 [num_docs + 1]; document d is tokens[offsets[d]:offsets[d+1]].
+  manifest.json  tokenizer identity, source files (path, size, mtime_ns), counts.
+                 Written last, so its presence marks a complete build.
+
+Documents carry no eos; packed mode inserts one between documents when reading.
+The shards are reused while the manifest's inputs (sources, tokenizer, reader
+settings) match the current ones, and rebuilt otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from drt_jax.data.config import DataError
+from drt_jax.data.corpora import DEFAULT_CORPUS, ReadStats, SourceFile, list_source_files, read_file_documents
+from drt_jax.data.tokenizers import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+SHARD_FORMAT_VERSION = 1
+# The split must not move when the training seed changes, or validation
+# documents would leak into training across runs.
+SPLIT_SEED = 0x5EED
+_ENCODE_CHUNK = 256
+_INPUT_KEYS = ("version", "corpus", "format", "text_field", "tokenizer", "min_doc_tokens", "sources")
+
+
+class TokenShards:
+    """A built shard directory: token memmap, document offsets and manifest."""
+
+    def __init__(self, directory: str | os.PathLike, built: bool = False):
+        self.directory = Path(directory)
+        self.built = built
+        with open(self.directory / "manifest.json") as fh:
+            self.manifest = json.load(fh)
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.tokens_path = str(self.directory / "tokens.bin")
+        self.offsets = np.load(self.directory / "offsets.npy")
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def tokens(self) -> np.memmap:
+        """All tokens, [num_tokens] of `dtype`, memory-mapped read-only."""
+        return np.memmap(self.tokens_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+
+    def document(self, d: int) -> np.ndarray:
+        """Tokens of document d, int32 [length]."""
+        return np.asarray(self.tokens()[self.offsets[d] : self.offsets[d + 1]], dtype=np.int32)
+
+    def split(self, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        """Deterministic document split -> (train_ids, val_ids), sorted int64.
+
+        With val_fraction > 0 and at least two documents, both sides get at
+        least one document.
+        """
+        n = self.num_docs
+        n_val = int(round(n * val_fraction))
+        if val_fraction > 0 and n >= 2:
+            n_val = min(max(n_val, 1), n - 1)
+        perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+        return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def prepare_shards(
+    corpus: str,
+    tokenizer: Tokenizer,
+    cache_dir: str | os.PathLike,
+    *,
+    fmt: str = "auto",
+    text_field: str = "text",
+    min_doc_tokens: int = 1,
+    progress: bool = True,
+) -> TokenShards:
+    """Returns current token shards for `corpus`, building them if needed.
+
+    Raises:
+      DataError: the corpus path is missing or holds no document of at least
+        `min_doc_tokens` tokens.
+    """
+    files = list_source_files(corpus, fmt)
+    corpus_id = corpus if corpus == DEFAULT_CORPUS else os.path.abspath(os.path.expanduser(corpus))
+    inputs = {
+        "version": SHARD_FORMAT_VERSION,
+        "corpus": corpus_id,
+        "format": fmt,
+        "text_field": text_field,
+        "tokenizer": {
+            "fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+            "pad_id": tokenizer.pad_id,
+            "eos_id": tokenizer.eos_id,
+            "landmark_id": tokenizer.landmark_id,
+        },
+        "min_doc_tokens": min_doc_tokens,
+        "sources": [[f.path, f.size, f.mtime_ns] for f in files],
+    }
+    directory = Path(os.path.expanduser(os.fspath(cache_dir))) / _directory_name(inputs)
+    manifest_path = directory / "manifest.json"
+    if manifest_path.exists():
+        with open(manifest_path) as fh:
+            old = json.load(fh)
+        if all(old.get(k) == inputs[k] for k in _INPUT_KEYS):
+            logger.info("token shards are current: %s", directory)
+            return TokenShards(directory)
+        logger.info("corpus or tokenizer changed; rebuilding token shards in %s", directory)
+    if not files:
+        raise DataError(f"corpus {corpus_id!r} contains no documents (no .txt/.jsonl/.parquet files found)")
+    _build(directory, files, inputs, tokenizer, text_field, min_doc_tokens, progress)
+    return TokenShards(directory, built=True)
+
+
+def _directory_name(inputs: dict) -> str:
+    # Source stats are left out so a changed file rebuilds in place instead of
+    # leaving stale directories behind.
+    key = {k: v for k, v in inputs.items() if k != "sources"}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    stem = "default" if inputs["corpus"] == DEFAULT_CORPUS else Path(inputs["corpus"]).stem
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)[:40] or "corpus"
+    return f"{slug}-{digest}"
+
+
+def _encode_file(tokenizer: Tokenizer, f: SourceFile, text_field: str, stats: ReadStats) -> Iterator[np.ndarray]:
+    """Yields int64 token arrays, one per document of `f`."""
+    docs = read_file_documents(f, text_field=text_field, stats=stats)
+    if hasattr(tokenizer, "encode_bytes"):
+        for doc in docs:
+            yield np.frombuffer(tokenizer.encode_bytes(doc), dtype=np.uint8).astype(np.int64)
+        return
+    batch_encode = getattr(tokenizer, "encode_batch", None)
+    if batch_encode is None:
+        for doc in docs:
+            yield np.asarray(tokenizer.encode(doc), dtype=np.int64)
+        return
+    chunk: list[str] = []
+    for doc in docs:
+        chunk.append(doc)
+        if len(chunk) == _ENCODE_CHUNK:
+            yield from (np.asarray(ids, dtype=np.int64) for ids in batch_encode(chunk))
+            chunk = []
+    if chunk:
+        yield from (np.asarray(ids, dtype=np.int64) for ids in batch_encode(chunk))
+
+
+def _build(directory, files, inputs, tokenizer, text_field, min_doc_tokens, progress):
+    from tqdm.auto import tqdm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest_path = directory / "manifest.json"
+    manifest_path.unlink(missing_ok=True)
+    # Unique temp names let hosts sharing a cache_dir build concurrently; the
+    # renames are atomic and every host writes identical bytes.
+    suffix = f".tmp.{socket.gethostname()}.{os.getpid()}"
+    dtype = token_dtype(tokenizer.vocab_size)
+    stats = ReadStats()
+    offsets = [0]
+    skipped_short = 0
+    tokens_tmp = directory / ("tokens.bin" + suffix)
+    bar = tqdm(
+        total=sum(f.size for f in files), unit="B", unit_scale=True, desc="tokenizing corpus", disable=not progress
+    )
+    with open(tokens_tmp, "wb") as out, bar:
+        for f in files:
+            for ids in _encode_file(tokenizer, f, text_field, stats):
+                if len(ids) < min_doc_tokens:
+                    skipped_short += 1
+                    continue
+                out.write(ids.astype(dtype).tobytes())
+                offsets.append(offsets[-1] + len(ids))
+            bar.update(f.size)
+            bar.set_postfix(docs=len(offsets) - 1, tokens=offsets[-1], refresh=False)
+    if skipped_short:
+        logger.warning("skipped %d documents shorter than min_doc_tokens=%d", skipped_short, min_doc_tokens)
+    if stats.non_utf8 or stats.bad_records:
+        logger.warning(
+            "corpus %s: %d non-UTF-8 inputs decoded with replacement, %d bad records skipped",
+            inputs["corpus"], stats.non_utf8, stats.bad_records,
+        )
+    if len(offsets) == 1:
+        tokens_tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"corpus {inputs['corpus']!r} contains no documents with at least {min_doc_tokens} tokens "
+            f"({stats.documents} read, {skipped_short} too short); add data or lower min_doc_tokens"
+        )
+    offsets_tmp = directory / ("offsets.npy" + suffix)
+    with open(offsets_tmp, "wb") as fh:
+        np.save(fh, np.asarray(offsets, dtype=np.int64))
+    os.replace(tokens_tmp, directory / "tokens.bin")
+    os.replace(offsets_tmp, directory / "offsets.npy")
+    manifest = dict(inputs)
+    manifest.update(
+        dtype=dtype.name,
+        num_docs=len(offsets) - 1,
+        num_tokens=offsets[-1],
+        documents_read=stats.documents,
+        skipped_short=skipped_short,
+        non_utf8=stats.non_utf8,
+        bad_records=stats.bad_records,
+    )
+    manifest_tmp = directory / ("manifest.json" + suffix)
+    with open(manifest_tmp, "w") as fh:
+        json.dump(manifest, fh, indent=1)
+    os.replace(manifest_tmp, manifest_path)
+    logger.info("wrote %d documents, %d tokens (%s) to %s", len(offsets) - 1, offsets[-1], dtype.name, directory)

@@ -1,0 +1,211 @@
+"""Linen layers of DRT. Thin: they own parameters and call the pure functions.
+
+Every parameter carries logical axis names (embed, heads, kv_heads, head_dim, mlp, vocab, norm) so
+the trainer can shard it through a rules table. Shapes: B batch, L slots, d model width,
+H / Hkv query / key-value heads, Dh head dim, C chunks, S tokens per chunk, M memory chunks.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from drt_jax.attention import alibi_slopes, bidirectional_attention, causal_attention
+from drt_jax.config import ModelConfig
+from pallas_kernels import grouped_cross_attention
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _init(cfg: ModelConfig, axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+
+
+def dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1):
+    return nn.DenseGeneral(
+        features, axis=axis, use_bias=False, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+        kernel_init=_init(cfg, axes), name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * gain, computed in float32, returned in the compute dtype."""
+
+    eps: float
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        gain = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * gain.astype(jnp.float32)).astype(_dtype(self.dtype))
+
+
+def apply_rope(x, positions, theta: float):
+    """Rotate-half RoPE. x [..., T, H, D], positions [T] or [B, T] (broadcast against x)."""
+    D = x.shape[-1]
+    freq = theta ** (-jnp.arange(0, D // 2, dtype=jnp.float32) * 2.0 / D)
+    angle = positions.astype(jnp.float32)[..., None] * freq  # [..., T, D/2]
+    cos = jnp.cos(angle)[..., None, :]
+    sin = jnp.sin(angle)[..., None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Causal sliding-window self-attention (decoder) or bidirectional attention (chunk encoder).
+
+    x [B, L, d] -> [B, L, d]. `positions` [L] are slot indices, used by RoPE and ALiBi.
+    """
+
+    cfg: ModelConfig
+    bidirectional: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions):
+        cfg = self.cfg
+        H, Hkv, Dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        q = dense(cfg, (H, Dh), ("embed", "heads", "head_dim"), "q")(x)
+        k = dense(cfg, (Hkv, Dh), ("embed", "kv_heads", "head_dim"), "k")(x)
+        v = dense(cfg, (Hkv, Dh), ("embed", "kv_heads", "head_dim"), "v")(x)
+        if self.bidirectional:
+            # The encoder always uses RoPE with positions 0..S inside the chunk (spec 2.4).
+            q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
+            out = bidirectional_attention(q, k, v)
+        else:
+            slopes = None
+            if cfg.position == "rope":
+                q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
+            else:
+                slopes = alibi_slopes(H)
+            out = causal_attention(q, k, v, window=cfg.window, slopes=slopes, impl=cfg.attention_impl)
+        return dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o", axis=(-2, -1))(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: W_down(silu(W_gate x) * W_up x), no biases."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate")(x)
+        up = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "up")(x)
+        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down")(nn.silu(gate) * up)
+
+
+class LowerLayer(nn.Module):
+    """Pre-norm Llama block: h + SA(norm(h)), then + MLP(norm(.)). Also the baselines' layer."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, h, positions):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+        a = h + drop(SelfAttention(cfg, name="attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="attn_norm")(h), positions))
+        return a + drop(MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.dtype, name="mlp_norm")(a)))
+
+
+class GroupedCrossAttention(nn.Module):
+    """GCA block: queries from norm(a), keys/values from the shared chunk memory (spec 4.1).
+
+    a [B, C*(S+1), d]; k_mem, v_mem [B, M, S, Hkv, Dh]; indices, weights [B, C, K] -> [B, C*(S+1), d].
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, a, k_mem, v_mem, indices, weights):
+        cfg = self.cfg
+        B, L, _ = a.shape
+        C = L // cfg.slots_per_chunk
+        x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(a)
+        q = dense(cfg, (cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "q")(x)
+        q = q.reshape(B, C, cfg.slots_per_chunk, cfg.n_heads, cfg.head_dim)
+        out = grouped_cross_attention(
+            q, k_mem, v_mem, indices, weights.astype(q.dtype),
+            softmax_off_by_one=cfg.gca_off_by_one, impl=cfg.gca_impl,
+        )
+        out = out.reshape(B, L, cfg.n_heads, cfg.head_dim)
+        return dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o", axis=(-2, -1))(out)
+
+
+class UpperLayer(nn.Module):
+    """Self-attention -> GCA -> MLP (spec 2.6).
+
+    "authors" wiring: a = h + SA(norm h); b = a + GCA(a); h' = a + MLP(norm b) (GCA reaches the
+    residual stream only through the MLP input, as in the released code). "standard": h' = b + MLP(norm b).
+    """
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, h, positions, k_mem, v_mem, indices, weights):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+        a = h + drop(SelfAttention(cfg, name="attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="attn_norm")(h), positions))
+        b = a + drop(GroupedCrossAttention(cfg, name="gca")(a, k_mem, v_mem, indices, weights))
+        base = a if cfg.gca_residual == "authors" else b
+        return base + drop(MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.dtype, name="mlp_norm")(b)))
+
+
+class EncoderLayer(nn.Module):
+    """Bidirectional Llama block over the S+1 slots of one chunk, RoPE positions 0..S."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions):
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+        eps = cfg.encoder_norm_eps
+        a = x + drop(SelfAttention(cfg, bidirectional=True, name="attn")(RMSNorm(eps, cfg.dtype, name="attn_norm")(x), positions))
+        return a + drop(MLP(cfg, name="mlp")(RMSNorm(eps, cfg.dtype, name="mlp_norm")(a)))
+
+
+class ChunkEncoder(nn.Module):
+    """Encodes every chunk's lower-layer states into its retrieval key and memory K/V (spec 2.4).
+
+    u [B, C*(S+1), d] -> (landmark keys [B, C, d], k_mem [B, C, S, Hkv, Dh], v_mem [B, C, S, Hkv, Dh]).
+    The memory drops the landmark row; the off-by-one GCA softmax stands in for the authors' zeroed
+    row, which is the same function for any chunk size.
+    """
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, u):
+        cfg = self.cfg
+        B, L, d = u.shape
+        S1 = cfg.slots_per_chunk
+        C = L // S1
+        x = RMSNorm(cfg.encoder_norm_eps, cfg.dtype, name="pre_norm")(u).reshape(B * C, S1, d)
+        positions = jnp.arange(S1)
+        layer_cls = maybe_remat(EncoderLayer, cfg)
+        for i in range(cfg.encoder_layers):
+            x = layer_cls(cfg, self.deterministic, name=f"layer_{i}")(x, positions)
+        e = RMSNorm(cfg.encoder_norm_eps, cfg.dtype, name="final_norm")(x).reshape(B, C, S1, d)
+        landmark_keys = e[:, :, cfg.chunk_size]
+        tokens = e[:, :, : cfg.chunk_size]
+        kv_shape, kv_axes = (cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")
+        k_mem = dense(cfg, kv_shape, kv_axes, "mem_k")(tokens)
+        v_mem = dense(cfg, kv_shape, kv_axes, "mem_v")(tokens)
+        return landmark_keys, k_mem, v_mem
+
+
+def maybe_remat(layer_cls, cfg: ModelConfig):
+    """Wraps a layer class in nn.remat according to cfg.remat ("none", "full", "dots")."""
+    if cfg.remat == "none":
+        return layer_cls
+    policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return nn.remat(layer_cls, policy=policy, prevent_cse=True)

@@ -1,0 +1,93 @@
+"""The GCA dispatcher: the only place that knows which implementations exist.
+
+An implementation is a callable with the signature of `gca_reference`. Backend modules are imported
+lazily, so importing this package works on a machine without a GPU, a TPU or jax-triton. A kernel
+that cannot take a call raises `Unsupported(reason)`; the dispatcher then logs the reason and falls
+back to the next candidate, never returning a wrong answer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+
+import jax
+
+log = logging.getLogger(__name__)
+
+
+class Unsupported(NotImplementedError):
+    """Raised by a kernel for inputs it cannot take; the message says why."""
+
+
+# name -> (module, attribute); the reference is always available.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "reference": ("pallas_kernels.gca.reference", "gca_reference"),
+}
+
+# Per backend, the order `impl="auto"` tries. Kernel modules extend these lists as they land.
+AUTO_ORDER: dict[str, list[str]] = {"cpu": ["reference"], "gpu": ["reference"], "tpu": ["reference"]}
+
+
+def register(name: str, module: str, attribute: str) -> None:
+    _REGISTRY[name] = (module, attribute)
+
+
+def available_impls() -> list[str]:
+    return list(_REGISTRY)
+
+
+def _resolve(name: str) -> Callable:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown GCA impl {name!r}; choose one of {['auto', *_REGISTRY]}")
+    module, attribute = _REGISTRY[name]
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except ImportError as err:
+        raise Unsupported(f"{name} cannot be imported here ({err})") from err
+
+
+def _check_shapes(q, k_mem, v_mem, indices, weights) -> None:
+    if q.ndim != 5 or k_mem.ndim != 5:
+        raise ValueError(
+            f"GCA wants q [B,C,Sq,H,D] and k_mem [B,M,Sm,Hkv,D]; got q{q.shape} k_mem{k_mem.shape}"
+        )
+    B, C, _, H, D = q.shape
+    if k_mem.shape != v_mem.shape:
+        raise ValueError(f"GCA k_mem{k_mem.shape} and v_mem{v_mem.shape} must have the same shape")
+    if k_mem.shape[0] != B or k_mem.shape[4] != D:
+        raise ValueError(f"GCA k_mem{k_mem.shape} does not match q{q.shape} in batch or head dim")
+    if H % k_mem.shape[3]:
+        raise ValueError(f"GCA query heads {H} are not a multiple of key/value heads {k_mem.shape[3]}")
+    if indices.shape != weights.shape or indices.shape[:2] != (B, C) or indices.ndim != 3:
+        raise ValueError(
+            f"GCA indices{indices.shape} and weights{weights.shape} must both be [B={B}, C={C}, K]"
+        )
+    if not jax.numpy.issubdtype(indices.dtype, jax.numpy.integer):
+        raise ValueError(f"GCA indices must be integers, got {indices.dtype}")
+
+
+def grouped_cross_attention(
+    q, k_mem, v_mem, indices, weights, *, softmax_off_by_one: bool = True, scale: float | None = None,
+    impl: str = "auto",
+):
+    """Grouped Cross-Attention; see `pallas_kernels.gca.reference` for shapes and maths.
+
+    impl: "auto" (the best available for the default backend), or one of `available_impls()`.
+    Differentiable in q, k_mem, v_mem and weights.
+    """
+    _check_shapes(q, k_mem, v_mem, indices, weights)
+    if impl == "auto":
+        candidates = AUTO_ORDER.get(jax.default_backend(), ["reference"])
+    else:
+        candidates = [impl]
+    if candidates[-1] != "reference":
+        candidates = [*candidates, "reference"]
+    for name in candidates:
+        try:
+            fn = _resolve(name)
+            return fn(q, k_mem, v_mem, indices, weights, softmax_off_by_one=softmax_off_by_one, scale=scale)
+        except Unsupported as why:
+            log.warning("GCA impl %r skipped: %s; falling back", name, why)
+    raise AssertionError("unreachable: the reference takes every call")
