@@ -22,3 +22,15 @@ MODEL = ModelConfig(
     window=48,
     top_k=4,
 )
+
+# --- run: the README's CPU job (`python train.py --config tiny`: a few hundred steps, < 10 min on 2 cores)
+from drt_jax.data.config import DataConfig  # noqa: E402
+from drt_jax.train.config import OptimConfig, RunConfig, TrainConfig  # noqa: E402
+
+RUN = RunConfig(
+    name="tiny",
+    model=MODEL,  # float32 compute on CPU (bf16 matmuls are slow there)
+    data=DataConfig(corpus="default", tokenizer="byte", seq_len=512),
+    optim=OptimConfig(peak_lr=2e-3, end_lr=4e-4, warmup_fraction=0.02, weight_decay=0.1),
+    train=TrainConfig(steps=300, batch=8, eval_every=100, eval_steps=4, checkpoint_every=100, keep_checkpoints=2, log_every=10),
+)

@@ -30,12 +30,13 @@ def alibi_slopes(num_heads: int):
 
 def _attend(q, k, v, mask, bias, scale):
     """q [B, N, Q, Hkv, G, D], k/v [B, N, K, Hkv, D], mask [N, Q, K], bias [H?, N, Q, K] or None."""
-    logits = jnp.einsum("bnqhgd,bnkhd->bnhgqk", q, k, preferred_element_type=jnp.float32) * scale
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bnqhgd,bnkhd->bnhgqk", q, k, preferred_element_type=acc) * scale
     if bias is not None:
         logits = logits + bias
     logits = jnp.where(mask[None, :, None, None], logits, -jnp.inf)
     p = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bnhgqk,bnkhd->bnqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return jnp.einsum("bnhgqk,bnkhd->bnqhgd", p.astype(v.dtype), v, preferred_element_type=acc)
 
 
 def attention_reference(q, k, v, *, window: int | None, slopes=None, scale: float | None = None):
@@ -68,7 +69,7 @@ def attention_reference(q, k, v, *, window: int | None, slopes=None, scale: floa
         mask = mask & (dist <= window)
     bias = None
     if slopes is not None:
-        bias = -slopes.reshape(Hkv, G)[:, :, None, None, None] * dist[None, None].astype(jnp.float32)
+        bias = -slopes.reshape(Hkv, G)[:, :, None, None, None] * dist[None, None]
         bias = bias[None].transpose(0, 3, 1, 2, 4, 5)  # [1, N, Hkv, G, Q, K]
     out = _attend(qb, keys, values, mask, bias, scale)
     return out.reshape(B, Tp, H, D)[:, :T].astype(q.dtype)
@@ -112,7 +113,8 @@ def bidirectional_attention(q, k, v, *, scale: float | None = None):
     Hkv = k.shape[2]
     scale = D**-0.5 if scale is None else scale
     qg = q.reshape(N, S, Hkv, H // Hkv, D)
-    logits = jnp.einsum("nqhgd,nkhd->nhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("nqhgd,nkhd->nhgqk", qg, k, preferred_element_type=acc) * scale
     p = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("nhgqk,nkhd->nqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("nhgqk,nkhd->nqhgd", p.astype(v.dtype), v, preferred_element_type=acc)
     return out.reshape(N, S, H, D).astype(q.dtype)

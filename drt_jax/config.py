@@ -17,7 +17,7 @@ ARCHS = ("drt", "swa", "full")
 POSITIONS = ("rope", "alibi")
 GCA_RESIDUALS = ("authors", "standard")
 REMAT_POLICIES = ("none", "full", "dots")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: CPU tests under jax.enable_x64
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

@@ -40,19 +40,21 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         gain = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
-        x32 = x.astype(jnp.float32)
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        x32 = x.astype(acc)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * gain.astype(jnp.float32)).astype(_dtype(self.dtype))
+        return (y * gain.astype(acc)).astype(_dtype(self.dtype))
 
 
 def apply_rope(x, positions, theta: float):
     """Rotate-half RoPE. x [..., T, H, D], positions [T] or [B, T] (broadcast against x)."""
     D = x.shape[-1]
-    freq = theta ** (-jnp.arange(0, D // 2, dtype=jnp.float32) * 2.0 / D)
-    angle = positions.astype(jnp.float32)[..., None] * freq  # [..., T, D/2]
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    freq = theta ** (-jnp.arange(0, D // 2, dtype=acc) * 2.0 / D)
+    angle = positions.astype(acc)[..., None] * freq  # [..., T, D/2]
     cos = jnp.cos(angle)[..., None, :]
     sin = jnp.sin(angle)[..., None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x.astype(acc), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 

@@ -29,11 +29,11 @@ def cross_entropy(logits, targets, mask):
 
     Returns (mean loss, number of scored tokens); the loss is computed in float32.
     """
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     count = jnp.sum(mask)
-    return jnp.sum((lse - picked) * mask) / jnp.maximum(count, 1.0), count
+    return jnp.sum((lse - picked) * mask.astype(logits.dtype)) / jnp.maximum(count, 1.0), count
 
 
 def next_token_loss(logits, tokens, pad_id: int):

@@ -76,10 +76,12 @@ class DRT(nn.Module):
             landmark_keys, k_mem, v_mem = ChunkEncoder(cfg, deterministic, name="encoder")(h)
             upper_cls = maybe_remat(UpperLayer, cfg)
             for g, n_layers in enumerate(cfg.groups):
-                query = RMSNorm(cfg.norm_eps, "float32", name=f"landmark_norm_g{g}")(
+                # Retrieval runs in at least float32 whatever the compute dtype: top-k is sensitive.
+                score_dtype = jnp.promote_types(cfg.dtype, jnp.float32)
+                query = RMSNorm(cfg.norm_eps, score_dtype.name, name=f"landmark_norm_g{g}")(
                     chunking.landmark_states(h, cfg.chunk_size)
                 )
-                scores = retrieval.landmark_scores(query, landmark_keys.astype(jnp.float32))
+                scores = retrieval.landmark_scores(query, landmark_keys.astype(score_dtype))
                 scores = self.perturb(f"retrieval_scores_g{g}", scores)
                 noise_rng = self.make_rng("gumbel") if (cfg.gumbel_noise and not deterministic) else None
                 indices, weights = retrieval.causal_topk(scores, cfg.top_k, gumbel_rng=noise_rng)

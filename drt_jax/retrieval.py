@@ -12,10 +12,9 @@ import jax.numpy as jnp
 
 def landmark_scores(query_lmk, memory_lmk):
     """query_lmk [B, C, d], memory_lmk [B, M, d] -> scores [B, C, M] = <q, m> / sqrt(d), in float32."""
-    d = query_lmk.shape[-1]
-    return jnp.einsum("bcd,bmd->bcm", query_lmk, memory_lmk, preferred_element_type=jnp.float32) / jnp.sqrt(
-        jnp.float32(d)
-    )
+    acc = jnp.promote_types(query_lmk.dtype, jnp.float32)
+    scores = jnp.einsum("bcd,bmd->bcm", query_lmk, memory_lmk, preferred_element_type=acc)
+    return scores / jnp.sqrt(jnp.asarray(query_lmk.shape[-1], acc))
 
 
 def visibility(num_queries: int, num_memory: int, query_offset=0):
@@ -28,7 +27,7 @@ def visibility(num_queries: int, num_memory: int, query_offset=0):
 def causal_topk(scores, k: int, *, gumbel_rng=None, query_offset=0):
     """Selects the top-k visible memory chunks of every query chunk and weights them.
 
-    scores [B, C, M] (float) -> (indices [B, C, k] int32, weights [B, C, k] float32).
+    scores [B, C, M] (float) -> (indices [B, C, k] int32, weights [B, C, k] in the scores' dtype).
     With `gumbel_rng`, standard Gumbel noise is added to the scores for the *selection* only
     (Gumbel-top-k = sampling without replacement from softmax(scores)); the weights are always the
     softmax of the clean scores over the selected chunks. Slots left empty because fewer than k
@@ -39,7 +38,7 @@ def causal_topk(scores, k: int, *, gumbel_rng=None, query_offset=0):
     visible = jnp.broadcast_to(visibility(C, M, query_offset), (B, C, M))
     noisy = scores
     if gumbel_rng is not None:
-        noisy = scores + jax.random.gumbel(gumbel_rng, scores.shape, dtype=jnp.float32)
+        noisy = scores + jax.random.gumbel(gumbel_rng, scores.shape, dtype=scores.dtype)
     noisy = jnp.where(visible, noisy, -jnp.inf)
     k_eff = min(k, M)
     _, idx = jax.lax.top_k(jax.lax.stop_gradient(noisy), k_eff)  # [B, C, k_eff]
@@ -54,7 +53,7 @@ def causal_topk(scores, k: int, *, gumbel_rng=None, query_offset=0):
     if k_eff < k:
         indices = jnp.pad(indices, ((0, 0), (0, 0), (0, k - k_eff)), constant_values=-1)
         weights = jnp.pad(weights, ((0, 0), (0, 0), (0, k - k_eff)))
-    return indices, weights.astype(jnp.float32)
+    return indices, weights
 
 
 def shift_to_consumers(indices, weights):

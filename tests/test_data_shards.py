@@ -67,7 +67,9 @@ def test_other_tokenizer_gets_other_shards(tmp_path):
 def test_short_documents_are_skipped_and_logged(tmp_path, caplog):
     corpus = write_corpus(tmp_path / "corpus")
     with caplog.at_level(logging.WARNING):
-        shards = prepare_shards(str(corpus), ByteTokenizer(), tmp_path / "cache", min_doc_tokens=25, progress=False)
+        shards = prepare_shards(
+            str(corpus), ByteTokenizer(), tmp_path / "cache", min_doc_tokens=25, progress=False
+        )
     lengths = np.diff(shards.offsets)
     assert shards.num_docs == 4 and lengths.min() >= 25
     assert "skipped 2 documents shorter than min_doc_tokens=25" in caplog.text

@@ -5,9 +5,16 @@ import json
 import pytest
 
 from drt_jax.data import ByteTokenizer, DataError, HFTokenizer, Tokenizer, load_tokenizer
-from drt_jax.data.train_bpe import SPECIAL_TOKENS, main as train_bpe_main
+from drt_jax.data.train_bpe import SPECIAL_TOKENS
+from drt_jax.data.train_bpe import main as train_bpe_main
 
-TEXTS = ["hello world", "naïve café ☕ — 日本語", "", "line\nbreaks\tand  spaces", "def f(x):\n    return x + 1\n"]
+TEXTS = [
+    "hello world",
+    "naïve café ☕ — 日本語",
+    "",
+    "line\nbreaks\tand  spaces",
+    "def f(x):\n    return x + 1\n",
+]
 
 
 def test_byte_tokenizer_round_trip_and_specials():
@@ -28,7 +35,9 @@ def bpe_path(tmp_path_factory):
     corpus = d / "corpus"
     corpus.mkdir()
     for i in range(20):
-        (corpus / f"doc{i}.txt").write_text(f"the quick brown fox {i} jumps over the lazy dog. " * 20 + TEXTS[i % 5])
+        (corpus / f"doc{i}.txt").write_text(
+            f"the quick brown fox {i} jumps over the lazy dog. " * 20 + TEXTS[i % 5]
+        )
     out = d / "tok" / "tokenizer.json"
     train_bpe_main(["--corpus", str(corpus), "--vocab-size", "300", "--out", str(out)])
     return out
@@ -59,7 +68,8 @@ def test_hf_tokenizer_round_trip_and_special_ids(bpe_path):
 
 
 def test_hf_tokenizer_appends_missing_pad_and_landmark(tmp_path):
-    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers
 
     raw = RawTokenizer(models.WordLevel({"a": 0, "b": 1, "</s>": 2, "[UNK]": 3}, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -86,7 +96,9 @@ def test_missing_tokenizer_file_is_one_line_error(tmp_path):
 def test_train_bpe_rejects_tiny_vocab(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("abc")
     with pytest.raises(SystemExit) as e:
-        train_bpe_main(["--corpus", str(tmp_path / "a.txt"), "--vocab-size", "10", "--out", str(tmp_path / "t.json")])
+        train_bpe_main(
+            ["--corpus", str(tmp_path / "a.txt"), "--vocab-size", "10", "--out", str(tmp_path / "t.json")]
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--vocab-size must be >= 259" in err and err.count("\n") == 1

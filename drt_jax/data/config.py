@@ -61,15 +61,33 @@ class DataConfig:
         # config stays hashable.
         object.__setattr__(self, "mixture", tuple(tuple(m) for m in self.mixture))
         checks = [
-            (isinstance(self.corpus, str) and self.corpus != "", "corpus must be a non-empty path or 'default'"),
+            (
+                isinstance(self.corpus, str) and self.corpus != "",
+                "corpus must be a non-empty path or 'default'",
+            ),
             (self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}"),
-            (isinstance(self.text_field, str) and self.text_field != "", "text_field must be a non-empty string"),
-            (isinstance(self.tokenizer, str) and self.tokenizer != "", "tokenizer must be 'byte' or a path to tokenizer.json"),
+            (
+                isinstance(self.text_field, str) and self.text_field != "",
+                "text_field must be a non-empty string",
+            ),
+            (
+                isinstance(self.tokenizer, str) and self.tokenizer != "",
+                "tokenizer must be 'byte' or a path to tokenizer.json",
+            ),
             (isinstance(self.cache_dir, str) and self.cache_dir != "", "cache_dir must be a non-empty path"),
-            (_is_int(self.seq_len) and self.seq_len >= 2, f"seq_len must be an int >= 2, got {self.seq_len!r}"),
-            (_is_int(self.batch_size) and self.batch_size >= 1, f"batch_size must be an int >= 1, got {self.batch_size!r}"),
+            (
+                _is_int(self.seq_len) and self.seq_len >= 2,
+                f"seq_len must be an int >= 2, got {self.seq_len!r}",
+            ),
+            (
+                _is_int(self.batch_size) and self.batch_size >= 1,
+                f"batch_size must be an int >= 1, got {self.batch_size!r}",
+            ),
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
-            (_is_int(self.seed) and 0 <= self.seed < 2**32, f"seed must be an int in [0, 2**32), got {self.seed!r}"),
+            (
+                _is_int(self.seed) and 0 <= self.seed < 2**32,
+                f"seed must be an int in [0, 2**32), got {self.seed!r}",
+            ),
             (
                 isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0,
                 f"val_fraction must be in [0, 1), got {self.val_fraction!r}",
@@ -82,7 +100,10 @@ class DataConfig:
                 isinstance(self.corpus_weight, (int, float)) and self.corpus_weight > 0,
                 f"corpus_weight must be > 0, got {self.corpus_weight!r}",
             ),
-            (_is_int(self.num_workers) and self.num_workers >= 0, f"num_workers must be an int >= 0, got {self.num_workers!r}"),
+            (
+                _is_int(self.num_workers) and self.num_workers >= 0,
+                f"num_workers must be an int >= 0, got {self.num_workers!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -94,9 +115,7 @@ class DataConfig:
                 or not isinstance(entry[1], (int, float))
                 or entry[1] <= 0
             ):
-                raise DataError(
-                    f"DataConfig: mixture entries must be (task_name, weight > 0), got {entry!r}"
-                )
+                raise DataError(f"DataConfig: mixture entries must be (task_name, weight > 0), got {entry!r}")
         names = [name for name, _ in self.mixture]
         if len(set(names)) != len(names):
             raise DataError(f"DataConfig: mixture task names must be unique, got {names}")

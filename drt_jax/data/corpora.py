@@ -17,8 +17,8 @@ import json
 import logging
 import os
 import sysconfig
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from drt_jax.data.config import DataError
 
@@ -141,11 +141,19 @@ def _read_jsonl(path: str, text_field: str, stats: ReadStats) -> Iterator[str]:
                 text = record[text_field]
             except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
                 stats.bad_records += 1
-                logger.warning("skipping %s line %d: no string field %r (%s)", path, lineno, text_field, type(e).__name__)
+                logger.warning(
+                    "skipping %s line %d: no string field %r (%s)", path, lineno, text_field, type(e).__name__
+                )
                 continue
             if not isinstance(text, str):
                 stats.bad_records += 1
-                logger.warning("skipping %s line %d: field %r is %s, not str", path, lineno, text_field, type(text).__name__)
+                logger.warning(
+                    "skipping %s line %d: field %r is %s, not str",
+                    path,
+                    lineno,
+                    text_field,
+                    type(text).__name__,
+                )
                 continue
             yield text
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 import zlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
@@ -92,10 +92,14 @@ class _Normalize:
 
     def __call__(self, element):
         if not isinstance(element, dict) or "tokens" not in element:
-            raise DataError(f"task {self.name!r} must yield dicts with a 'tokens' array, got {type(element).__name__}")
+            raise DataError(
+                f"task {self.name!r} must yield dicts with a 'tokens' array, got {type(element).__name__}"
+            )
         tokens = np.asarray(element["tokens"], dtype=np.int32)
         if tokens.shape != (self.seq_len,):
-            raise DataError(f"task {self.name!r} yielded tokens of shape {tokens.shape}, expected ({self.seq_len},)")
+            raise DataError(
+                f"task {self.name!r} yielded tokens of shape {tokens.shape}, expected ({self.seq_len},)"
+            )
         mask = element.get("mask")
         mask = (tokens != self.pad_id) if mask is None else np.asarray(mask)
         return {"tokens": tokens, "mask": mask.astype(np.int32)}
@@ -115,7 +119,9 @@ class CopyTask:
         self.seq_len, self.seed, self.num_examples = seq_len, seed, num_examples
         self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
         specials = {tokenizer.pad_id, tokenizer.eos_id, tokenizer.landmark_id}
-        self.alphabet = np.array([i for i in range(tokenizer.vocab_size) if i not in specials], dtype=np.int32)
+        self.alphabet = np.array(
+            [i for i in range(tokenizer.vocab_size) if i not in specials], dtype=np.int32
+        )
 
     def __len__(self) -> int:
         return self.num_examples

@@ -124,7 +124,9 @@ def _host_split(shard_index: int | None, shard_count: int | None) -> tuple[int, 
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not (shard_count >= 1 and 0 <= shard_index < shard_count):
-        raise DataError(f"need 0 <= shard_index < shard_count, got shard_index={shard_index}, shard_count={shard_count}")
+        raise DataError(
+            f"need 0 <= shard_index < shard_count, got shard_index={shard_index}, shard_count={shard_count}"
+        )
     return shard_index, shard_count
 
 
@@ -182,7 +184,10 @@ def make_dataset(
         if source.num_skipped:
             logger.warning(
                 "documents mode: skipped %d of %d %s documents shorter than seq_len=%d",
-                source.num_skipped, len(doc_ids), split, cfg.seq_len,
+                source.num_skipped,
+                len(doc_ids),
+                split,
+                cfg.seq_len,
             )
     needed = cfg.batch_size * shard_count
     if len(source) < needed:
@@ -207,7 +212,9 @@ def make_dataset(
 def _to_iterator(ds: grain.MapDataset, cfg: DataConfig, prefetch: int):
     # Elements are whole batches, so a small buffer is enough; grain's default
     # (500) would hold hundreds of long-context batches in memory.
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, min(prefetch, 8)), prefetch_buffer_size=prefetch))
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, min(prefetch, 8)), prefetch_buffer_size=prefetch)
+    )
     if cfg.num_workers > 0:
         from absl import flags
 
@@ -234,8 +241,14 @@ def build_train_iterator(
     orbax via grain.checkpoint.CheckpointSave / CheckpointRestore.
     """
     ds = make_dataset(
-        cfg, tokenizer, split="train", shard_index=shard_index, shard_count=shard_count,
-        num_epochs=num_epochs, shuffle=True, progress=progress,
+        cfg,
+        tokenizer,
+        split="train",
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_epochs=num_epochs,
+        shuffle=True,
+        progress=progress,
     )
     return _to_iterator(ds, cfg, prefetch)
 
@@ -252,7 +265,13 @@ def build_eval_iterator(
     """One ordered pass over this host's share of the validation split (no
     tasks); ends after the last full batch."""
     ds = make_dataset(
-        cfg, tokenizer, split="val", shard_index=shard_index, shard_count=shard_count,
-        num_epochs=1, shuffle=False, progress=progress,
+        cfg,
+        tokenizer,
+        split="val",
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_epochs=1,
+        shuffle=False,
+        progress=progress,
     )
     return _to_iterator(ds, cfg, prefetch)

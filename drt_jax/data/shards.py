@@ -19,8 +19,8 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -142,7 +142,9 @@ def _directory_name(inputs: dict) -> str:
     return f"{slug}-{digest}"
 
 
-def _encode_file(tokenizer: Tokenizer, f: SourceFile, text_field: str, stats: ReadStats) -> Iterator[np.ndarray]:
+def _encode_file(
+    tokenizer: Tokenizer, f: SourceFile, text_field: str, stats: ReadStats
+) -> Iterator[np.ndarray]:
     """Yields int64 token arrays, one per document of `f`."""
     docs = read_file_documents(f, text_field=text_field, stats=stats)
     if hasattr(tokenizer, "encode_bytes"):
@@ -179,7 +181,11 @@ def _build(directory, files, inputs, tokenizer, text_field, min_doc_tokens, prog
     skipped_short = 0
     tokens_tmp = directory / ("tokens.bin" + suffix)
     bar = tqdm(
-        total=sum(f.size for f in files), unit="B", unit_scale=True, desc="tokenizing corpus", disable=not progress
+        total=sum(f.size for f in files),
+        unit="B",
+        unit_scale=True,
+        desc="tokenizing corpus",
+        disable=not progress,
     )
     with open(tokens_tmp, "wb") as out, bar:
         for f in files:
@@ -196,7 +202,9 @@ def _build(directory, files, inputs, tokenizer, text_field, min_doc_tokens, prog
     if stats.non_utf8 or stats.bad_records:
         logger.warning(
             "corpus %s: %d non-UTF-8 inputs decoded with replacement, %d bad records skipped",
-            inputs["corpus"], stats.non_utf8, stats.bad_records,
+            inputs["corpus"],
+            stats.non_utf8,
+            stats.bad_records,
         )
     if len(offsets) == 1:
         tokens_tmp.unlink(missing_ok=True)
@@ -223,4 +231,6 @@ def _build(directory, files, inputs, tokenizer, text_field, min_doc_tokens, prog
     with open(manifest_tmp, "w") as fh:
         json.dump(manifest, fh, indent=1)
     os.replace(manifest_tmp, manifest_path)
-    logger.info("wrote %d documents, %d tokens (%s) to %s", len(offsets) - 1, offsets[-1], dtype.name, directory)
+    logger.info(
+        "wrote %d documents, %d tokens (%s) to %s", len(offsets) - 1, offsets[-1], dtype.name, directory
+    )

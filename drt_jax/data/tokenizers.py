@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from drt_jax.data.config import DataError
 
@@ -147,7 +148,7 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """"byte" -> ByteTokenizer; a path to tokenizer.json -> HFTokenizer."""
+    """ "byte" -> ByteTokenizer; a path to tokenizer.json -> HFTokenizer."""
     if spec == "byte":
         return ByteTokenizer()
     path = os.path.expanduser(spec)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from drt_jax.data.config import DataError
 from drt_jax.data.corpora import iter_documents, list_source_files
@@ -32,7 +32,9 @@ def train_bpe(
 
     minimum = _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
-        raise DataError(f"--vocab-size must be >= {minimum} (256 bytes + {len(SPECIAL_TOKENS)} specials), got {vocab_size}")
+        raise DataError(
+            f"--vocab-size must be >= {minimum} (256 bytes + {len(SPECIAL_TOKENS)} specials), got {vocab_size}"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -51,7 +53,9 @@ def train_bpe(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--corpus", required=True, help="file, folder, or 'default' (Python stdlib sources)")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--out", required=True, help="output tokenizer.json path")

@@ -24,10 +24,14 @@ class Unsupported(NotImplementedError):
 # name -> (module, attribute); the reference is always available.
 _REGISTRY: dict[str, tuple[str, str]] = {
     "reference": ("pallas_kernels.gca.reference", "gca_reference"),
+    "pallas_gpu": ("pallas_kernels.gca.pallas_gpu", "gca_pallas_gpu"),
+    "pallas_tpu": ("pallas_kernels.gca.pallas_tpu", "gca_pallas_tpu"),
+    "triton": ("pallas_kernels.gca.triton_gpu", "gca_triton"),
 }
 
 # Per backend, the order `impl="auto"` tries. Kernel modules extend these lists as they land.
-AUTO_ORDER: dict[str, list[str]] = {"cpu": ["reference"], "gpu": ["reference"], "tpu": ["reference"]}
+# GPU/TPU orders are set from the H100 measurements in docs/results.md ("## GCA kernels").
+AUTO_ORDER: dict[str, list[str]] = {"cpu": ["reference"], "gpu": ["reference"], "tpu": ["pallas_tpu", "reference"]}
 
 
 def register(name: str, module: str, attribute: str) -> None:

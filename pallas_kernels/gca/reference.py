@@ -34,10 +34,9 @@ def gca_reference(q, k_mem, v_mem, indices, weights, *, softmax_off_by_one=True,
     gather = jax.vmap(lambda mem, idx: mem[idx])  # over batch: [M, ...] x [C, K] -> [C, K, ...]
     k_sel = gather(k_mem, safe)  # [B, C, K, Sm, Hkv, D]
     v_sel = gather(v_mem, safe)
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # fp32 accumulation, fp64 when testing in x64
     qg = q.reshape(B, C, Sq, Hkv, G, D)
-    logits = jnp.einsum(
-        "bcqhgd,bckshd->bckhgqs", qg, k_sel, preferred_element_type=jnp.float32
-    ) * jnp.float32(scale)
+    logits = jnp.einsum("bcqhgd,bckshd->bckhgqs", qg, k_sel, preferred_element_type=acc) * scale
     # The max is a constant of the softmax, so stopping its gradient changes nothing but cost.
     m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     if softmax_off_by_one:
@@ -47,8 +46,8 @@ def gca_reference(q, k_mem, v_mem, indices, weights, *, softmax_off_by_one=True,
     if softmax_off_by_one:
         denom = denom + jnp.exp(-m)
     p = p / denom
-    o = jnp.einsum("bckhgqs,bckshd->bckqhgd", p, v_sel.astype(jnp.float32))  # [B, C, K, Sq, Hkv, G, D]
+    o = jnp.einsum("bckhgqs,bckshd->bckqhgd", p, v_sel.astype(acc))  # [B, C, K, Sq, Hkv, G, D]
     o = jnp.where(valid[:, :, :, None, None, None, None], o, 0.0)
-    w = jnp.where(valid, weights, 0).astype(jnp.float32)
+    w = jnp.where(valid, weights, 0).astype(acc)
     out = jnp.einsum("bck,bckqhgd->bcqhgd", w, o)
     return out.reshape(B, C, Sq, H, D).astype(q.dtype)

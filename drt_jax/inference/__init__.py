@@ -1,0 +1,14 @@
+"""Incremental inference: ring-buffer KV caches, chunk memory (optionally offloaded), prefill, decode, sampling."""
+
+from drt_jax.inference.engine import DeviceState, HostMemory, InferenceEngine, InferenceError, InferenceState
+from drt_jax.inference.sampling import generate, sample_logits
+
+__all__ = [
+    "DeviceState",
+    "HostMemory",
+    "InferenceEngine",
+    "InferenceError",
+    "InferenceState",
+    "generate",
+    "sample_logits",
+]

@@ -1,0 +1,57 @@
+"""The blocked sliding-window reference against a dense masked softmax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drt_jax.attention import alibi_slopes, attention_reference, causal_attention
+
+
+def dense_masked(q, k, v, window, slopes):
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    k = jnp.repeat(k, G, axis=2)
+    v = jnp.repeat(v, G, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D)
+    i = jnp.arange(T)[:, None]
+    j = jnp.arange(T)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask &= i - j <= window
+    if slopes is not None:
+        logits = logits - slopes[None, :, None, None] * (i - j)[None, None]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v)
+
+
+@pytest.mark.parametrize("T, window", [(37, 8), (40, 8), (16, 31), (9, 8), (50, None)])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_reference_matches_dense_mask(T, window, alibi):
+    keys = jax.random.split(jax.random.PRNGKey(T), 3)
+    q = jax.random.normal(keys[0], (2, T, 4, 8))
+    k = jax.random.normal(keys[1], (2, T, 2, 8))
+    v = jax.random.normal(keys[2], (2, T, 2, 8))
+    slopes = alibi_slopes(4) if alibi else None
+    got = attention_reference(q, k, v, window=window, slopes=slopes)
+    np.testing.assert_allclose(got, dense_masked(q, k, v, window, slopes), atol=2e-5, rtol=2e-5)
+
+
+def test_window_is_w_plus_one_keys():
+    # Query i sees exactly i - W .. i: changing key i - W - 1 leaves it alone, key i - W does not.
+    T, W, i = 30, 6, 20
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, T, 1, 4))
+    k = jax.random.normal(jax.random.PRNGKey(1), (1, T, 1, 4))
+    v = jax.random.normal(jax.random.PRNGKey(2), (1, T, 1, 4))
+    base = attention_reference(q, k, v, window=W)[0, i]
+    outside = attention_reference(q, k, v.at[0, i - W - 1].add(1.0), window=W)[0, i]
+    inside = attention_reference(q, k, v.at[0, i - W].add(1.0), window=W)[0, i]
+    np.testing.assert_array_equal(base, outside)
+    assert np.abs(np.asarray(base - inside)).max() > 1e-4
+
+
+def test_auto_on_cpu_is_the_reference_and_unknown_impl_fails():
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 12, 2, 4))
+    np.testing.assert_array_equal(causal_attention(q, q, q, window=4), attention_reference(q, q, q, window=4))
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        causal_attention(q, q, q, window=4, impl="flash9")

@@ -1,0 +1,121 @@
+"""Incremental inference: decode and prefill reproduce the full forward; offload; fixed state size."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drt_jax import DRT, ModelConfig
+from drt_jax.inference import InferenceEngine, generate, sample_logits
+
+T = 15 * 9 + 7  # tiny: chunk_size 15 -> 9 full chunks and a partial one
+B = 2
+
+
+def _perturbed_params(cfg, seed=0):
+    """Random init with norm gains moved away from 1, so a missing norm (e.g. the landmark norm of a
+    retrieval query, the authors' decode bug) changes the result."""
+    params = nn.unbox(DRT(cfg).init(jax.random.PRNGKey(seed), jnp.zeros((1, 32), jnp.int32))["params"])
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    out = []
+    for (path, x), k in zip(leaves, keys):
+        if "scale" in jax.tree_util.keystr(path):
+            x = x * (1.0 + 0.5 * jax.random.normal(k, x.shape))
+        out.append(x)
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(position):
+    cfg = ModelConfig.from_preset("tiny", position=position)
+    params = _perturbed_params(cfg)
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(7), (B, T), 0, 256), np.int32)
+    ref = jax.jit(lambda p, t: DRT(cfg).apply({"params": p}, t))(params, tokens)
+    eng = InferenceEngine(cfg, params, batch_size=B, max_chunks=16, memory_block=16, segment_chunks=3)
+    return cfg, params, tokens, np.asarray(ref), eng
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_token_by_token_matches_forward(position):
+    cfg, params, tokens, ref, eng = _setup(position)
+    state = eng.init_state()
+    logits = []
+    for t in range(T):
+        lg, state = eng.step(state, tokens[:, t])
+        logits.append(np.asarray(lg))
+    logits = np.stack(logits, axis=1)
+    assert state.n_chunks == T // cfg.chunk_size and state.ntok == T
+    assert state.pos == T + T // cfg.chunk_size
+    np.testing.assert_array_less(np.abs(logits - ref).max(), 1e-4)
+    # Fixed shapes: one compilation per step kind, however long the context grew.
+    assert eng._decode[False]._cache_size() == 1 and eng._decode[True]._cache_size() == 1
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_segment_prefill_then_decode_matches_forward(position):
+    cfg, params, tokens, ref, eng = _setup(position)
+    # 100 tokens: two segments of 3 chunks (90 tokens), then a partial chunk of 10 tokens fed by steps;
+    # the 2nd segment's first chunk reads the 1st segment's last retrieval (the authors' code: nothing).
+    prompt = 100
+    logits, state = eng.prefill(eng.init_state(), tokens[:, :prompt], all_logits=True)
+    outs = [np.asarray(logits)]
+    for t in range(prompt, T):
+        lg, state = eng.step(state, tokens[:, t])
+        outs.append(np.asarray(lg)[:, None])
+    logits = np.concatenate(outs, axis=1)
+    assert logits.shape == ref.shape
+    np.testing.assert_array_less(np.abs(logits - ref).max(), 1e-4)
+    if position == "rope":  # the default (last-token) prefill agrees too
+        last, _ = eng.prefill(eng.init_state(), tokens[:, :prompt])
+        np.testing.assert_array_less(np.abs(np.asarray(last) - ref[:, prompt - 1]).max(), 1e-4)
+
+
+def test_offload_gives_identical_tokens_and_bounded_device_state():
+    cfg, params, tokens, ref, eng = _setup("rope")
+    off = InferenceEngine(cfg, params, batch_size=B, max_chunks=16, memory_block=16, segment_chunks=3, offload="host")
+    prompt = tokens[:, :100]
+    a, st_dev = generate(eng, prompt, 40)
+    b, st_off = generate(off, prompt, 40)
+    np.testing.assert_array_equal(a, b)
+    assert st_off.n_chunks == (100 + 39) // cfg.chunk_size
+    # Offloaded chunk K/V live on the host; the device keeps only the landmark keys of the memory.
+    dev = st_off.dev
+    assert dev.mem_k is None and dev.mem_v is None
+    assert isinstance(st_off.host.k, np.ndarray) and st_off.host.k.shape[1] == off.capacity(st_off)
+    np.testing.assert_array_equal(
+        np.asarray(st_dev.dev.mem_k[:, : st_dev.n_chunks]), st_off.host.k[:, : st_off.n_chunks]
+    )
+    # Device state: same shapes whatever the context once the window is full.
+    shapes = st_off.device_arrays()
+    st = st_off
+    for t in range(40):
+        _, st = off.step(st, np.full((B,), 65, np.int32))
+    assert st.n_chunks > st_off.n_chunks and st.device_arrays() == shapes
+    # Growing the memory 16x grows the device by one landmark key per chunk, nothing else.
+    before = st.device_bytes()
+    big = off.ensure_capacity(st, 16 * 16)
+    added = big.device_bytes() - before
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    assert added == B * (256 - 16) * cfg.d_model * itemsize
+    assert big.host.k.shape[1] == 256
+    # ... whereas the non-offloaded engine would carry K and V rows for every chunk on the device.
+    assert st_dev.dev.mem_k.shape[1] == eng.capacity(st_dev)
+
+
+def test_sampling_modes():
+    logits = jnp.asarray([[0.0, 3.0, 1.0, -1.0], [2.0, 0.0, 0.0, 5.0]])
+    rng = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(sample_logits(logits, rng), [1, 3])
+    # A tiny nucleus keeps only the argmax; temperature sampling is reproducible and varied.
+    np.testing.assert_array_equal(sample_logits(logits, rng, temperature=1.0, top_p=0.05), [1, 3])
+    draws = np.stack([sample_logits(logits, jax.random.PRNGKey(i), temperature=5.0) for i in range(40)])
+    assert len(np.unique(draws[:, 0])) > 1
+    np.testing.assert_array_equal(sample_logits(logits, rng, temperature=5.0), sample_logits(logits, rng, temperature=5.0))
+    # top_p=0.9 on [0.9 mass, ...] excludes the tail tokens.
+    peaked = jnp.log(jnp.asarray([[0.85, 0.1, 0.04, 0.01]]))
+    draws = np.stack([sample_logits(peaked, jax.random.PRNGKey(i), temperature=1.0, top_p=0.9) for i in range(60)])
+    assert set(np.unique(draws)) <= {0, 1}

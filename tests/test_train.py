@@ -1,0 +1,165 @@
+"""Trainer tests on CPU with a small DRT: loss falls, run folder, resume equivalence, load_for_eval,
+a mismatched checkpoint, the optimizer schedule and the FLOP count."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from drt_jax.config import ModelConfig
+from drt_jax.train.checkpoints import CheckpointError, load_for_eval
+from drt_jax.train.config import OptimConfig
+from drt_jax.train.loop import train
+from tests.test_train_utils import STEPS, assert_one_line_error, config_file, enable_compilation_cache, run_cli, small_run, write_corpus
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache():
+    enable_compilation_cache()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One straight 30-step run (grad_accum=2, dropout) on a corpus that also holds a non-UTF-8 file and
+    documents shorter than a chunk; its batches are recorded for the resume test."""
+    tmp = tmp_path_factory.mktemp("train")
+    extra = {"bad_bytes.txt": b"caf\xe9 \xff\xfe broken " * 20, "short1.txt": b"ab", "short2.txt": b"xyz\n"}
+    corpus = write_corpus(tmp / "corpus", extra=extra)
+    run = small_run(tmp, corpus)
+    records = logging.getLogger("drt_jax")
+    handler = _ListHandler()
+    records.addHandler(handler)
+    seen = []
+    try:
+        summary = train(run, print_fn=lambda *a: None, batch_hook=lambda s, b: seen.append((s, b["tokens"].copy())))
+    finally:
+        records.removeHandler(handler)
+    return tmp, corpus, run, summary, handler.messages, seen
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_loss_falls(trained):
+    _, _, _, summary, _, _ = trained
+    assert summary.first_loss > 5.0  # ~ln(259) at init
+    assert summary.last_loss < summary.first_loss - 1.5, (summary.first_loss, summary.last_loss)
+    assert summary.eval_loss is not None and summary.eval_loss < summary.first_loss - 1.0
+
+
+def test_bad_documents_are_logged_not_fatal(trained):
+    _, _, _, summary, messages, _ = trained
+    assert summary.end_step == 30
+    text = " ".join(messages)
+    assert "non-UTF-8" in text or "UTF-8" in text or "utf" in text.lower(), messages
+
+
+def test_run_folder_and_load_for_eval(trained):
+    tmp, _, run, summary, _, _ = trained
+    run_dir = run.run_dir
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["model"]["vocab_size"] == 259 and cfg["train"]["steps"] == 30 and cfg["data"]["tokenizer"] == "byte"
+    assert (run_dir / "git_commit.txt").read_text().strip()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 1 and any("eval/loss" in r for r in rows)
+    assert all(r["train/loss"] > 0 for r in rows if "train/loss" in r)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [20, 30]  # keep 2
+
+    model, params, tok = load_for_eval(run_dir)
+    assert isinstance(model, ModelConfig) and model.d_model == 32 and tok == "byte"
+    assert params["embed"]["embedding"].shape == (259, 32)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+    _, params20, _ = load_for_eval(run_dir, step=20)
+    assert not np.allclose(params20["embed"]["embedding"], params["embed"]["embedding"])
+    with pytest.raises(CheckpointError, match="not among the checkpoints"):
+        load_for_eval(run_dir, step=7)
+
+
+def test_load_for_eval_errors(tmp_path, trained):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_for_eval(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_for_eval(tmp_path / "empty")
+    # A folder with a config but no checkpoint yet.
+    _, _, run, _, _, _ = trained
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((run.run_dir / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="checkpoint") as err:
+        load_for_eval(partial)
+    assert "\n" not in str(err.value)
+
+
+def test_mismatched_checkpoint_is_one_line_cli_error(trained):
+    tmp, corpus, run, _, _, _ = trained
+    cfg = config_file(tmp, corpus, steps=40, name="mismatch")
+    proc = run_cli(["--config", str(cfg), "--set", "model.mlp_dim=96", f"train.run_dir={run.run_dir}"])
+    assert_one_line_error(proc, "model.mlp_dim", "checkpoint has 64")
+
+
+def test_resume_is_equivalent_to_a_straight_run(trained):
+    """2N straight steps == N steps, stop (checkpoint), resume, N steps: same batches, same params."""
+    tmp, corpus, straight, _, _, seen_a = trained
+    n = STEPS // 2
+    resumed = small_run(tmp, corpus, name="resumed")
+    seen_b = []
+    s1 = train(resumed, stop_at=n, print_fn=lambda *a: None, batch_hook=lambda s, b: seen_b.append((s, b["tokens"].copy())))
+    assert s1.end_step == n
+    s2 = train(resumed, print_fn=lambda *a: None, batch_hook=lambda s, b: seen_b.append((s, b["tokens"].copy())))
+    assert (s2.start_step, s2.end_step) == (n, 2 * n)
+    assert [s for s, _ in seen_a] == [s for s, _ in seen_b] == list(range(2 * n))
+    for (_, a), (_, b) in zip(seen_a, seen_b):
+        np.testing.assert_array_equal(a, b)
+    _, pa, _ = load_for_eval(straight.run_dir)
+    _, pb, _ = load_for_eval(resumed.run_dir)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
+
+
+def test_schedule_and_decay_mask():
+    from drt_jax.train.optim import decay_mask, make_schedule
+    from drt_jax.train.step import boxed_param_shapes
+    import flax.linen as nn
+
+    sched = make_schedule(OptimConfig(peak_lr=2e-3, end_lr=4e-4, warmup_fraction=0.02), 1000)
+    assert float(sched(0)) == 0.0
+    assert abs(float(sched(20)) - 2e-3) < 1e-9
+    assert abs(float(sched(10)) - 1e-3) < 1e-9
+    assert abs(float(sched(1000)) - 4e-4) < 1e-9 and abs(float(sched(5000)) - 4e-4) < 1e-9
+    assert 4e-4 < float(sched(500)) < 2e-3
+    params = nn.unbox(boxed_param_shapes(ModelConfig(name="t", d_model=32, n_heads=4, mlp_dim=64, decoder_layers=(1, 1), encoder_layers=1, chunk_size=7, window=16, top_k=2)))
+    mask = decay_mask(params)
+    assert mask["embed"]["embedding"] is False
+    assert mask["final_norm"]["scale"] is False
+    assert mask["lower_0"]["mlp"]["up"]["kernel"] is True
+
+
+def test_flops_count():
+    from drt_jax.model import parameter_count
+    from drt_jax.train.metrics import train_flops_per_sequence
+
+    full = ModelConfig.from_preset("full-133m")
+    swa = ModelConfig.from_preset("swa-133m")
+    drt = ModelConfig.from_preset("drt-133m")
+    # The 6N rule dominates at short length: within 10% of 6 * N * T (N counts the tied table once).
+    n = parameter_count(swa)["total"]
+    assert abs(train_flops_per_sequence(swa, 512) / (6 * n * 512) - 1) < 0.1
+    # Full attention grows quadratically, the window linearly, DRT linearly.
+    f4, f64 = train_flops_per_sequence(full, 4096), train_flops_per_sequence(full, 65536)
+    assert f64 / f4 > 16 * 3
+    s4, s64 = train_flops_per_sequence(swa, 4096), train_flops_per_sequence(swa, 65536)
+    assert abs(s64 / s4 - 16) < 0.5
+    d4, d64 = train_flops_per_sequence(drt, 4096), train_flops_per_sequence(drt, 65536)
+    assert abs(d64 / d4 - 16) < 0.5
