@@ -93,7 +93,7 @@ class HostMemory:
 
     def gather(self, indices: np.ndarray):
         """indices [B, ...] global chunk ids (-1 = empty) -> (k, v) [B, ..., S, Hkv, Dh] on the device."""
-        idx = np.where(indices >= 1, indices - 1, 0)
+        idx = np.where(indices >= 0, indices, 0)
         b = np.arange(idx.shape[0]).reshape((-1,) + (1,) * (idx.ndim - 1))
         return jax.device_put(self.k[b, idx]), jax.device_put(self.v[b, idx])
 
@@ -335,8 +335,7 @@ def _decode_step(params, dev: DeviceState, tokens, pos, n_chunks, *, cfg: ModelC
     layer = n_plain
     for g, n_layers in enumerate(cfg.groups):
         if boundary:
-            q_raw = h[:, -1:].astype(jnp.float32)
-            i_g, w_g = retrieval.causal_topk(retrieval.landmark_scores(q_raw, mem_lmk.astype(jnp.float32)), cfg.top_k, query_offset=n_chunks)
+            i_g, w_g = _retrieve(cfg, params, g, h[:, -1:], mem_lmk, n_chunks)
             new_idx.append(i_g[:, 0])
             new_w.append(w_g[:, 0])
         idx_l = jnp.where(dev.ret_idx[g] >= 0, local, -1)[:, None]
@@ -388,7 +387,7 @@ def _segment_retrieve(params, dev: DeviceState, h, n_chunks, *, cfg, g):
     (chunk i reads row i-1; chunk 0 reads the previous segment's last retrieval) and the last row."""
     h_lmk = chunking.landmark_states(h, cfg.chunk_size)
     rows_i, rows_w = _retrieve(cfg, params, g, h_lmk, dev.mem_lmk, n_chunks)
-    idx = jnp.concatenate([jnp.full_like(dev.ret_idx[g][:, None], -1), rows_i[:, :-1]], axis=1)
+    idx = jnp.concatenate([dev.ret_idx[g][:, None], rows_i[:, :-1]], axis=1)
     w = jnp.concatenate([dev.ret_w[g][:, None], rows_w[:, :-1]], axis=1)
     return idx, w, rows_i[:, -1], rows_w[:, -1]
 

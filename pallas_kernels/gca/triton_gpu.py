@@ -71,7 +71,7 @@ def _kernels():
         l = tl.sum(p, 1)
         if OBO:
             l = l + tl.exp2(-m)
-        return p / l[:, None]
+        return p * (1.0 / l)[:, None]
 
     @triton.jit
     def _fwd_body(idx_ptr, w_ptr, q_ptr, k_ptr, v_ptr, o_ptr, qk_scale, C: tl.constexpr, M: tl.constexpr,
