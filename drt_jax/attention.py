@@ -8,7 +8,9 @@ Implementations:
   "reference": plain jnp, blocked over the window so memory grows as T * W, not T^2.
   "cudnn":     jax.nn.dot_product_attention on GPU (bf16/fp16, no ALiBi), always with is_causal=True
                because cuDNN with a left window and is_causal=False silently attends to the future.
-  "auto":      cudnn where it applies, else the reference.
+  "splash":    Pallas splash attention on TPU with a LocalMask (no ALiBi: splash takes no bias).
+  "auto":      cudnn on GPU, splash on TPU where they apply, else the reference. ALiBi always goes
+               to the reference, the only path on which it is exact.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import jax.numpy as jnp
 
 log = logging.getLogger(__name__)
 
-IMPLS = ("auto", "reference", "cudnn")
+IMPLS = ("auto", "reference", "cudnn", "splash")
+SPLASH_BLOCK = 128
 
 
 def alibi_slopes(num_heads: int):
@@ -94,16 +97,55 @@ def _cudnn_unsupported(q, slopes) -> str | None:
     return None
 
 
+def splash_attention(q, k, v, *, window: int | None, scale: float | None = None, interpret: bool = False):
+    """Splash attention (TPU) with a causal local mask; GQA runs as one MQA kernel per kv head.
+
+    q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]. `interpret=True` runs it on CPU for tests.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    scale = D**-0.5 if scale is None else scale
+    # LocalMask's window (W, 0) keeps keys i-W..i; None on the left is plain causal.
+    mask = masks.MultiHeadMask([masks.LocalMask((T, T), (window, 0), offset=0) for _ in range(G)])
+    block = min(SPLASH_BLOCK, T)
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
+        block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    )
+    kernel = splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    qh = (q * jnp.asarray(scale, q.dtype)).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+    kh = k.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
+    vh = v.transpose(0, 2, 1, 3)
+    out = jax.vmap(jax.vmap(kernel))(qh, kh, vh)  # [B, Hkv, G, T, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
+def _splash_unsupported(q, slopes) -> str | None:
+    if jax.default_backend() != "tpu":
+        return "splash attention needs a TPU"
+    if slopes is not None:
+        return "splash attention takes no bias, so ALiBi would not be exact"
+    if q.shape[1] % min(SPLASH_BLOCK, q.shape[1]) or q.shape[1] < 8:
+        return f"splash needs a sequence length that is a multiple of {SPLASH_BLOCK}, got {q.shape[1]}"
+    return None
+
+
 def causal_attention(q, k, v, *, window: int | None, slopes=None, scale: float | None = None, impl: str = "auto"):
     """Sliding-window (or full) causal self-attention; see the module docstring."""
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
-    if impl in ("auto", "cudnn"):
-        why = _cudnn_unsupported(q, slopes)
+    fast = {"cudnn": (_cudnn_unsupported, _cudnn), "splash": (_splash_unsupported, splash_attention)}
+    for name in fast if impl == "auto" else [impl] if impl in fast else []:
+        unsupported, run = fast[name]
+        why = unsupported(q, slopes)
         if why is None:
-            return _cudnn(q, k, v, window=window, scale=scale)
-        if impl == "cudnn":
-            log.warning("attention impl 'cudnn' skipped: %s; using the reference", why)
+            return run(q, k, v, window=window, scale=scale)
+        if impl == name:
+            log.warning("attention impl %r skipped: %s; using the reference", name, why)
     return attention_reference(q, k, v, window=window, slopes=slopes, scale=scale)
 
 

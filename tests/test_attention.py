@@ -55,3 +55,41 @@ def test_auto_on_cpu_is_the_reference_and_unknown_impl_fails():
     np.testing.assert_array_equal(causal_attention(q, q, q, window=4), attention_reference(q, q, q, window=4))
     with pytest.raises(ValueError, match="unknown attention impl"):
         causal_attention(q, q, q, window=4, impl="flash9")
+
+
+@pytest.mark.parametrize("window, gqa", [(64, 2), (None, 1), (200, 4)])
+def test_splash_in_interpret_mode_matches_reference(window, gqa):
+    from drt_jax.attention import splash_attention
+
+    T, H, D = 256, 4, 32
+    keys = jax.random.split(jax.random.PRNGKey(window or 0), 4)
+    q = jax.random.normal(keys[0], (1, T, H, D))
+    k = jax.random.normal(keys[1], (1, T, H // gqa, D))
+    v = jax.random.normal(keys[2], (1, T, H // gqa, D))
+    cot = jax.random.normal(keys[3], q.shape)
+    got = splash_attention(q, k, v, window=window, interpret=True)
+    np.testing.assert_allclose(got, attention_reference(q, k, v, window=window), atol=2e-5, rtol=2e-5)
+    grad = lambda f: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * cot), argnums=(0, 1, 2))(q, k, v)
+    g_splash = grad(lambda q, k, v: splash_attention(q, k, v, window=window, interpret=True))
+    g_ref = grad(lambda q, k, v: attention_reference(q, k, v, window=window))
+    for a, b in zip(g_splash, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_splash_lowers_for_tpu():
+    from drt_jax.attention import splash_attention
+
+    q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+    k = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    text = jax.jit(lambda q, k, v: splash_attention(q, k, v, window=128)).trace(q, k, k).lower(
+        lowering_platforms=("tpu",)
+    ).as_text()
+    assert "tpu_custom_call" in text
+
+
+def test_explicit_fast_impl_off_its_backend_falls_back_with_a_logged_reason(caplog):
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 16, 2, 8))
+    with caplog.at_level("WARNING"):
+        out = causal_attention(q, q, q, window=4, impl="cudnn")
+    assert "cuDNN needs a GPU" in caplog.text
+    np.testing.assert_array_equal(out, attention_reference(q, q, q, window=4))
