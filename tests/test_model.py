@@ -160,3 +160,27 @@ def test_tiny_drt_learns_a_passkey_copy_task():
     assert first > 3.0
     # Chance level for a letter is ln(26) = 3.26 nats; 150 steps bring it to about 0.7 on CPU.
     assert last < 1.5, f"the tiny DRT did not learn to copy the passkey: {first:.3f} -> {last:.3f}"
+
+
+def test_remat_policies_give_the_same_loss_and_gradients():
+    results = []
+    for remat in ("none", "full", "dots"):
+        cfg = small_config(remat=remat)
+        tokens, params = _init(cfg, T=24)
+        loss = lambda p, cfg=cfg, tokens=tokens: next_token_loss(DRT(cfg).apply({"params": p}, tokens), tokens, cfg.pad_id)[0]
+        results.append(jax.jit(jax.value_and_grad(loss))(params))
+    for value, grads in results[1:]:
+        np.testing.assert_allclose(value, results[0][0], rtol=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(results[0][1]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_retrieval():
+    cfg = small_config(dtype="bfloat16")
+    tokens, params = _init(cfg, T=24)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(nn.unbox(params)))
+    logits, state = DRT(cfg).apply({"params": params}, tokens, mutable=["intermediates"])
+    assert logits.dtype == jnp.bfloat16
+    assert state["intermediates"]["retrieval_weights_g0"][0].dtype == jnp.float32
+    ref = DRT(small_config()).apply({"params": params}, tokens)
+    assert float(jnp.abs(logits.astype(jnp.float32) - ref).max()) < 0.1
