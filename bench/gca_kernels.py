@@ -28,13 +28,11 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pallas_kernels.gca import common_vjp  # noqa: E402
 from pallas_kernels.gca.api import Unsupported, _resolve  # noqa: E402
-from pallas_kernels.gca.reference import gca_reference  # noqa: E402
 from tests.gca_testing import Case, check_against_reference  # noqa: E402
 
 IMPLS = ["reference", "pallas_gpu", "triton"]
@@ -117,13 +115,17 @@ def main():
     ap.add_argument("--quick", action="store_true", help="only batch 1, 16K tokens")
     ap.add_argument("--out", default="bench/results/gca_kernels.json")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time num_warps/num_stages variants")
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated impls to check and time")
+    ap.add_argument("--shapes", default="", help="e.g. 1x1024,4x256 (batch x chunks); default all four")
+    ap.add_argument("--no-memory-vs-k", action="store_true")
     args = ap.parse_args()
     dev = jax.devices()[0]
     res = dict(device=str(dev.device_kind), jax=jax.__version__, checks=[], timings=[], memory_vs_k=[])
     log("device", dev.device_kind, "jax", jax.__version__)
 
     impls = {}
-    for name in IMPLS:
+    for name in args.impls.split(","):
         try:
             impls[name] = _resolve(name)
         except Unsupported as why:
@@ -132,6 +134,8 @@ def main():
 
     # 1. correctness
     shapes = [(1, 256), (1, 1024), (4, 256), (4, 1024)] if not args.quick else [(1, 256)]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
     if jax.default_backend() == "cpu":  # smoke run of the script itself
         shapes = [(1, 16)]
     if not args.skip_check:
@@ -175,14 +179,18 @@ def main():
             row = dict(impl=name, B=B, C=C, tokens=C * SQ, K=K)
             try:
                 jf, jfb = make_fns(fn)
-                out, vjp = jax.vjp(lambda q, k, v, w: fn(q, k, v, idx, w), q, k, v, w)
                 jb = jax.jit(lambda vjp, ct: vjp(ct))
-                for kind, f, a in (("fwd", jf, (q, k, v, idx, w)), ("bwd", jb, (vjp, ct)),
-                                   ("fwdbwd", jfb, (q, k, v, idx, w, ct))):
-                    t, spread = timeit(f, *a)
+                for kind in ("fwd", "fwdbwd", "bwd"):
+                    if kind == "fwd":
+                        t, spread = timeit(jf, q, k, v, idx, w)
+                    elif kind == "fwdbwd":
+                        t, spread = timeit(jfb, q, k, v, idx, w, ct)
+                    else:  # the vjp alone, its residuals computed once outside the timing
+                        _, vjp = jax.vjp(lambda q, k, v, w, fn=fn, idx=idx: fn(q, k, v, idx, w), q, k, v, w)
+                        t, spread = timeit(jb, vjp, ct)
+                        del vjp
                     fl, by = cnt[kind]
                     row[kind] = dict(ms=t * 1e3, spread_ms=spread * 1e3, TBps=by / t / 1e12, TFLOPs=fl / t / 1e12)
-                del vjp, out
                 row["temp_bytes_fwd"] = temp_bytes(jf, q, k, v, idx, w)
                 row["temp_bytes_fwdbwd"] = temp_bytes(jfb, q, k, v, idx, w, ct)
                 row["kv_bytes"] = kv_bytes
@@ -194,8 +202,31 @@ def main():
             log(json.dumps(row))
         del q, k, v, idx, w, ct
 
+    # 3b. launch-config sweep (64K tokens, batch 1): num_warps / num_stages of the GPU kernels
+    if args.sweep and not args.quick and jax.default_backend() == "gpu":
+        import importlib
+
+        q, k, v, idx, w, ct = bench_inputs(1, 1024)
+        mods = {"pallas_gpu": "pallas_kernels.gca.pallas_gpu", "triton": "pallas_kernels.gca.triton_gpu"}
+        for name in [n for n in impls if n in mods]:
+            mod = importlib.import_module(mods[name])
+            default = (mod.NUM_WARPS, mod.NUM_STAGES)
+            for nw, ns in ((4, 1), (4, 2), (4, 3), (8, 2), (8, 3)):
+                mod.NUM_WARPS, mod.NUM_STAGES = nw, ns
+                try:
+                    jf, jfb = make_fns(impls[name])
+                    tf, _ = timeit(jf, q, k, v, idx, w)
+                    tfb, _ = timeit(jfb, q, k, v, idx, w, ct)
+                    res.setdefault("sweep", []).append(dict(impl=name, num_warps=nw, num_stages=ns,
+                                                            fwd_ms=tf * 1e3, fwdbwd_ms=tfb * 1e3))
+                    log(f"sweep {name} warps={nw} stages={ns}: fwd {tf * 1e3:.3f} ms, fwd+bwd {tfb * 1e3:.3f} ms")
+                except Exception as err:  # noqa: BLE001
+                    log(f"sweep {name} warps={nw} stages={ns}: {err!r}"[:300])
+            mod.NUM_WARPS, mod.NUM_STAGES = default
+        del q, k, v, idx, w, ct
+
     # 4. extra memory at larger K (compile only), 64K tokens, batch 1
-    if not args.quick:
+    if not args.quick and not args.no_memory_vs_k:
         for Kk in (8, 16, 32):
             C = shapes[-1][1]
             sds = lambda s, d: jax.ShapeDtypeStruct(s, d)  # noqa: E731

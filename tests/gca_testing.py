@@ -85,7 +85,7 @@ def check_against_reference(fn, case: Case, seed: int | None = None):
     with jax.default_matmul_precision("highest"):  # no tf32 in the oracle on GPUs
         r_out, r_grads = out_and_grads(gca_reference, up(q), up(k), up(v), idx, w, up(ct), case.obo)
     errs = {"out": rel_err(out, r_out)}
-    for name, g, r in zip(("dq", "dk", "dv", "dw"), grads, r_grads):
+    for name, g, r in zip(("dq", "dk", "dv", "dw"), grads, r_grads, strict=True):
         errs[name] = rel_err(g, r)
     # dweights of empty slots must be exactly 0.
     dw = np.asarray(grads[3], np.float32)

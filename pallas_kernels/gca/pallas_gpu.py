@@ -44,10 +44,10 @@ def _softmax(q, k, cmask, scale, obo):
     if obo:
         m = jnp.maximum(m, 0.0)
     p = jnp.exp(s - m[:, None])
-    l = jnp.sum(p, axis=1)
+    denom = jnp.sum(p, axis=1)
     if obo:
-        l = l + jnp.exp(-m)
-    return p / l[:, None]
+        denom = denom + jnp.exp(-m)
+    return p / denom[:, None]
 
 
 def _load_rows(ref, rmask):
@@ -77,7 +77,7 @@ def _fwd_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, o_ref, *, K, Sq, Sm, SqP, S
         k = _load_rows(k_ref.at[b, i, pl.ds(0, SmP), hk, :], cmask)
         v = _load_rows(v_ref.at[b, i, pl.ds(0, SmP), hk, :], cmask)
         p = _softmax(q, k, cmask, scale, obo)
-        return acc + _dot(p.astype(v.dtype), v)
+        return acc + w * _dot(p.astype(v.dtype), v)
 
     acc = jax.lax.fori_loop(0, K, body, jnp.zeros((SqP, q.shape[-1]), jnp.float32))
     _store_rows(o_ref.at[b, c, pl.ds(0, SqP), h, :], acc.astype(o_ref.dtype), rmask)

@@ -40,10 +40,10 @@ def _softmax_rows(s, obo):
     if obo:
         m = jnp.maximum(m, 0.0)
     p = jnp.exp(s - m)
-    l = jnp.sum(p, axis=1, keepdims=True)
+    denom = jnp.sum(p, axis=1, keepdims=True)
     if obo:
-        l = l + jnp.exp(-m)
-    return p / l
+        denom = denom + jnp.exp(-m)
+    return p / denom
 
 
 def _softmax_cols(sT, obo):
@@ -52,10 +52,10 @@ def _softmax_cols(sT, obo):
     if obo:
         m = jnp.maximum(m, 0.0)
     p = jnp.exp(sT - m)
-    l = jnp.sum(p, axis=0, keepdims=True)
+    denom = jnp.sum(p, axis=0, keepdims=True)
     if obo:
-        l = l + jnp.exp(-m)
-    return p / l
+        denom = denom + jnp.exp(-m)
+    return p / denom
 
 
 def _fwd_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, *, C, K, scale, obo):

@@ -68,17 +68,19 @@ def _kernels():
         if OBO:
             m = tl.maximum(m, 0.0)
         p = tl.exp2(s - m[:, None])
-        l = tl.sum(p, 1)
+        denom = tl.sum(p, 1)
         if OBO:
-            l = l + tl.exp2(-m)
-        return p * (1.0 / l)[:, None]
+            denom = denom + tl.exp2(-m)
+        return p * (1.0 / denom)[:, None]
 
     @triton.jit
     def _fwd_body(idx_ptr, w_ptr, q_ptr, k_ptr, v_ptr, o_ptr, qk_scale, C: tl.constexpr, M: tl.constexpr,
                   K: tl.constexpr, Sq: tl.constexpr, Sm: tl.constexpr, H: tl.constexpr, Hkv: tl.constexpr,
                   D: tl.constexpr, SQP: tl.constexpr, SMP: tl.constexpr, OBO: tl.constexpr, IEEE: tl.constexpr):
-        pid = tl.program_id(0)
-        h = tl.program_id(1)
+        # 1D grid, head fastest: neighbouring programs read the other heads' columns of the same
+        # K/V rows (whole 1.5 KB rows per chunk instead of 128 B strided pieces).
+        h = tl.program_id(0) % H
+        pid = tl.program_id(0) // H  # b * C + c
         b = pid // C
         hk = h // (H // Hkv)
         rt = tl.arange(0, SQP)
@@ -107,8 +109,10 @@ def _kernels():
                  C: tl.constexpr, M: tl.constexpr, K: tl.constexpr, Sq: tl.constexpr, Sm: tl.constexpr,
                  H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, SQP: tl.constexpr, SMP: tl.constexpr,
                  OBO: tl.constexpr, IEEE: tl.constexpr):
-        pid = tl.program_id(0)
-        h = tl.program_id(1)
+        # 1D grid, head fastest: neighbouring programs read the other heads' columns of the same
+        # K/V rows (whole 1.5 KB rows per chunk instead of 128 B strided pieces).
+        h = tl.program_id(0) % H
+        pid = tl.program_id(0) // H  # b * C + c
         b = pid // C
         hk = h // (H // Hkv)
         rt = tl.arange(0, SQP)
@@ -142,8 +146,8 @@ def _kernels():
                    C: tl.constexpr, M: tl.constexpr, K: tl.constexpr, Sq: tl.constexpr, Sm: tl.constexpr,
                    H: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr, SQP: tl.constexpr, SMP: tl.constexpr,
                    OBO: tl.constexpr, IEEE: tl.constexpr):
-        pid = tl.program_id(0)  # b * M + m
-        hk = tl.program_id(1)
+        hk = tl.program_id(0) % Hkv
+        pid = tl.program_id(0) // Hkv  # b * M + m
         b = pid // M
         G: tl.constexpr = H // Hkv
         rt = tl.arange(0, SQP)
@@ -257,7 +261,7 @@ def _forward(q, k_mem, v_mem, indices, weights, obo, scale):
     meta = _meta(q, k_mem, indices, obo)
     B, C, H = q.shape[0], q.shape[1], q.shape[3]
     (out,) = _launch("fwd", (indices, weights, q, k_mem, v_mem), [jax.ShapeDtypeStruct(q.shape, q.dtype)],
-                     (B * C, H), (float(scale * _LOG2E),), meta)
+                     (B * C * H,), (float(scale * _LOG2E),), meta)
     return out
 
 
@@ -268,13 +272,13 @@ def _backward(q, k_mem, v_mem, indices, weights, do, obo, scale):
     sc = (float(scale * _LOG2E), float(scale))
     dq, dw = _launch(
         "dq", (indices, weights, q, k_mem, v_mem, do),
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, C, H, K), jnp.float32)], (B * C, H), sc, meta,
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, C, H, K), jnp.float32)], (B * C * H,), sc, meta,
     )
     pairs, starts = common_vjp.inverse_index(indices, M)
     dk, dv = _launch(
         "dkdv", (pairs, starts, weights, q, k_mem, v_mem, do),
         [jax.ShapeDtypeStruct(k_mem.shape, k_mem.dtype), jax.ShapeDtypeStruct(v_mem.shape, v_mem.dtype)],
-        (B * M, Hkv), sc, meta,
+        (B * M * Hkv,), sc, meta,
     )
     dw = jnp.where(indices >= 0, jnp.sum(dw, axis=2), 0.0).astype(weights.dtype)
     return dq, dk, dv, dw
