@@ -93,3 +93,23 @@ def test_explicit_fast_impl_off_its_backend_falls_back_with_a_logged_reason(capl
         out = causal_attention(q, q, q, window=4, impl="cudnn")
     assert "cuDNN needs a GPU" in caplog.text
     np.testing.assert_array_equal(out, attention_reference(q, q, q, window=4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a CUDA GPU")
+@pytest.mark.parametrize("window", [64, None])
+def test_cudnn_sliding_window_matches_reference_on_gpu(window):
+    T, H, Hkv, D = 512, 4, 2, 64
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    q, k, v = (jax.random.normal(kk, (2, T, h, D), jnp.bfloat16) for kk, h in zip(keys, (H, Hkv, Hkv), strict=False))
+    cot = jax.random.normal(keys[3], q.shape, jnp.float32)
+    got = causal_attention(q, k, v, window=window, impl="cudnn")
+    ref = attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), window=window)
+    err = float(jnp.linalg.norm(got.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+    assert err < 2e-2, f"cuDNN sliding window disagrees with the reference: rel. error {err:.3g}"
+    grads = lambda f, *xs: jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * cot), argnums=(0, 1, 2))(*xs)
+    g_cudnn = grads(lambda q, k, v: causal_attention(q, k, v, window=window, impl="cudnn"), q, k, v)
+    g_ref = grads(lambda q, k, v: attention_reference(q, k, v, window=window), *(x.astype(jnp.float32) for x in (q, k, v)))
+    for a, b in zip(g_cudnn, g_ref, strict=True):
+        rel = float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+        assert rel < 3e-2, f"cuDNN gradient rel. error {rel:.3g}"
