@@ -132,7 +132,7 @@ class GroupedCrossAttention(nn.Module):
         q = dense(cfg, (cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "q")(x)
         q = q.reshape(B, C, cfg.slots_per_chunk, cfg.n_heads, cfg.head_dim)
         out = grouped_cross_attention(
-            q, k_mem, v_mem, indices, weights.astype(q.dtype),
+            q, k_mem, v_mem, indices, weights,  # float32: the kernels accumulate in fp32
             softmax_off_by_one=cfg.gca_off_by_one, impl=cfg.gca_impl,
         )
         out = out.reshape(B, L, cfg.n_heads, cfg.head_dim)
