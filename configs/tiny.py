@@ -32,5 +32,5 @@ RUN = RunConfig(
     model=MODEL,  # float32 compute on CPU (bf16 matmuls are slow there)
     data=DataConfig(corpus="default", tokenizer="byte", seq_len=512),
     optim=OptimConfig(peak_lr=2e-3, end_lr=4e-4, warmup_fraction=0.02, weight_decay=0.1),
-    train=TrainConfig(steps=300, batch=8, eval_every=100, eval_steps=4, checkpoint_every=100, keep_checkpoints=2, log_every=10),
+    train=TrainConfig(steps=250, batch=8, eval_every=125, eval_steps=4, checkpoint_every=125, keep_checkpoints=2, log_every=10),
 )

@@ -14,7 +14,15 @@ from drt_jax.config import ModelConfig
 from drt_jax.train.checkpoints import CheckpointError, load_for_eval
 from drt_jax.train.config import OptimConfig
 from drt_jax.train.loop import train
-from tests.test_train_utils import STEPS, assert_one_line_error, config_file, enable_compilation_cache, run_cli, small_run, write_corpus
+from tests.test_train_utils import (
+    STEPS,
+    assert_one_line_error,
+    config_file,
+    enable_compilation_cache,
+    run_cli,
+    small_run,
+    write_corpus,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -120,18 +128,19 @@ def test_resume_is_equivalent_to_a_straight_run(trained):
     s2 = train(resumed, print_fn=lambda *a: None, batch_hook=lambda s, b: seen_b.append((s, b["tokens"].copy())))
     assert (s2.start_step, s2.end_step) == (n, 2 * n)
     assert [s for s, _ in seen_a] == [s for s, _ in seen_b] == list(range(2 * n))
-    for (_, a), (_, b) in zip(seen_a, seen_b):
+    for (_, a), (_, b) in zip(seen_a, seen_b, strict=True):
         np.testing.assert_array_equal(a, b)
     _, pa, _ = load_for_eval(straight.run_dir)
     _, pb, _ = load_for_eval(resumed.run_dir)
-    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
 
 
 def test_schedule_and_decay_mask():
+    import flax.linen as nn
+
     from drt_jax.train.optim import decay_mask, make_schedule
     from drt_jax.train.step import boxed_param_shapes
-    import flax.linen as nn
 
     sched = make_schedule(OptimConfig(peak_lr=2e-3, end_lr=4e-4, warmup_fraction=0.02), 1000)
     assert float(sched(0)) == 0.0

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -80,7 +79,7 @@ def test_eight_device_mesh_matches_one_device_and_restores_onto_another_mesh(tmp
                           timeout=400, env=env, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
-    assert len(result["l8"]) == 2 and result["l1"] != result["l8"] or result["l1"] == result["l8"]
+    assert len(result["l8"]) == 2 and all(4.0 < x < 7.0 for x in result["l8"]), result
 
 
 def _free_port() -> int:
@@ -102,7 +101,7 @@ def test_two_process_run_trains_and_checkpoints(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, str(REPO / "train.py"), "--config", str(cfg), "--coordinator", f"127.0.0.1:{port}",
-             "--num-processes", "2", "--process-id", str(i)],
+             "--num-processes", "2", "--process-id", str(i), "--set", "train.grad_accum=1", "data.val_fraction=0.0"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO),
         )
         for i in range(2)
@@ -115,7 +114,7 @@ def test_two_process_run_trains_and_checkpoints(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-4000:]
     assert "step 4: loss" in outs[0][0]
     step_dir = tmp_path / "mp" / "checkpoints" / "4"

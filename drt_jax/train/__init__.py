@@ -7,7 +7,14 @@
 Submodules are imported lazily so that `drt_jax.train.config` stays light.
 """
 
-from drt_jax.train.config import MeshConfig, OptimConfig, RunConfig, TrainConfig, apply_overrides, load_run_config
+from drt_jax.train.config import (
+    MeshConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    load_run_config,
+)
 
 
 def train(*args, **kwargs):

@@ -97,6 +97,18 @@ class Checkpointer:
         self.manager.close()
 
 
+def _quiet_read_only(run_dir) -> Checkpointer:
+    """A read-only manager, without orbax's warnings about the options read-only mode overrides."""
+    from absl import logging as absl_logging
+
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        return Checkpointer(run_dir, read_only=True, async_save=False)
+    finally:
+        absl_logging.set_verbosity(level)
+
+
 def read_run_config(run_dir) -> RunConfig:
     path = _abs(run_dir) / "config.json"
     if not _abs(run_dir).is_dir():
@@ -121,7 +133,7 @@ def load_for_eval(run_dir, step: int | None = None):
     ckpt_dir = _abs(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir} is missing: the run saved no checkpoint yet; train longer or pass another run folder")
-    ckpt = Checkpointer(run_dir, read_only=True, async_save=False)
+    ckpt = _quiet_read_only(run_dir)
     try:
         steps = ckpt.all_steps()
         if not steps:

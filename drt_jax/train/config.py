@@ -359,7 +359,7 @@ def _check(value, ann) -> tuple[bool, Any]:
         if len(args) == 2 and args[1] is Ellipsis:
             items = [_check(v, args[0]) for v in value]
         elif len(args) == len(value):
-            items = [_check(v, a) for v, a in zip(value, args)]
+            items = [_check(v, a) for v, a in zip(value, args, strict=True)]
         else:
             return False, None
         if not all(ok for ok, _ in items):

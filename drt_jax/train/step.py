@@ -145,8 +145,8 @@ def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_shard
             def body(carry, i):
                 g_acc, l_acc, c_acc = carry
                 m = masks[i] if masks is not None else None
-                (l, c), g = grad_fn(params, toks[i], m, jax.random.fold_in(key, i))
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
+                (loss_i, c), g = grad_fn(params, toks[i], m, jax.random.fold_in(key, i))
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss_i, c_acc + c), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             (grads, loss_sum, count), _ = jax.lax.scan(
@@ -157,8 +157,8 @@ def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_shard
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         metrics = {
-            "loss": loss_sum / denom, "tokens": count, "grad_norm": optax.global_norm(grads),
-            "lr": schedule(state["step"]), "param_norm": optax.global_norm(new_params),
+            "loss": loss_sum / denom, "tokens": count, "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state["step"]), "param_norm": optax.tree.norm(new_params),
         }
         new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         return new_state, metrics
