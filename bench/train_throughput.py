@@ -22,19 +22,8 @@ import pathlib
 import subprocess
 import sys
 import time
-import types
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _stub_grain():
-    """drt_jax.data's package import pulls grain in; the bench never uses it."""
-    try:
-        import grain  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("grain")
-        stub.__getattr__ = lambda name: type(name, (), {})
-        sys.modules["grain"] = stub
 
 
 ORDER_DEFAULT = [
@@ -115,7 +104,6 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining cases after this many seconds")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_throughput.json"))
     args = parser.parse_args(argv)
-    _stub_grain()
     sys.path.insert(0, str(REPO))
     import jax
 

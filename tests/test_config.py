@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from drt_jax import ConfigError, ModelConfig
@@ -38,8 +40,8 @@ def test_presets_load_and_are_frozen():
         assert required in names
         cfg = ModelConfig.from_preset(required)
         assert cfg.name == required
-    with pytest.raises(Exception):
-        cfg.d_model = 1  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.d_model = 1
 
 
 def test_unknown_preset_is_one_line():
