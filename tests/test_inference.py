@@ -22,14 +22,14 @@ def _perturbed_params(cfg, seed=0):
     leaves, tree = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
     out = []
-    for (path, x), k in zip(leaves, keys):
+    for (path, x), k in zip(leaves, keys, strict=False):
         if "scale" in jax.tree_util.keystr(path):
             x = x * (1.0 + 0.5 * jax.random.normal(k, x.shape))
         out.append(x)
     return jax.tree_util.tree_unflatten(tree, out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(position):
     cfg = ModelConfig.from_preset("tiny", position=position)
     params = _perturbed_params(cfg)
@@ -92,7 +92,7 @@ def test_offload_gives_identical_tokens_and_bounded_device_state():
     # Device state: same shapes whatever the context once the window is full.
     shapes = st_off.device_arrays()
     st = st_off
-    for t in range(40):
+    for _t in range(40):
         _, st = off.step(st, np.full((B,), 65, np.int32))
     assert st.n_chunks > st_off.n_chunks and st.device_arrays() == shapes
     # Growing the memory 16x grows the device by one landmark key per chunk, nothing else.

@@ -363,7 +363,7 @@ def _segment_lower(params, dev: DeviceState, slots, pos, n_chunks, *, cfg, R, pr
     ring_k, ring_v = dev.ring_k, dev.ring_v
     n_plain = cfg.n_lower if cfg.uses_retrieval else cfg.n_layers
     for layer in range(n_plain):
-        attn = lambda p, x, layer=layer: _sa_segment(cfg, p, x, pos, ring_k[layer], ring_v[layer], R, prefix)
+        attn = lambda p, x, rk=ring_k[layer], rv=ring_v[layer]: _sa_segment(cfg, p, x, pos, rk, rv, R, prefix)
         h, rk, rv = _block(cfg, params[names[layer]], h, attn)
         ring_k, ring_v = ring_k.at[layer].set(rk), ring_v.at[layer].set(rv)
     dev = dev.replace(ring_k=ring_k, ring_v=ring_v)
@@ -399,7 +399,7 @@ def _segment_group(params, dev: DeviceState, h, pos, k_mem, v_mem, idx, w, *, cf
     ring_k, ring_v = dev.ring_k, dev.ring_v
     gca_fn = lambda p, a: _gca(cfg, p, a, k_mem, v_mem, idx, w, cfg.slots_per_chunk)
     for layer in range(first, first + cfg.groups[g]):
-        attn = lambda p, x, layer=layer: _sa_segment(cfg, p, x, pos, ring_k[layer], ring_v[layer], R, prefix)
+        attn = lambda p, x, rk=ring_k[layer], rv=ring_v[layer]: _sa_segment(cfg, p, x, pos, rk, rv, R, prefix)
         h, rk, rv = _block(cfg, params[names[layer]], h, attn, gca_fn)
         ring_k, ring_v = ring_k.at[layer].set(rk), ring_v.at[layer].set(rv)
     return h, dev.replace(ring_k=ring_k, ring_v=ring_v)
@@ -551,7 +551,7 @@ class InferenceEngine:
     def _host_refresh(self, dev: DeviceState, host: HostMemory) -> DeviceState:
         """Offload: copies the top-k chunks of every group's current retrieval to the device."""
         idx = np.asarray(jax.device_get(dev.ret_idx))  # [G, B, K]
-        ks, vs = zip(*(host.gather(i) for i in idx))
+        ks, vs = zip(*(host.gather(i) for i in idx), strict=False)
         return dev.replace(ret_k=jnp.stack(ks).astype(self.dtype), ret_v=jnp.stack(vs).astype(self.dtype))
 
     # ---- prefill ---------------------------------------------------------------------------------

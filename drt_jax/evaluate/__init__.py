@@ -1,0 +1,1 @@
+"""Evaluation: perplexity by length, NIAH sweeps, retrieval inspection, plots (CLI: eval.py)."""

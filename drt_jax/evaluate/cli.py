@@ -1,0 +1,172 @@
+"""The eval.py command line: ppl, niah, generate, retrieval. Bad inputs end with one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval.py", description="Evaluate a DRT checkpoint.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--checkpoint", required=True,
+                        help="run folder written by train.py, or random:PRESET[:SEED] (random weights, smoke tests)")
+        sp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+        sp.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+        sp.add_argument("--out", default=None, help="JSON results file (default: eval_results/<command>.json)")
+        sp.add_argument("--no-progress", action="store_true")
+
+    sp = sub.add_parser("ppl", help="perplexity by context length (sliding windows)")
+    common(sp)
+    sp.add_argument("--data", default="default", help="text/jsonl/parquet file or folder, or 'default'")
+    sp.add_argument("--lengths", default="2K")
+    sp.add_argument("--stride", type=int, default=-1, help="window stride in tokens (<=0: non-overlapping)")
+    sp.add_argument("--max-windows", type=int, default=8)
+
+    sp = sub.add_parser("niah", help="needle-in-a-haystack accuracy per length and depth")
+    common(sp)
+    sp.add_argument("--task", choices=["single", "multi", "2hop"], default="single")
+    sp.add_argument("--lengths", default="4K")
+    sp.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    sp.add_argument("--samples", type=int, default=10)
+    sp.add_argument("--batch-size", type=int, default=1)
+    sp.add_argument("--offload", choices=["none", "host"], default="none")
+    sp.add_argument("--data", default="default", help="haystack corpus (file/folder or 'default')")
+    sp.add_argument("--plot", default=None, help="heatmap PNG (default: next to the JSON)")
+    sp.add_argument("--seed", type=int, default=0)
+
+    sp = sub.add_parser("generate", help="generate a continuation of a prompt")
+    common(sp)
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--temperature", type=float, default=0.0)
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--offload", choices=["none", "host"], default="none")
+
+    sp = sub.add_parser("retrieval", help="show the chunks each chunk retrieved, with a heatmap")
+    common(sp)
+    sp.add_argument("--text", required=True, help="a text file")
+    sp.add_argument("--max-tokens", type=int, default=4096)
+    sp.add_argument("--plot", default=None)
+    return p
+
+
+def _out(args, default_name: str) -> str:
+    return args.out or os.path.join("eval_results", default_name)
+
+
+def run(args) -> dict:
+    from drt_jax.evaluate.common import (
+        EvalError,
+        load_model,
+        parse_floats,
+        parse_lengths,
+        read_tokens,
+        write_json,
+    )
+
+    show = not args.no_progress and sys.stderr.isatty()
+    # Validate cheap arguments before loading anything.
+    if args.command in ("ppl", "niah"):
+        lengths = parse_lengths(args.lengths)
+    if args.command == "niah":
+        depths = parse_floats(args.depths, "depths")
+        if args.samples < 1:
+            raise EvalError(f"--samples {args.samples} must be >= 1")
+    if args.command == "generate" and not args.prompt:
+        raise EvalError("empty prompt: give --prompt some text")
+    if args.command == "retrieval" and not os.path.isfile(args.text):
+        raise EvalError(f"text file {args.text} does not exist")
+
+    cfg, params, tok = load_model(args.checkpoint, args.step, dtype=args.dtype)
+    started = time.time()
+    meta = {"command": args.command, "checkpoint": args.checkpoint, "model": cfg.name}
+
+    if args.command == "ppl":
+        from drt_jax.evaluate.common import progress_bar
+        from drt_jax.evaluate.perplexity import perplexity
+
+        tokens = read_tokens(args.data, tok, max(lengths) * (args.max_windows + 1) + 1)
+        results = []
+        for L in lengths:
+            with progress_bar(args.max_windows, f"ppl {L}", show) as bar:
+                r = perplexity(cfg, params, tokens, L, args.stride, max_windows=args.max_windows, progress=bar.update)
+            results.append(r)
+            print(f"length {L:>8d}  windows {r['windows']:>4d}  tokens {r['tokens_scored']:>9d}  "
+                  f"ppl {r['ppl']:.4f}  (window-mean {r['ppl_window_mean']:.4f})")
+        payload = {**meta, "data": args.data, "results": results}
+    elif args.command == "niah":
+        from drt_jax.evaluate.common import progress_bar
+        from drt_jax.evaluate.niah import niah_sweep, plot_heatmap
+
+        hay = read_tokens(args.data, tok, 1 << 20)
+        total = len(lengths) * len(depths) * args.samples
+        with progress_bar(total, f"niah {args.task}", show) as bar:
+            r = niah_sweep(cfg, params, tok, hay, task=args.task, lengths=lengths, depths=depths,
+                           samples=args.samples, offload=None if args.offload == "none" else "host",
+                           batch_size=args.batch_size, seed=args.seed, progress=bar.update)
+        print("depth \\ length " + " ".join(f"{L:>8d}" for L in lengths))
+        for d in depths:
+            print(f"{d:>14g} " + " ".join(f"{r['accuracy'][str(L)][str(d)]:>8.3f}" for L in lengths))
+        payload = {**meta, **r}
+        out = _out(args, f"niah_{args.task}.json")
+        plot = args.plot or os.path.splitext(out)[0] + ".png"
+        plot_heatmap(r, plot)
+        payload["plot"] = plot
+        print(f"heatmap: {plot}")
+    elif args.command == "generate":
+        from drt_jax.inference import InferenceEngine, generate
+
+        ids = tok.encode(args.prompt)
+        if not ids:
+            raise EvalError("empty prompt: it encodes to no tokens")
+        eng = InferenceEngine(cfg, params, offload=None if args.offload == "none" else "host",
+                              max_len=len(ids) + args.max_new_tokens + 1 if cfg.arch == "full" else None)
+        gen, _ = generate(eng, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed, eos_id=tok.eos_id)
+        ids_out = [int(x) for x in gen[0]]
+        if tok.eos_id in ids_out:
+            ids_out = ids_out[: ids_out.index(tok.eos_id)]
+        text = tok.decode(ids_out)
+        print(args.prompt + text)
+        payload = {**meta, "prompt": args.prompt, "completion": text, "tokens": ids_out}
+    else:
+        import numpy as np
+
+        from drt_jax.evaluate.retrieval import inspect_retrieval, plot_retrieval
+
+        with open(args.text, encoding="utf-8", errors="replace") as f:
+            ids = tok.encode(f.read())[: args.max_tokens]
+        r = inspect_retrieval(cfg, params, np.asarray(ids, np.int32), tok)
+        for row in r["groups"][0]["chunks"]:
+            got = ", ".join(f"#{x['chunk']} ({x['weight']:.2f}) {x['text'][:30]!r}" for x in row["retrieved"])
+            print(f"chunk {row['chunk']:>4d} {row['text'][:30]!r} <- {got or '-'}")
+        out = _out(args, "retrieval.json")
+        plot = args.plot or os.path.splitext(out)[0] + ".png"
+        plot_retrieval(r, plot)
+        print(f"heatmap: {plot}")
+        payload = {**meta, **r, "plot": plot}
+    payload["seconds"] = round(time.time() - started, 2)
+    out = _out(args, f"{args.command}.json" if args.command != "niah" else f"niah_{args.task}.json")
+    write_json(out, payload)
+    print(f"results: {out}")
+    return payload
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError, ImportError) as err:  # our errors are ValueError subclasses, one line each
+        if args.debug:
+            raise
+        msg = " ".join(str(err).split()) or type(err).__name__
+        print(f"eval.py {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,245 @@
+"""Needle-in-a-haystack tasks (spec 7.2, 7.3): single passkey, multi-key, 2-hop with noise.
+
+One generator serves evaluation (prompt + answer, scored by exact match of the whole greedily generated
+answer) and fine-tuning ({"tokens", "mask"} int32 [seq_len] for the trainer's task mixture).
+
+Layout of a sample of context length T with model chunk size S (T is rounded down to whole chunks,
+Tc = (T // S) * S): the question's last token sits at index Tc - S, the first slot of the last chunk,
+so the rest of the question ends the penultimate chunk, whose landmark makes the retrieval that the
+last chunk (where the answer is generated) reads. The answer follows at Tc - S + 1 ..; in fine-tuning
+examples the rest is padding, excluded from the loss (mask 0); everything before is a loss target,
+as in the authors' fine-tuning (spec 7.4).
+
+Formats (text pieces are encoded separately and concatenated, as the authors do):
+  single: needle "|The passkey is:" P "|";                  question "|What is the passkey? The passkey is" -> P
+  multi:  6 needles "|One of the special magic numbers for " key " is " value "|" (5 distractors);
+          question "|The value of " key0 " is" -> value0
+  2hop:   needles "|DEF " a "->" b "|" for chains v0->v1->v2 and a distractor chain v3->v4->v5,
+          question "|The path from " v0 " is" -> v1 "," v2
+Variables are `answer_len` random non-special token ids (or random digits, alphabet="digits").
+Depth in [0, 1] places the queried needle (2hop: the first hop) between the start of the haystack and
+2 chunks before the question; the other needles go to uniformly random positions in that range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+KINDS = ("single", "multi", "2hop")
+
+
+class TaskError(ValueError):
+    """A task request that cannot be built (e.g. a context too short for the needles)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NiahSample:
+    tokens: np.ndarray  # int32 [T]: haystack, needles, question, answer, padding
+    prompt_len: int  # the model is given tokens[:prompt_len] and must generate the answer
+    answer: np.ndarray  # int32 [A] = tokens[prompt_len : prompt_len + A]
+    needle_positions: tuple[int, ...]
+    depth: float
+
+    def example(self, pad_id: int) -> dict[str, np.ndarray]:
+        """Fine-tuning example: LM loss on every token up to the end of the answer."""
+        end = self.prompt_len + len(self.answer)
+        mask = np.zeros(len(self.tokens), np.int32)
+        mask[:end] = 1
+        tokens = self.tokens.copy()
+        tokens[end:] = pad_id
+        return {"tokens": tokens.astype(np.int32), "mask": mask}
+
+
+class NiahTask:
+    """Builds NIAH samples from a haystack token stream.
+
+    kind: "single" | "multi" | "2hop". tokenizer: encode/pad_id/eos_id/landmark_id/vocab_size.
+    haystack: 1-D int array (any token stream/corpus; windows are drawn at random offsets and repeated
+      if the stream is shorter than the context). chunk_size: the model's S.
+    """
+
+    def __init__(self, kind: str, tokenizer, haystack, chunk_size: int, *, answer_len: int = 5,
+                 n_distractors: int = 5, alphabet: str = "tokens", seed: int = 0):
+        if kind not in KINDS:
+            raise TaskError(f"unknown NIAH task {kind!r}; choose one of {', '.join(KINDS)}")
+        self.kind, self.tok, self.S, self.seed = kind, tokenizer, int(chunk_size), int(seed)
+        self.answer_len, self.n_distractors = int(answer_len), int(n_distractors)
+        hay = np.asarray(haystack, np.int32).ravel()
+        specials = {tokenizer.pad_id, tokenizer.eos_id, tokenizer.landmark_id}
+        hay = hay[~np.isin(hay, list(specials))]
+        if hay.size < 16:
+            raise TaskError(f"haystack has only {hay.size} usable tokens; give a longer corpus")
+        self.haystack = hay
+        if alphabet == "digits":
+            self.alphabet = np.asarray(sorted({t for d in "0123456789" for t in tokenizer.encode(d)}), np.int32)
+        elif alphabet == "tokens":
+            top = min(tokenizer.vocab_size, 50256)
+            self.alphabet = np.asarray([i for i in range(top) if i not in specials], np.int32)
+        else:
+            raise TaskError(f"alphabet={alphabet!r}: choose 'tokens' or 'digits'")
+        enc = lambda s: np.asarray(tokenizer.encode(s), np.int32)
+        self._enc = enc
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def _var(self, rng) -> np.ndarray:
+        return self.alphabet[rng.integers(0, len(self.alphabet), self.answer_len)]
+
+    def _build(self, rng):
+        """-> (needles: list of arrays, queried needle index, question array, answer array)."""
+        e = self._enc
+        if self.kind == "single":
+            p = self._var(rng)
+            needles = [np.concatenate([e("|The passkey is:"), p, e("|")])]
+            return needles, 0, e("|What is the passkey? The passkey is"), p
+        if self.kind == "multi":
+            keys = [self._var(rng) for _ in range(self.n_distractors + 1)]
+            vals = [self._var(rng) for _ in range(self.n_distractors + 1)]
+            needles = [np.concatenate([e("|One of the special magic numbers for "), k, e(" is "), v, e("|")])
+                       for k, v in zip(keys, vals, strict=False)]
+            return needles, 0, np.concatenate([e("|The value of "), keys[0], e(" is")]), vals[0]
+        v = [self._var(rng) for _ in range(6)]
+        hop = lambda a, b: np.concatenate([e("|DEF "), a, e("->"), b, e("|")])
+        needles = [hop(v[0], v[1]), hop(v[1], v[2]), hop(v[3], v[4]), hop(v[4], v[5])]
+        question = np.concatenate([e("|The path from "), v[0], e(" is")])
+        return needles, 0, question, np.concatenate([v[1], e(","), v[2]])
+
+    def min_length(self) -> int:
+        """Shortest context (tokens) this task fits in."""
+        needles, _, question, _ = self._build(np.random.default_rng(0))
+        need = sum(len(n) for n in needles) + len(question) + 3 * self.S + 1
+        return int(-(-need // self.S) * self.S)
+
+    def check_length(self, seq_len: int) -> None:
+        if seq_len < self.min_length():
+            raise TaskError(
+                f"context length {seq_len} is too short for the {self.kind} NIAH task with chunk size "
+                f"{self.S}: needs >= {self.min_length()} tokens"
+            )
+
+    # ---- samples --------------------------------------------------------------------------------
+    def sample(self, seq_len: int, depth: float, index: int) -> NiahSample:
+        """Sample `index` (deterministic in (seed, seq_len, depth, index)) of context length seq_len."""
+        self.check_length(seq_len)
+        if not 0.0 <= depth <= 1.0:
+            raise TaskError(f"depth {depth} must be in [0, 1]")
+        rng = np.random.default_rng([self.seed, int(seq_len), int(round(depth * 1e6)), int(index)])
+        needles, q_idx, question, answer = self._build(rng)
+        S = self.S
+        Tc = (seq_len // S) * S
+        q_last = Tc - S  # the question's last token: first slot of the last chunk
+        q_start = q_last - len(question) + 1
+        hay_len = q_start - sum(len(n) for n in needles)  # filler tokens before the question
+        # Needles go between filler offsets; the queried one at `depth` of the room before the
+        # question minus 2 chunks (so it is retrieved from memory, not seen in the current chunk).
+        room = max(0, hay_len - 2 * S)
+        offsets = [int(round(depth * room))]
+        others = sorted(int(x) for x in rng.integers(0, room + 1, len(needles) - 1))
+        order = list(range(len(needles)))
+        if self.kind == "2hop":  # shuffle which needle comes where (the queried one keeps `depth`)
+            rest = [i for i in order if i != q_idx]
+            rng.shuffle(rest)
+            order = [q_idx] + rest
+        else:
+            order = [q_idx] + [i for i in order if i != q_idx]
+        placed = sorted(zip(offsets + others, order, strict=False))
+        start = int(rng.integers(0, max(1, len(self.haystack) - hay_len)))
+        filler = np.resize(np.roll(self.haystack, -start), hay_len)
+        pieces, positions, cursor, out_len = [], [0] * len(needles), 0, 0
+        for off, i in placed:
+            pieces.append(filler[cursor:off])
+            out_len += off - cursor
+            positions[i] = out_len
+            pieces.append(needles[i])
+            out_len += len(needles[i])
+            cursor = off
+        pieces.append(filler[cursor:])
+        pieces.append(question)
+        body = np.concatenate(pieces).astype(np.int32)
+        assert len(body) == q_last + 1, (len(body), q_last)
+        tail = np.full(seq_len - len(body), self.tok.pad_id, np.int32)
+        n_ans = min(len(answer), len(tail))
+        tail[:n_ans] = answer[:n_ans]
+        tokens = np.concatenate([body, tail])
+        return NiahSample(tokens=tokens, prompt_len=len(body), answer=answer.astype(np.int32),
+                          needle_positions=tuple(positions), depth=float(depth))
+
+    def example(self, seq_len: int, index: int, depth: float | None = None) -> dict[str, np.ndarray]:
+        """A fine-tuning example; depth drawn uniformly when not given."""
+        if depth is None:
+            depth = float(np.random.default_rng([self.seed, 7, int(index)]).random())
+        return self.sample(seq_len, depth, index).example(self.tok.pad_id)
+
+
+def score_exact(generated: Sequence[int], answer: Sequence[int]) -> bool:
+    """Exact match of the whole answer (all tokens)."""
+    gen = np.asarray(generated)[: len(answer)]
+    return len(gen) == len(answer) and bool(np.all(gen == np.asarray(answer)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning: a random-access source and the task-mixture hook
+# --------------------------------------------------------------------------------------------------
+
+
+class NiahSource:
+    """Random-access source of fine-tuning examples {"tokens", "mask"} int32 [seq_len] (a pure function
+    of (seed, index)); usable as a grain source."""
+
+    def __init__(self, task: NiahTask, seq_len: int, num_examples: int = 2**30):
+        task.check_length(seq_len)
+        self.task, self.seq_len, self.num_examples = task, seq_len, num_examples
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.task.example(self.seq_len, int(index))
+
+
+def default_haystack(tokenizer, max_tokens: int = 1 << 20) -> np.ndarray:
+    """A haystack token stream from the default corpus (the Python standard library's sources)."""
+    from drt_jax.data.corpora import default_corpus_path, iter_documents, list_source_files
+
+    ids: list[int] = []
+    for doc in iter_documents(list_source_files(default_corpus_path())):
+        ids.extend(tokenizer.encode(doc))
+        ids.append(tokenizer.eos_id)
+        if len(ids) >= max_tokens:
+            break
+    return np.asarray(ids[:max_tokens], np.int32)
+
+
+def make_niah_factory(kind: str, chunk_size: int = 63, haystack=None, **task_kwargs):
+    """factory(seq_len, tokenizer, seed) -> NiahSource, the signature of drt_jax.data.mixture tasks.
+    haystack: a token array, or None for the default corpus (read on first use)."""
+
+    def factory(seq_len: int, tokenizer, seed: int):
+        hay = default_haystack(tokenizer) if haystack is None else haystack
+        return NiahSource(NiahTask(kind, tokenizer, hay, chunk_size, seed=seed, **task_kwargs), seq_len)
+
+    return factory
+
+
+def register_niah_tasks(chunk_size: int = 63, haystack=None, *, overwrite: bool = False, **task_kwargs) -> list[str]:
+    """Registers "niah_single", "niah_multi", "niah_2hop" with the trainer's task mixture (when
+    drt_jax.data.mixture is importable). Call again with the model's chunk size and overwrite=True
+    when it is not 63. Returns the names registered."""
+    try:
+        from drt_jax.data.mixture import register_task
+    except ImportError:  # the data package (grain) is not installed here
+        return []
+    names = []
+    for kind in KINDS:
+        name = f"niah_{kind}"
+        register_task(name, make_niah_factory(kind, chunk_size, haystack, **task_kwargs), overwrite=True if overwrite else False)
+        names.append(name)
+    return names
+
+
+try:  # register the defaults once (chunk size 63, the paper's); harmless if the mixture is absent
+    register_niah_tasks()
+except Exception:  # noqa: BLE001 - a registry conflict must not break importing the task module
+    pass

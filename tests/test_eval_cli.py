@@ -1,0 +1,94 @@
+"""eval.py: one-line errors (exit 2, no traceback) and happy paths on a random tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from drt_jax.evaluate.cli import main
+from drt_jax.evaluate.common import EvalError, parse_lengths
+from drt_jax.evaluate.perplexity import windows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STORY = "Once upon a time a little dog named Rex liked to run in the park every morning.\n" * 30
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=240)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["ppl", "--checkpoint", "random:tiny", "--lengths", "2Q"], "cannot parse length"),
+        (["niah", "--checkpoint", "random:tiny", "--lengths", "40", "--data", "STORY"], "too short"),
+        (["generate", "--checkpoint", "random:tiny", "--prompt", ""], "empty prompt"),
+        (["generate", "--checkpoint", "/nonexistent/run", "--prompt", "hi"], "does not exist"),
+        (["generate", "--checkpoint", "PARTIAL", "--prompt", "hi"], "missing"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, tmp_path):
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    partial = tmp_path / "run"
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")  # a run folder without checkpoints
+    args = [str(story) if a == "STORY" else str(partial) if a == "PARTIAL" else a for a in args]
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_config_weights_mismatch_is_reported(tmp_path, monkeypatch):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from drt_jax import DRT, ModelConfig
+    from drt_jax.evaluate import common
+
+    cfg = ModelConfig.from_preset("tiny")
+    params = nn.unbox(DRT(cfg.replace(mlp_dim=128)).init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))["params"])
+    with pytest.raises(EvalError, match="do not match its config"):
+        common._check_params(cfg, params)
+
+
+def test_lengths_and_windows():
+    assert parse_lengths("2K,16K,1M,100") == [2048, 16384, 1 << 20, 100]
+    with pytest.raises(EvalError):
+        parse_lengths("2K,x")
+    # stride in tokens: the first window scores all, later ones the last `stride` tokens
+    assert windows(100, 40, 20, None) == [(0, 0), (20, 20), (40, 20)]
+    assert windows(100, 40, -1, None) == [(0, 0), (40, 0)]
+
+
+def test_cli_happy_paths(tmp_path, capsys):
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    out = tmp_path / "res"
+    assert main(["generate", "--checkpoint", "random:tiny", "--prompt", "Once upon a", "--max-new-tokens", "5",
+                 "--out", str(out / "gen.json")]) == 0
+    assert len(json.loads((out / "gen.json").read_text())["tokens"]) <= 5
+    assert main(["niah", "--checkpoint", "random:tiny", "--task", "single", "--lengths", "150", "--depths", "0,1",
+                 "--samples", "2", "--batch-size", "2", "--data", str(story), "--out", str(out / "niah.json")]) == 0
+    res = json.loads((out / "niah.json").read_text())
+    assert set(res["accuracy"]["150"]) == {"0.0", "1.0"} and os.path.getsize(res["plot"]) > 1000
+    assert main(["retrieval", "--checkpoint", "random:tiny", "--text", str(story), "--max-tokens", "120",
+                 "--out", str(out / "ret.json")]) == 0
+    ret = json.loads((out / "ret.json").read_text())
+    assert ret["num_chunks"] == 8 and len(ret["groups"]) == 2 and os.path.isfile(ret["plot"])
+    row = ret["groups"][0]["chunks"][-1]  # chunk 7 read up to top_k earlier chunks, weights sum to 1
+    assert row["retrieved"] and abs(sum(x["weight"] for x in row["retrieved"]) - 1) < 1e-3
+    assert all(x["chunk"] < row["chunk"] - 1 for x in row["retrieved"])
+    assert main(["ppl", "--checkpoint", "random:tiny", "--lengths", "64", "--stride", "32", "--max-windows", "2",
+                 "--data", str(story), "--out", str(out / "ppl.json")]) == 0
+    ppl = json.loads((out / "ppl.json").read_text())["results"][0]
+    assert ppl["windows"] == 2 and ppl["tokens_scored"] == 64 + 32 and 100 < ppl["ppl"] < 600
+    printed = capsys.readouterr().out
+    assert "ppl" in printed and "heatmap" in printed

@@ -1,0 +1,74 @@
+"""NIAH tasks: layout aligned to the model's chunks, determinism, fine-tuning examples, scoring."""
+
+import numpy as np
+import pytest
+
+from drt_jax.data import ByteTokenizer
+from drt_jax.tasks.niah import KINDS, NiahSource, NiahTask, TaskError, make_niah_factory, score_exact
+
+TOK = ByteTokenizer()
+HAY = np.frombuffer(b"the quick brown fox jumps over the lazy dog. " * 100, np.uint8).astype(np.int32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("S", [15, 63])
+def test_layout_and_alignment(kind, S):
+    task = NiahTask(kind, TOK, HAY, S, seed=3)
+    T = 40 * S + 7  # not a multiple of S: rounded down to whole chunks
+    for depth in (0.0, 0.5, 1.0):
+        s = task.sample(T, depth, 1)
+        assert s.tokens.shape == (T,) and s.tokens.dtype == np.int32
+        # The question's last token is the first slot of the last whole chunk.
+        assert s.prompt_len - 1 == (T // S) * S - S
+        np.testing.assert_array_equal(s.tokens[s.prompt_len : s.prompt_len + len(s.answer)], s.answer)
+        text = bytes(s.tokens[: s.prompt_len].tolist())
+        q = {"single": b"|What is the passkey? The passkey is", "multi": b"|The value of ", "2hop": b"|The path from "}[kind]
+        assert q in text[-60:]
+        # The queried needle sits at `depth` of the room and at least 2 chunks before the question.
+        first = s.needle_positions[0]
+        assert first < s.prompt_len - len(q) - 2 * S
+        if depth == 0.0:
+            assert first == 0
+        needle = {"single": b"|The passkey is:", "multi": b"|One of the special magic", "2hop": b"|DEF "}[kind]
+        assert text[first : first + len(needle)] == needle
+        # The answer appears in the haystack only inside needles.
+        assert text.count(bytes(s.answer[:5].tolist())) >= 1
+    # Deterministic per (seed, length, depth, index); different indices differ.
+    a, b, c = task.sample(T, 0.5, 2), task.sample(T, 0.5, 2), task.sample(T, 0.5, 3)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.answer, c.answer)
+
+
+def test_two_hop_answer_is_both_hops():
+    s = NiahTask("2hop", TOK, HAY, 15, alphabet="digits").sample(900, 0.3, 0)
+    text = bytes(s.tokens[: s.prompt_len].tolist())
+    ans = bytes(s.answer.tolist())
+    v1, v2 = ans.split(b",")
+    v0 = bytes(s.tokens[s.prompt_len - 8 : s.prompt_len - 3].tolist())
+    assert b"|DEF " + v0 + b"->" + v1 + b"|" in text and b"|DEF " + v1 + b"->" + v2 + b"|" in text
+
+
+def test_too_short_and_examples():
+    task = NiahTask("multi", TOK, HAY, 15)
+    with pytest.raises(TaskError, match="too short"):
+        task.sample(100, 0.5, 0)
+    src = make_niah_factory("single", chunk_size=15, haystack=HAY)(512, TOK, 0)
+    assert isinstance(src, NiahSource) and len(src) > 1000
+    ex = src[5]
+    assert ex["tokens"].shape == (512,) and ex["mask"].shape == (512,)
+    end = int(ex["mask"].sum())
+    assert (ex["tokens"][end:] == TOK.pad_id).all() and ex["mask"][:end].all()
+    np.testing.assert_array_equal(src[5]["tokens"], ex["tokens"])
+
+
+def test_registered_with_mixture():
+    import drt_jax.tasks.niah  # noqa: F401  (registers on import)
+    from drt_jax.data.mixture import registered_tasks
+
+    assert {"niah_single", "niah_multi", "niah_2hop"} <= set(registered_tasks())
+
+
+def test_exact_match_scores_whole_answer():
+    assert score_exact([1, 2, 3, 9], [1, 2, 3])
+    assert not score_exact([1, 2, 4], [1, 2, 3])  # first token right is not enough
+    assert not score_exact([1, 2], [1, 2, 3])
