@@ -10,7 +10,7 @@ top-k fetch - is included), feeding the argmax back on the device. The chunk mem
 for the largest context in every run (a worst case for the retrieval scoring at short contexts).
 Prefill: real segment prefill of a fresh prompt; 16M tokens is estimated from timed segments on a
 state holding ~16M tokens of memory (the full 16M run does not fit the device-time budget) unless
---full-16m. Does not import grain. Prints a table; writes JSON.
+--full-16m. Needs no grain. Prints a table; writes JSON.
 """
 
 from __future__ import annotations
@@ -29,33 +29,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _stub_grain_if_missing():
-    """The preset files import the run configs (drt_jax.data -> grain); the bench needs only MODEL, and
-    the device image has no grain, so a placeholder module stands in for it there."""
-    try:
-        import grain  # noqa: F401
-    except ImportError:
-        import types
-
-        class _Any(type):
-            def __getattr__(cls, name):
-                return _Dummy
-
-        class _Dummy(metaclass=_Any):
-            def __init__(self, *a, **k):
-                pass
-
-            def __class_getitem__(cls, item):
-                return cls
-
-        stub = types.ModuleType("grain")
-        stub.__getattr__ = lambda name: _Dummy
-        for name in ("grain", "grain.python", "grain.experimental"):
-            sys.modules[name] = stub
-
-
-_stub_grain_if_missing()
 
 from drt_jax.config import ModelConfig  # noqa: E402
 from drt_jax.inference.engine import InferenceEngine, InferenceState  # noqa: E402
@@ -124,7 +97,7 @@ def main():
     ap.add_argument("--prefill-tokens", default="64K")
     ap.add_argument("--full-16m", action="store_true")
     ap.add_argument("--small", action="store_true", help="CPU smoke test with tiny models")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: drt,offload,full,prefill,16m")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: drt,offload,full,prefill,prefill-device,prefill-host,16m")
     args = ap.parse_args()
     contexts = [parse_len(c) for c in args.contexts.split(",")]
     skip = set(args.skip.split(","))
@@ -184,6 +157,8 @@ def main():
         seg = 256  # chunks per segment = 16128 tokens
         n = (parse_len(args.prefill_tokens) // (seg * S)) * seg * S
         for mode in ("device", "host"):
+            if f"prefill-{mode}" in skip:
+                continue
             if time.time() > deadline - 40:
                 res["notes"].append(f"drt prefill {mode} skipped: budget")
                 continue
