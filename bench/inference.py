@@ -8,9 +8,10 @@ context length (ring buffers / caches and chunk memory filled with placeholder v
 to the context), over 2 chunks of steps (so chunk-boundary work - encoder, retrieval over all chunks,
 top-k fetch - is included), feeding the argmax back on the device. The chunk memory capacity is the one
 for the largest context in every run (a worst case for the retrieval scoring at short contexts).
-Prefill: real segment prefill of a fresh prompt; 16M tokens is estimated from timed segments on a
-state holding ~16M tokens of memory (the full 16M run does not fit the device-time budget) unless
---full-16m. Needs no grain. Prints a table; writes JSON.
+Prefill: real segment prefill of a fresh prompt of --prefill-tokens (e.g. 16M with
+--skip drt,offload,full,prefill-device,16m for the full 16M-token run with host offload); the "16m"
+section estimates 16M from timed segments on a state holding ~16M tokens of memory. Needs no grain.
+Prints a table; writes JSON.
 """
 
 from __future__ import annotations
@@ -95,7 +96,6 @@ def main():
     ap.add_argument("--budget-s", type=float, default=330.0)
     ap.add_argument("--out", default="bench/results/inference.json")
     ap.add_argument("--prefill-tokens", default="64K")
-    ap.add_argument("--full-16m", action="store_true")
     ap.add_argument("--small", action="store_true", help="CPU smoke test with tiny models")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: drt,offload,full,prefill,prefill-device,prefill-host,16m")
     args = ap.parse_args()
