@@ -172,3 +172,15 @@ def test_flops_count():
     assert abs(s64 / s4 - 16) < 0.5
     d4, d64 = train_flops_per_sequence(drt, 4096), train_flops_per_sequence(drt, 65536)
     assert abs(d64 / d4 - 16) < 0.5
+
+
+def test_niah_mixture_is_registered_for_the_model_chunk_size():
+    from drt_jax.data import ByteTokenizer
+    from drt_jax.data.mixture import _REGISTRY
+    from drt_jax.train.config import load_run_config
+    from drt_jax.train.loop import register_model_tasks
+
+    run = load_run_config("tiny", ["data.mixture=(('niah_single',0.5),)"])
+    register_model_tasks(run)
+    source = _REGISTRY["niah_single"](512, ByteTokenizer(), 0)
+    assert source.task.S == run.model.chunk_size == 15  # the import-time default is 63

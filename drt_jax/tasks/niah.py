@@ -234,7 +234,7 @@ def register_niah_tasks(chunk_size: int = 63, haystack=None, *, overwrite: bool 
     names = []
     for kind in KINDS:
         name = f"niah_{kind}"
-        register_task(name, make_niah_factory(kind, chunk_size, haystack, **task_kwargs), overwrite=True if overwrite else False)
+        register_task(name, make_niah_factory(kind, chunk_size, haystack, **task_kwargs), overwrite=overwrite)
         names.append(name)
     return names
 

@@ -92,6 +92,15 @@ class Summary:
     stopped_by_signal: bool = False
 
 
+def register_model_tasks(run: RunConfig) -> None:
+    """(Re-)registers the NIAH fine-tuning tasks for this model's chunk size when the mixture names them:
+    the question must end on the model's own chunk boundary (spec 7.5)."""
+    if any(name.startswith("niah") for name, _ in run.data.mixture):
+        from drt_jax.tasks.niah import register_niah_tasks
+
+        register_niah_tasks(chunk_size=run.model.chunk_size, overwrite=True)
+
+
 def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_hook=None) -> Summary:
     """Trains `run` (resuming from its run folder if it holds checkpoints).
 
@@ -117,6 +126,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
             f"must divide over {shards} batch shards (mesh data x fsdp) and {n_proc} processes; change train.batch or the mesh"
         )
     data_cfg = dataclasses.replace(run.data, batch_size=tc.batch // n_proc)
+    register_model_tasks(run)
     run_dir = run.run_dir
     train_iter = build_train_iterator(data_cfg, tokenizer, progress=is_main)
 
