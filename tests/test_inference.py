@@ -44,15 +44,19 @@ def test_token_by_token_matches_forward(position):
     cfg, params, tokens, ref, eng = _setup(position)
     state = eng.init_state()
     logits = []
+    compiled = lambda: (eng._decode[False]._cache_size(), eng._decode[True]._cache_size())
     for t in range(T):
         lg, state = eng.step(state, tokens[:, t])
         logits.append(np.asarray(lg))
+        if t == cfg.chunk_size - 1:
+            after_first_chunk = compiled()  # both step kinds have run once
     logits = np.stack(logits, axis=1)
     assert state.n_chunks == T // cfg.chunk_size and state.ntok == T
     assert state.pos == T + T // cfg.chunk_size
     np.testing.assert_array_less(np.abs(logits - ref).max(), 1e-4)
-    # Fixed shapes: one compilation per step kind, however long the context grew.
-    assert eng._decode[False]._cache_size() == 1 and eng._decode[True]._cache_size() == 1
+    # Fixed shapes: no step compiles again as the context grows. (The compiled steps are shared by
+    # every engine of this config in the process, so other tests may have added entries before.)
+    assert compiled() == after_first_chunk
 
 
 @pytest.mark.parametrize("position", ["rope", "alibi"])
