@@ -1,36 +1,13 @@
 """swa-133m: the BaseLM baseline: 12 Llama layers with a 512-slot sliding window, no retrieval.
 
-Same width, MLP and vocabulary as drt-133m (123.6M parameters). For the "average attention field"
-comparison of the paper, override window=768.
+drt-133m's width, MLP, vocabulary and run settings (123.6M parameters). For the "average attention
+field" comparison of the paper, override model.window=768.
 """
 
 from drt_jax.config import ModelConfig
+from drt_jax.train.config import load_run_config
 
-MODEL = ModelConfig(
-    name="swa-133m",
-    arch="swa",
-    vocab_size=50265,
-    pad_id=50257,
-    eos_id=50256,
-    landmark_id=50264,
-    d_model=768,
-    n_heads=12,
-    mlp_dim=2048,
-    decoder_layers=(12,),
-    encoder_layers=0,
-    window=512,
-)
+MODEL = ModelConfig.from_preset("drt-133m").replace(name="swa-133m", arch="swa", decoder_layers=(12,), encoder_layers=0)
 
-# --- run: bf16 compute over fp32 master weights, per-layer remat; the paper's optimizer settings.
-# Set data.corpus and data.tokenizer (a GPT-2-style tokenizer.json) for a real pretraining run; the
-# model's vocabulary and special ids are always taken from the tokenizer.
-from drt_jax.data.config import DataConfig  # noqa: E402
-from drt_jax.train.config import OptimConfig, RunConfig, TrainConfig  # noqa: E402
-
-RUN = RunConfig(
-    name=MODEL.name,
-    model=MODEL.replace(dtype="bfloat16", param_dtype="float32", remat="full"),
-    data=DataConfig(corpus="default", tokenizer="byte", seq_len=16384),
-    optim=OptimConfig(peak_lr=2e-3, end_lr=4e-4, warmup_fraction=0.02, weight_decay=0.1, clip_norm=1.0),
-    train=TrainConfig(steps=20000, batch=8, eval_every=1000, eval_steps=16, checkpoint_every=1000, keep_checkpoints=3),
-)
+_BASE = load_run_config("drt-133m")
+RUN = _BASE.replace(name=MODEL.name, model=MODEL.replace(dtype=_BASE.model.dtype, remat=_BASE.model.remat))
