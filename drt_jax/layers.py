@@ -102,17 +102,22 @@ class MLP(nn.Module):
 
 
 class LowerLayer(nn.Module):
-    """Pre-norm Llama block: h + SA(norm(h)), then + MLP(norm(.)). Also the baselines' layer."""
+    """Pre-norm Llama block: h + SA(norm(h)), then + MLP(norm(.)). Also the baselines' layer and,
+    with `bidirectional`, the chunk encoder's layer (full attention within one chunk, RoPE positions
+    0..S, the encoder's own norm epsilon)."""
 
     cfg: ModelConfig
     deterministic: bool = True
+    bidirectional: bool = False
 
     @nn.compact
     def __call__(self, h, positions):
         cfg = self.cfg
+        eps = cfg.encoder_norm_eps if self.bidirectional else cfg.norm_eps
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-        a = h + drop(SelfAttention(cfg, name="attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="attn_norm")(h), positions))
-        return a + drop(MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.dtype, name="mlp_norm")(a)))
+        attn = SelfAttention(cfg, bidirectional=self.bidirectional, name="attn")
+        a = h + drop(attn(RMSNorm(eps, cfg.dtype, name="attn_norm")(h), positions))
+        return a + drop(MLP(cfg, name="mlp")(RMSNorm(eps, cfg.dtype, name="mlp_norm")(a)))
 
 
 class GroupedCrossAttention(nn.Module):
@@ -159,21 +164,6 @@ class UpperLayer(nn.Module):
         return base + drop(MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.dtype, name="mlp_norm")(b)))
 
 
-class EncoderLayer(nn.Module):
-    """Bidirectional Llama block over the S+1 slots of one chunk, RoPE positions 0..S."""
-
-    cfg: ModelConfig
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, x, positions):
-        cfg = self.cfg
-        drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-        eps = cfg.encoder_norm_eps
-        a = x + drop(SelfAttention(cfg, bidirectional=True, name="attn")(RMSNorm(eps, cfg.dtype, name="attn_norm")(x), positions))
-        return a + drop(MLP(cfg, name="mlp")(RMSNorm(eps, cfg.dtype, name="mlp_norm")(a)))
-
-
 class ChunkEncoder(nn.Module):
     """Encodes every chunk's lower-layer states into its retrieval key and memory K/V (spec 2.4).
 
@@ -193,9 +183,9 @@ class ChunkEncoder(nn.Module):
         C = L // S1
         x = RMSNorm(cfg.encoder_norm_eps, cfg.dtype, name="pre_norm")(u).reshape(B * C, S1, d)
         positions = jnp.arange(S1)
-        layer_cls = maybe_remat(EncoderLayer, cfg)
+        layer_cls = maybe_remat(LowerLayer, cfg)
         for i in range(cfg.encoder_layers):
-            x = layer_cls(cfg, self.deterministic, name=f"layer_{i}")(x, positions)
+            x = layer_cls(cfg, self.deterministic, bidirectional=True, name=f"layer_{i}")(x, positions)
         e = RMSNorm(cfg.encoder_norm_eps, cfg.dtype, name="final_norm")(x).reshape(B, C, S1, d)
         landmark_keys = e[:, :, cfg.chunk_size]
         tokens = e[:, :, : cfg.chunk_size]
