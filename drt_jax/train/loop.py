@@ -138,7 +138,8 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
         ckpt.check_model(latest, run.model)
         state = ckpt.restore(latest, spec.abstract, data_iter=train_iter)
         if is_main:
-            print_fn(f"resumed {run_dir} from step {latest}")
+            done = " (train.steps reached: nothing to do; raise train.steps to go on)" if latest >= tc.steps else ""
+            print_fn(f"resumed {run_dir} from step {latest}{done}")
     else:
         state = init_state(run.model, tx, spec, tc.seed)
     start = int(jax.device_get(state["step"]))
