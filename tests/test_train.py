@@ -14,7 +14,7 @@ from drt_jax.config import ModelConfig
 from drt_jax.train.checkpoints import CheckpointError, load_for_eval
 from drt_jax.train.config import OptimConfig
 from drt_jax.train.loop import train
-from tests.test_train_utils import (
+from tests.train_fixtures import (
     STEPS,
     assert_one_line_error,
     config_file,

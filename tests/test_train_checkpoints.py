@@ -11,7 +11,7 @@ import textwrap
 import time
 
 from drt_jax.train.checkpoints import load_for_eval
-from tests.test_train_utils import REPO, cli_env, config_file, write_corpus
+from tests.train_fixtures import REPO, cli_env, config_file, write_corpus
 
 # Runs train.py with orbax's commit step (the rename of the finished temporary folder) delayed from
 # the second save on: the process can then be killed while a save is in flight but not committed.

@@ -6,7 +6,7 @@ import pytest
 
 from drt_jax.config import ConfigError
 from drt_jax.train.config import RunConfig, apply_overrides, load_run_config
-from tests.test_train_utils import assert_one_line_error, config_file, run_cli, write_corpus
+from tests.train_fixtures import assert_one_line_error, config_file, run_cli, write_corpus
 
 
 def test_empty_corpus(tmp_path):

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.test_train_utils import REPO, cli_env, config_file, write_corpus
+from tests.train_fixtures import REPO, cli_env, config_file, write_corpus
 
 EIGHT_DEVICES = textwrap.dedent(
     """
