@@ -40,6 +40,16 @@ def check_dtypes(q, k_mem, v_mem, weights) -> None:
         raise Unsupported(f"weights dtype {weights.dtype}")
 
 
+def check_one_tile(name: str, q, k_mem) -> None:
+    """The GPU kernels keep a whole chunk (queries and memory) in one tile of a supported head dim."""
+    D = q.shape[-1]
+    if D not in (16, 32, 64, 128):
+        raise Unsupported(f"{name} takes head dim 16/32/64/128, got {D}")
+    Sq, Sm = q.shape[2], k_mem.shape[2]
+    if max(16, next_pow2(Sq)) > 128 or max(16, next_pow2(Sm)) > 128:
+        raise Unsupported(f"{name} keeps a whole chunk in one tile: Sq={Sq}, Sm={Sm} must be <= 128")
+
+
 def inverse_index(indices, M: int):
     """For each batch row: the (query chunk, slot) pairs sorted by the memory chunk they chose.
 

@@ -243,13 +243,8 @@ def gca_pallas_gpu(q, k_mem, v_mem, indices, weights, *, softmax_off_by_one=True
     if not interpret and jax.default_backend() != "gpu":
         raise Unsupported(f"pallas_gpu needs a CUDA GPU (backend is {jax.default_backend()})")
     common_vjp.check_dtypes(q, k_mem, v_mem, weights)
-    D = q.shape[-1]
-    if D not in (16, 32, 64, 128):
-        raise Unsupported(f"pallas_gpu takes head dim 16/32/64/128, got {D}")
-    Sq, Sm = q.shape[2], k_mem.shape[2]
-    if max(16, next_pow2(Sq)) > 128 or max(16, next_pow2(Sm)) > 128:
-        raise Unsupported(f"pallas_gpu keeps a whole chunk in one tile: Sq={Sq}, Sm={Sm} must be <= 128")
-    scale = common_vjp.resolve_scale(scale, D)
+    common_vjp.check_one_tile("pallas_gpu", q, k_mem)
+    scale = common_vjp.resolve_scale(scale, q.shape[-1])
     return _gca(q, k_mem, v_mem, indices.astype(jnp.int32), weights, bool(softmax_off_by_one), scale,
                 bool(interpret))
 
