@@ -34,25 +34,14 @@ def _dot(a, b, trans_b=False):
     return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
-def _softmax_rows(s, obo):
-    """Softmax along the last axis (keys), off-by-one optional; s is fp32."""
-    m = jnp.max(s, axis=1, keepdims=True)
+def _softmax(s, obo, axis):
+    """Softmax of fp32 logits over the keys' axis (1 for [GSq, Sm], 0 for the transposed [Sm, GSq]),
+    off-by-one optional."""
+    m = jnp.max(s, axis=axis, keepdims=True)
     if obo:
         m = jnp.maximum(m, 0.0)
     p = jnp.exp(s - m)
-    denom = jnp.sum(p, axis=1, keepdims=True)
-    if obo:
-        denom = denom + jnp.exp(-m)
-    return p / denom
-
-
-def _softmax_cols(sT, obo):
-    """Softmax along axis 0 of the transposed logits sT [Sm, GSq]."""
-    m = jnp.max(sT, axis=0, keepdims=True)
-    if obo:
-        m = jnp.maximum(m, 0.0)
-    p = jnp.exp(sT - m)
-    denom = jnp.sum(p, axis=0, keepdims=True)
+    denom = jnp.sum(p, axis=axis, keepdims=True)
     if obo:
         denom = denom + jnp.exp(-m)
     return p / denom
@@ -69,7 +58,7 @@ def _fwd_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, *, C, K, sc
     @pl.when(idx_ref[flat] >= 0)
     def _():
         v = v_ref[...]
-        p = _softmax_rows(_dot(q_ref[...], k_ref[...], trans_b=True) * scale, obo)
+        p = _softmax(_dot(q_ref[...], k_ref[...], trans_b=True) * scale, obo, axis=1)
         acc_ref[...] += w_ref[flat] * _dot(p.astype(v.dtype), v)
 
     @pl.when(j == K - 1)
@@ -90,7 +79,7 @@ def _dq_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, dw_ref, dq_a
     @pl.when(idx_ref[flat] >= 0)
     def _():
         k, v, do = k_ref[...], v_ref[...], do_ref[...]
-        p = _softmax_rows(_dot(q_ref[...], k, trans_b=True) * scale, obo)
+        p = _softmax(_dot(q_ref[...], k, trans_b=True) * scale, obo, axis=1)
         dp = _dot(do, v, trans_b=True)
         dd = jnp.sum(p * dp, axis=1, keepdims=True)  # D_j = <dO, O_j> per row
         ds = p * (dp - dd)
@@ -121,7 +110,7 @@ def _dkdv_kernel(pm_ref, pe_ref, pc_ref, w_ref, q_ref, do_ref, k_ref, v_ref, dk_
     def _():
         w = w_ref[b * CK + jnp.maximum(e, 0)]
         q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
-        pT = _softmax_cols(_dot(k, q, trans_b=True) * scale, obo)  # [Sm, GSq]
+        pT = _softmax(_dot(k, q, trans_b=True) * scale, obo, axis=0)  # [Sm, GSq]
         dv_acc[...] += w * _dot(pT.astype(do.dtype), do)
         dpT = _dot(v, do, trans_b=True)
         dd = jnp.sum(pT * dpT, axis=0, keepdims=True)
