@@ -42,30 +42,40 @@ def next_token_loss(logits, tokens, pad_id: int):
     return cross_entropy(logits, targets, mask)
 
 
-def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int = 1024):
+def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int = 1024, metric_masks=None):
     """Cross-entropy of tied logits hidden @ embedding^T without materialising them all.
 
-    hidden [B, T, d], embedding [V, d], targets/mask [B, T] -> (mean loss, number of scored tokens).
-    Each block's logits [B, block, V] live only inside a rematerialised scan step.
+    hidden [B, T, d], embedding [V, d], targets/mask [B, T] -> (mean loss, total weight): `mask` weights
+    each token's loss (0/1, or larger for tokens that should count more) and the mean is the weighted
+    one. Each block's logits [B, block, V] live only inside a rematerialised scan step.
+    metric_masks [n, B, T]: also return sums [n] of the unweighted per-token loss under each mask (for
+    reporting losses on subsets, e.g. corpus vs answer tokens; no gradient flows through them).
     """
     B, T, d = hidden.shape
     block = min(block_size, T)
     nb = -(-T // block)
     pad = nb * block - T
+    blocked = lambda x: jnp.pad(x, ((0, 0), (0, pad))).reshape(B, nb, block).swapaxes(0, 1)
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, nb, block, d).swapaxes(0, 1)
-    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, nb, block).swapaxes(0, 1)
-    mask = jnp.pad(mask, ((0, 0), (0, pad))).reshape(B, nb, block).swapaxes(0, 1)
+    targets, weights = blocked(targets), blocked(mask)
+    extra = jnp.zeros((0, B, T), jnp.float32) if metric_masks is None else jnp.asarray(metric_masks, jnp.float32)
+    extra = jax.vmap(blocked)(extra).swapaxes(0, 1)  # [nb, n, B, block]
 
     @jax.checkpoint
-    def block_loss(h, t, m):
+    def block_loss(h, t, m, e):
         logits = jnp.einsum("bkd,vd->bkv", h, embedding.astype(h.dtype), preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return jnp.sum((lse - picked) * m)
+        token_loss = lse - picked
+        return jnp.sum(token_loss * m), jnp.sum(jax.lax.stop_gradient(token_loss) * e, axis=(1, 2))
 
-    def step(total, xs):
-        return total + block_loss(*xs), None
+    def step(carry, xs):
+        total, sums = carry
+        loss, part = block_loss(*xs)
+        return (total + loss, sums + part), None
 
-    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), (hidden, targets, mask))
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(extra.shape[1], jnp.float32))
+    (total, sums), _ = jax.lax.scan(step, init, (hidden, targets, weights, extra))
     count = jnp.sum(mask)
-    return total / jnp.maximum(count, 1.0), count
+    mean = total / jnp.maximum(count, 1.0)
+    return (mean, count) if metric_masks is None else (mean, count, sums)

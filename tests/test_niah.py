@@ -22,7 +22,8 @@ def test_layout_and_alignment(kind, S):
         assert s.prompt_len - 1 == (T // S) * S - S
         np.testing.assert_array_equal(s.tokens[s.prompt_len : s.prompt_len + len(s.answer)], s.answer)
         text = bytes(s.tokens[: s.prompt_len].tolist())
-        q = {"single": b"|What is the passkey? The passkey is", "multi": b"|The value of ", "2hop": b"|The path from "}[kind]
+        q = {"single": b"|What is the passkey? The passkey is:", "multi": b"|The special magic number for ",
+             "2hop": b"|The path from "}[kind]
         assert q in text[-60:]
         # The queried needle sits at `depth` of the room and at least 2 chunks before the question.
         first = s.needle_positions[0]
@@ -43,9 +44,33 @@ def test_two_hop_answer_is_both_hops():
     s = NiahTask("2hop", TOK, HAY, 15, alphabet="digits").sample(900, 0.3, 0)
     text = bytes(s.tokens[: s.prompt_len].tolist())
     ans = bytes(s.answer.tolist())
-    v1, v2 = ans.split(b",")
-    v0 = bytes(s.tokens[s.prompt_len - 8 : s.prompt_len - 3].tolist())
+    v1, v2 = ans.split(b"->")
+    v0 = bytes(s.tokens[s.prompt_len - 7 : s.prompt_len - 2].tolist())
     assert b"|DEF " + v0 + b"->" + v1 + b"|" in text and b"|DEF " + v1 + b"->" + v2 + b"|" in text
+    np.testing.assert_array_equal(s.tokens[list(s.key_positions)], np.frombuffer(v1 + v2, np.uint8))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_question_ends_as_the_needle_does_before_the_value(kind):
+    """Copying what follows the question's last tokens in the needle must give the answer's first token:
+    the authors' "...The passkey is" against the needle's "The passkey is:" P made the natural copy ':'."""
+    s = NiahTask(kind, TOK, HAY, 15, seed=1).sample(900, 0.5, 4)
+    key0 = s.key_positions[0]
+    assert s.tokens[key0] == s.answer[0]
+    np.testing.assert_array_equal(s.tokens[key0 - 3 : key0], s.tokens[s.prompt_len - 3 : s.prompt_len])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_key_positions_and_example_masks(kind):
+    S = 15
+    s = NiahTask(kind, TOK, HAY, S, seed=2).sample(600, 0.25, 1)
+    n = len(s.answer) if kind != "2hop" else 5
+    np.testing.assert_array_equal(s.tokens[list(s.key_positions[:n])], s.answer[:n])
+    # Every key chunk is retrievable by the answer's chunk: at least 2 chunks before the question's end.
+    assert s.needle_chunks(S).max() <= (s.prompt_len - 1) // S - 2
+    ex = s.example(TOK.pad_id)
+    assert ex["answer"].sum() == len(s.answer) and ex["answer"][s.prompt_len] == 1
+    np.testing.assert_array_equal(np.flatnonzero(ex["needle"]), sorted(s.key_positions))
 
 
 def test_too_short_and_examples():
@@ -55,7 +80,7 @@ def test_too_short_and_examples():
     src = make_niah_factory("single", chunk_size=15, haystack=HAY)(512, TOK, 0)
     assert isinstance(src, NiahSource) and len(src) > 1000
     ex = src[5]
-    assert ex["tokens"].shape == (512,) and ex["mask"].shape == (512,)
+    assert all(ex[k].shape == (512,) for k in ("tokens", "mask", "answer", "needle"))
     end = int(ex["mask"].sum())
     assert (ex["tokens"][end:] == TOK.pad_id).all() and ex["mask"][:end].all()
     np.testing.assert_array_equal(src[5]["tokens"], ex["tokens"])

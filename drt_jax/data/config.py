@@ -6,6 +6,9 @@ import dataclasses
 
 FORMATS = ("auto", "txt", "jsonl", "parquet")
 MODES = ("packed", "documents")
+# Marks a task example may carry besides tokens and mask (drt_jax.data.mixture): its answer tokens and
+# the needle tokens the answer is copied from.
+TASK_FIELDS = ("answer", "needle")
 
 
 class DataError(ValueError):

@@ -7,8 +7,13 @@ A task is registered under a name with a factory
 (or any random-access source with __len__/__getitem__) whose elements are
 {"tokens": int32 [seq_len]} and optionally {"mask": int32 [seq_len]}, where
 mask[t] = 1 marks token t as a loss target. Without a mask every non-pad
-token is a target. Elements must be a pure function of (seed, index) so that
-runs are reproducible and iterator checkpoints resume exactly.
+token is a target. Retrieval tasks may also mark "answer" (the tokens whose
+loss is the task's answer loss) and "needle" (the tokens the answer is copied
+from; the trainer reports whether their chunks were retrieved), int32
+[seq_len] each; both default to zeros, and corpus windows get zeros, so every
+element of a mixture has the same four fields. Elements must be a pure
+function of (seed, index) so that runs are reproducible and iterator
+checkpoints resume exactly.
 
 A needle-in-a-haystack generator plugs in the same way:
 
@@ -25,7 +30,7 @@ from collections.abc import Callable, Sequence
 import grain
 import numpy as np
 
-from drt_jax.data.config import DataError
+from drt_jax.data.config import TASK_FIELDS, DataError
 from drt_jax.data.tokenizers import Tokenizer
 
 TaskFactory = Callable[[int, Tokenizer, int], "grain.MapDataset"]
@@ -79,7 +84,7 @@ def mix_with_tasks(
     proportion to the weights (grain's MapDataset.mix)."""
     if not mixture:
         return corpus
-    parts = [corpus] + [build_task_dataset(name, seq_len, tokenizer, seed) for name, _ in mixture]
+    parts = [corpus.map(with_task_fields)] + [build_task_dataset(name, seq_len, tokenizer, seed) for name, _ in mixture]
     weights = [corpus_weight] + [w for _, w in mixture]
     return grain.MapDataset.mix(parts, weights)
 
@@ -102,7 +107,17 @@ class _Normalize:
             )
         mask = element.get("mask")
         mask = (tokens != self.pad_id) if mask is None else np.asarray(mask)
-        return {"tokens": tokens, "mask": mask.astype(np.int32)}
+        return with_task_fields({**element, "tokens": tokens, "mask": mask.astype(np.int32)})
+
+
+
+def with_task_fields(element: dict) -> dict:
+    """{"tokens", "mask"[, "answer", "needle"]} -> all four, int32 [seq_len], zeros where absent."""
+    out = {"tokens": element["tokens"], "mask": element["mask"]}
+    for name in TASK_FIELDS:
+        value = element.get(name)
+        out[name] = np.zeros_like(element["tokens"], np.int32) if value is None else np.asarray(value, np.int32)
+    return out
 
 
 class CopyTask:
@@ -136,7 +151,7 @@ class CopyTask:
         tokens[k] = self.eos_id
         tokens[k + 1 : 2 * k + 1] = span
         mask[k + 1 : 2 * k + 1] = 1
-        return {"tokens": tokens, "mask": mask}
+        return {"tokens": tokens, "mask": mask, "answer": mask.copy()}
 
 
 def copy_task(seq_len: int, tokenizer: Tokenizer, seed: int) -> grain.MapDataset:

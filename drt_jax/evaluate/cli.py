@@ -61,6 +61,13 @@ def _out(args, default_name: str) -> str:
     return args.out or os.path.join("eval_results", default_name)
 
 
+def _plot_path(args, out: str) -> str:
+    """--plot, or the results path with .png; its folder is created (the JSON is written only at the end)."""
+    plot = args.plot or os.path.splitext(out)[0] + ".png"
+    os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
+    return plot
+
+
 def run(args) -> dict:
     from drt_jax.evaluate.common import (
         EvalError,
@@ -103,7 +110,7 @@ def run(args) -> dict:
         payload = {**meta, "data": args.data, "results": results}
     elif args.command == "niah":
         from drt_jax.evaluate.common import progress_bar
-        from drt_jax.evaluate.niah import niah_sweep, plot_heatmap
+        from drt_jax.evaluate.niah import niah_sweep, plot_heatmap, summary_lines
 
         hay = read_tokens(args.data, tok, 1 << 20)
         total = len(lengths) * len(depths) * args.samples
@@ -111,12 +118,10 @@ def run(args) -> dict:
             r = niah_sweep(cfg, params, tok, hay, task=args.task, lengths=lengths, depths=depths,
                            samples=args.samples, offload=None if args.offload == "none" else "host",
                            batch_size=args.batch_size, seed=args.seed, progress=bar.update)
-        print("depth \\ length " + " ".join(f"{L:>8d}" for L in lengths))
-        for d in depths:
-            print(f"{d:>14g} " + " ".join(f"{r['accuracy'][str(L)][str(d)]:>8.3f}" for L in lengths))
+        print("\n".join(summary_lines(r)))
         payload = {**meta, **r}
         out = _out(args, f"niah_{args.task}.json")
-        plot = args.plot or os.path.splitext(out)[0] + ".png"
+        plot = _plot_path(args, out)
         plot_heatmap(r, plot)
         payload["plot"] = plot
         print(f"heatmap: {plot}")
@@ -148,7 +153,7 @@ def run(args) -> dict:
             got = ", ".join(f"#{x['chunk']} ({x['weight']:.2f}) {x['text'][:30]!r}" for x in row["retrieved"])
             print(f"chunk {row['chunk']:>4d} {row['text'][:30]!r} <- {got or '-'}")
         out = _out(args, "retrieval.json")
-        plot = args.plot or os.path.splitext(out)[0] + ".png"
+        plot = _plot_path(args, out)
         plot_retrieval(r, plot)
         print(f"heatmap: {plot}")
         payload = {**meta, **r, "plot": plot}

@@ -10,13 +10,24 @@ last chunk (where the answer is generated) reads. The answer follows at Tc - S +
 examples the rest is padding, excluded from the loss (mask 0); everything before is a loss target,
 as in the authors' fine-tuning (spec 7.4).
 
-Formats (text pieces are encoded separately and concatenated, as the authors do):
-  single: needle "|The passkey is:" P "|";                  question "|What is the passkey? The passkey is" -> P
+Formats (text pieces are encoded separately and concatenated, as the authors do). The question ends
+with the very tokens that precede the value in its needle, so that the value is what follows the
+question's end in the needle (see "Format" below):
+  single: needle "|The passkey is:" P "|";                  question "|What is the passkey? The passkey is:" -> P
   multi:  6 needles "|One of the special magic numbers for " key " is " value "|" (5 distractors);
-          question "|The value of " key0 " is" -> value0
+          question "|The special magic number for " key0 " is " -> value0
   2hop:   needles "|DEF " a "->" b "|" for chains v0->v1->v2 and a distractor chain v3->v4->v5,
-          question "|The path from " v0 " is" -> v1 "," v2
+          question "|The path from " v0 "->" -> v1 "->" v2
 Variables are `answer_len` random non-special token ids (or random digits, alphabet="digits").
+
+Format: the authors' question ends "... The passkey is" while the needle reads "The passkey is:" P, so
+the token after the question's last token in the needle is ":", not the passkey. A model that finds
+the needle and continues it (what attention over a retrieved chunk naturally learns) answers ":" -- the
+failure seen in the first H100 runs (greedy answers ":" + a repeated byte). The question therefore
+repeats the needle's text up to the value.
+
+Every sample records `key_positions`: the token indices of the needle values the answer is copied from
+(single: the passkey; multi: the queried value; 2hop: v1 and v2), whose chunks a retrieval must fetch.
 Depth in [0, 1] places the queried needle (2hop: the first hop) between the start of the haystack and
 2 chunks before the question; the other needles go to uniformly random positions in that range.
 """
@@ -42,15 +53,26 @@ class NiahSample:
     answer: np.ndarray  # int32 [A] = tokens[prompt_len : prompt_len + A]
     needle_positions: tuple[int, ...]
     depth: float
+    key_positions: tuple[int, ...] = ()  # token indices of the needle values the answer copies
+
+    def needle_chunks(self, chunk_size: int) -> np.ndarray:
+        """Sorted chunk ids holding the key tokens: what the answer's retrieval must fetch."""
+        return np.unique(np.asarray(self.key_positions, np.int64) // chunk_size)
 
     def example(self, pad_id: int) -> dict[str, np.ndarray]:
-        """Fine-tuning example: LM loss on every token up to the end of the answer."""
+        """Fine-tuning example, int32 [T] each: "tokens"; "mask" (LM loss on every token up to the end
+        of the answer, spec 7.4); "answer" (1 on the answer tokens); "needle" (1 on the key tokens)."""
+        T = len(self.tokens)
         end = self.prompt_len + len(self.answer)
-        mask = np.zeros(len(self.tokens), np.int32)
+        mask = np.zeros(T, np.int32)
         mask[:end] = 1
+        answer = np.zeros(T, np.int32)
+        answer[self.prompt_len : end] = 1
+        needle = np.zeros(T, np.int32)
+        needle[list(self.key_positions)] = 1
         tokens = self.tokens.copy()
         tokens[end:] = pad_id
-        return {"tokens": tokens.astype(np.int32), "mask": mask}
+        return {"tokens": tokens.astype(np.int32), "mask": mask, "answer": answer, "needle": needle}
 
 
 class NiahTask:
@@ -88,27 +110,34 @@ class NiahTask:
         return self.alphabet[rng.integers(0, len(self.alphabet), self.answer_len)]
 
     def _build(self, rng):
-        """-> (needles: list of arrays, queried needle index, question array, answer array)."""
+        """-> (needles: list of arrays, queried needle index, question, answer, key spans), where a key
+        span (needle index, offset, length) locates a value the answer copies inside its needle."""
         e = self._enc
+        n = self.answer_len
         if self.kind == "single":
             p = self._var(rng)
-            needles = [np.concatenate([e("|The passkey is:"), p, e("|")])]
-            return needles, 0, e("|What is the passkey? The passkey is"), p
+            prefix = e("|The passkey is:")
+            needles = [np.concatenate([prefix, p, e("|")])]
+            question = e("|What is the passkey? The passkey is:")
+            return needles, 0, question, p, [(0, len(prefix), n)]
         if self.kind == "multi":
             keys = [self._var(rng) for _ in range(self.n_distractors + 1)]
             vals = [self._var(rng) for _ in range(self.n_distractors + 1)]
-            needles = [np.concatenate([e("|One of the special magic numbers for "), k, e(" is "), v, e("|")])
-                       for k, v in zip(keys, vals, strict=False)]
-            return needles, 0, np.concatenate([e("|The value of "), keys[0], e(" is")]), vals[0]
+            prefix, sep = e("|One of the special magic numbers for "), e(" is ")
+            needles = [np.concatenate([prefix, k, sep, v, e("|")]) for k, v in zip(keys, vals, strict=True)]
+            question = np.concatenate([e("|The special magic number for "), keys[0], sep])
+            return needles, 0, question, vals[0], [(0, len(prefix) + n + len(sep), n)]
         v = [self._var(rng) for _ in range(6)]
-        hop = lambda a, b: np.concatenate([e("|DEF "), a, e("->"), b, e("|")])
+        head, arrow = e("|DEF "), e("->")
+        hop = lambda a, b: np.concatenate([head, a, arrow, b, e("|")])
         needles = [hop(v[0], v[1]), hop(v[1], v[2]), hop(v[3], v[4]), hop(v[4], v[5])]
-        question = np.concatenate([e("|The path from "), v[0], e(" is")])
-        return needles, 0, question, np.concatenate([v[1], e(","), v[2]])
+        question = np.concatenate([e("|The path from "), v[0], arrow])
+        value_at = len(head) + n + len(arrow)
+        return needles, 0, question, np.concatenate([v[1], arrow, v[2]]), [(0, value_at, n), (1, value_at, n)]
 
     def min_length(self) -> int:
         """Shortest context (tokens) this task fits in."""
-        needles, _, question, _ = self._build(np.random.default_rng(0))
+        needles, _, question, _, _ = self._build(np.random.default_rng(0))
         need = sum(len(n) for n in needles) + len(question) + 3 * self.S + 1
         return int(-(-need // self.S) * self.S)
 
@@ -126,7 +155,7 @@ class NiahTask:
         if not 0.0 <= depth <= 1.0:
             raise TaskError(f"depth {depth} must be in [0, 1]")
         rng = np.random.default_rng([self.seed, int(seq_len), int(round(depth * 1e6)), int(index)])
-        needles, q_idx, question, answer = self._build(rng)
+        needles, q_idx, question, answer, key_spans = self._build(rng)
         S = self.S
         Tc = (seq_len // S) * S
         q_last = Tc - S  # the question's last token: first slot of the last chunk
@@ -163,8 +192,9 @@ class NiahTask:
         n_ans = min(len(answer), len(tail))
         tail[:n_ans] = answer[:n_ans]
         tokens = np.concatenate([body, tail])
+        keys = tuple(positions[i] + off + j for i, off, n in key_spans for j in range(n))
         return NiahSample(tokens=tokens, prompt_len=len(body), answer=answer.astype(np.int32),
-                          needle_positions=tuple(positions), depth=float(depth))
+                          needle_positions=tuple(positions), depth=float(depth), key_positions=keys)
 
     def example(self, seq_len: int, index: int, depth: float | None = None) -> dict[str, np.ndarray]:
         """A fine-tuning example; depth drawn uniformly when not given."""

@@ -139,7 +139,13 @@ class TrainConfig:
       end), over eval_steps batches. checkpoint_every: async save every N steps (and at the end);
       keep_checkpoints: keep the last K. run_dir: "runs/{name}" by default; an existing run there is
       resumed from its latest checkpoint. loss_block_size: tokens per block of the blocked
-      cross-entropy.
+      cross-entropy. answer_loss_weight: weight of task answer tokens (data.mixture tasks that mark
+      them, e.g. NIAH) in the loss, relative to 1 for every other token; 1 is the authors' plain LM
+      loss over the whole example (spec 7.4). init_from: a run folder whose latest checkpoint's
+      parameters start this run when it has no checkpoint of its own (fine-tuning a pretrained model,
+      spec 7.4); optimizer, step and data start afresh. time_limit_s: stop with a checkpoint once
+      the run has lasted this many seconds (0: no limit), so that a run on a machine lent for a few
+      minutes ends in a resumable state; the schedule still follows `steps`.
     """
 
     steps: int = 1000
@@ -155,6 +161,9 @@ class TrainConfig:
     run_dir: str = "runs/{name}"
     loss_block_size: int = 1024
     progress_bar: bool = True
+    answer_loss_weight: float = 1.0
+    init_from: str = ""
+    time_limit_s: float = 0.0
 
     def __post_init__(self):
         for field in ("steps", "batch", "grad_accum", "eval_steps", "checkpoint_every", "keep_checkpoints", "log_every", "loss_block_size"):
@@ -163,6 +172,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{field}={value!r} must be an integer >= 1")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every={self.eval_every} must be >= 0 (0: evaluate only at the end)")
+        if not isinstance(self.time_limit_s, (int, float)) or self.time_limit_s < 0:
+            raise ConfigError(f"train.time_limit_s={self.time_limit_s!r} must be >= 0 (0: no limit)")
+        if not isinstance(self.answer_loss_weight, (int, float)) or not self.answer_loss_weight > 0:
+            raise ConfigError(f"train.answer_loss_weight={self.answer_loss_weight!r} must be a number > 0")
         if self.batch % self.grad_accum:
             raise ConfigError(f"train.batch={self.batch} is not a multiple of train.grad_accum={self.grad_accum}")
 

@@ -11,15 +11,16 @@ import subprocess
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from drt_jax.data.config import DataError
+from drt_jax.data.config import TASK_FIELDS, DataError
 from drt_jax.train import mesh as mesh_lib
 from drt_jax.train.checkpoints import Checkpointer, CheckpointError
 from drt_jax.train.config import ConfigError, RunConfig, resolve_run_config
 from drt_jax.train.metrics import MetricWriter, peak_flops_per_device, train_flops_per_sequence
 from drt_jax.train.optim import make_optimizer
-from drt_jax.train.step import init_state, make_eval_step, make_train_step, state_spec
+from drt_jax.train.step import diagnostic_means, init_state, make_eval_step, make_train_step, state_spec
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,31 @@ def _sync_stop(local_stop: bool) -> bool:
     return bool(np.max(flags))
 
 
-def _with_mask(batch: dict) -> dict:
-    if "mask" not in batch:
-        batch = {**batch, "mask": np.ones_like(batch["tokens"], dtype=np.int32)}
-    return {"tokens": batch["tokens"], "mask": batch["mask"]}
+def _with_mask(batch: dict, keys=("tokens", "mask")) -> dict:
+    """The batch's `keys`: a missing mask is all ones, missing task fields are zeros."""
+    out = {}
+    for k in keys:
+        if k in batch:
+            out[k] = batch[k]
+        else:
+            out[k] = (np.ones_like if k == "mask" else np.zeros_like)(batch["tokens"], dtype=np.int32)
+    return out
+
+
+def _init_params_from(state: dict, run_dir: str, spec, tx) -> dict:
+    """The state with another run's latest parameters (checked against this model's shapes) and a fresh
+    optimizer state for them."""
+    from drt_jax.train.checkpoints import load_for_eval
+
+    _, params, _ = load_for_eval(run_dir)
+    want = jax.tree.map(lambda x: x.shape, spec.abstract["params"])
+    have = jax.tree.map(lambda x: tuple(x.shape), params)
+    if jax.tree.structure(want) != jax.tree.structure(have) or want != have:
+        raise ConfigError(f"train.init_from={run_dir}: its parameters do not fit this model's config; "
+                          "use the same model settings as that run (sizes, layers, vocabulary)")
+    params = jax.device_put(params, spec.param_shardings)
+    opt_state = jax.jit(tx.init, out_shardings=spec.shardings["opt_state"])(params)
+    return {**state, "params": params, "opt_state": opt_state}
 
 
 @dataclasses.dataclass
@@ -142,6 +164,10 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
             print_fn(f"resumed {run_dir} from step {latest}{done}")
     else:
         state = init_state(run.model, tx, spec, tc.seed)
+        if tc.init_from:
+            state = _init_params_from(state, tc.init_from, spec, tx)
+            if is_main:
+                print_fn(f"initialised the parameters from {tc.init_from} (optimizer, step and data start afresh)")
     start = int(jax.device_get(state["step"]))
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +175,10 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
         (run_dir / "git_commit.txt").write_text(git_commit() + "\n")
 
     batch_sh = mesh_lib.batch_sharding(mesh, rules)
-    step_fn = make_train_step(run.model, tx, schedule, spec, batch_sh, grad_accum=tc.grad_accum, block_size=tc.loss_block_size)
+    # Task mixtures carry answer/needle marks: the step then reports corpus and answer losses and recall.
+    train_keys = ("tokens", "mask") + (TASK_FIELDS if run.data.mixture else ())
+    step_fn = make_train_step(run.model, tx, schedule, spec, batch_sh, grad_accum=tc.grad_accum,
+                              block_size=tc.loss_block_size, batch_keys=train_keys, answer_weight=tc.answer_loss_weight)
     eval_fn = make_eval_step(run.model, spec, batch_sh, block_size=tc.loss_block_size)
     writer = MetricWriter(run_dir, enabled=is_main)
 
@@ -191,19 +220,27 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
     signalled = False
     step = start
     t_last, steps_since = None, 0
+    diag_sums = None
     try:
         if start >= tc.steps and is_main:
             print_fn(f"nothing to do: {run_dir} is at step {start} >= train.steps={tc.steps}")
         while step < tc.steps:
-            local = _with_mask(next(train_iter))
+            local = _with_mask(next(train_iter), train_keys)
             if batch_hook is not None:
                 batch_hook(step, local)
             batch = mesh_lib.global_batch(local, batch_sh, tc.batch)
             state, metrics = step_fn(state, batch)
+            # Diagnostics are summed on the device over the logging interval (no host sync per step).
+            diag = metrics.pop("diagnostics", None)
+            if diag is not None:
+                diag_sums = diag if diag_sums is None else jax.tree.map(jnp.add, diag_sums, diag)
             step += 1
             steps_since += 1
             if step == start + 1 or step % tc.log_every == 0 or step == tc.steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if diag_sums is not None:
+                    m.update(diagnostic_means(jax.device_get(diag_sums)))
+                    diag_sums = None
                 now = time.time()
                 if t_last is not None and steps_since:
                     dt = (now - t_last) / steps_since
@@ -218,9 +255,11 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
                 row = {**m, "tokens_per_s": tps, "mfu": mfu}
                 writer.write(step, {k: v for k, v in row.items() if v is not None})
                 if pbar is not None:
+                    task = f" answer {m['answer_loss']:.2f}" if "answer_loss" in m else ""
+                    task += f" recall {m['recall_g0']:.2f}" if "recall_g0" in m else ""
                     pbar.set_postfix_str(
-                        f"loss {m['loss']:.3f} tok/s {tps:,.0f} MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}"
-                        if tps else f"loss {m['loss']:.3f}"
+                        f"loss {m['loss']:.3f}{task} tok/s {tps:,.0f} MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}"
+                        if tps else f"loss {m['loss']:.3f}{task}"
                     )
                 if not math.isfinite(m["loss"]):
                     raise FloatingPointError(f"loss is {m['loss']} at step {step}; lower optim.peak_lr or check the data")
@@ -230,14 +269,16 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
                 eval_loss = evaluate(state["params"])
                 if eval_loss is not None:
                     writer.write(step, {"loss": eval_loss}, prefix="eval")
-            stopping = _sync_stop(stop.signum is not None) or (stop_at is not None and step >= stop_at)
+            out_of_time = bool(tc.time_limit_s) and time.time() - t_start >= tc.time_limit_s
+            stopping = _sync_stop(stop.signum is not None or out_of_time) or (stop_at is not None and step >= stop_at)
             if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
                 ckpt.save(step, state, model=run.model, data_iter=train_iter, force=True)
                 last_saved = step
             if stopping:
                 signalled = stop.signum is not None
                 if is_main:
-                    print_fn(f"stopping at step {step}" + (" on SIGTERM" if signalled else "") + f"; checkpoint saved to {ckpt.directory}")
+                    why = " on SIGTERM" if signalled else (f" (train.time_limit_s={tc.time_limit_s:g} reached)" if out_of_time else "")
+                    print_fn(f"stopping at step {step}{why}; checkpoint saved to {ckpt.directory}")
                 break
         if step >= tc.steps and step > start:
             eval_loss = evaluate(state["params"])

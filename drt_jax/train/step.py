@@ -17,6 +17,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from drt_jax.config import ModelConfig
+from drt_jax.diagnostics import needle_recall
 from drt_jax.losses import blocked_cross_entropy, next_token_targets
 from drt_jax.model import DRT
 from drt_jax.train import mesh as mesh_lib
@@ -100,32 +101,68 @@ def init_state(cfg: ModelConfig, tx, spec: StateSpec, seed: int) -> dict:
     return jax.jit(init, out_shardings=spec.shardings)(jax.random.PRNGKey(seed))
 
 
-def _loss_sum(model: DRT, cfg: ModelConfig, params, tokens, data_mask, key, *, deterministic: bool, block_size: int):
-    """Summed next-token cross-entropy and the number of scored tokens of one micro-batch."""
+def _shift_to_predictors(x, dtype):
+    """x [B, T] marks tokens; -> [B, T] marking the positions that predict them (position t predicts t + 1)."""
+    return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1).astype(dtype)
+
+
+def _loss_sum(model: DRT, cfg: ModelConfig, params, batch, key, *, deterministic: bool, block_size: int,
+              answer_weight: float = 1.0):
+    """Summed next-token cross-entropy of one micro-batch -> (loss sum, (weight sum, diagnostics)).
+
+    batch: {"tokens", "mask"[, "answer", "needle"]} int32 [B, T]. With "answer", answer tokens weigh
+    `answer_weight` in the loss and the diagnostics hold sums (over the batch) of the loss on corpus
+    rows and on answer tokens and of each group's needle-chunk recall (drt_jax.diagnostics), so that
+    micro-batches and steps can be added up before dividing.
+    """
+    tokens, data_mask = batch["tokens"], batch.get("mask")
     gkey, dkey = jax.random.split(key)
-    hidden = model.apply(
-        {"params": params}, tokens, deterministic=deterministic, return_hidden=True,
+    hidden, state = model.apply(
+        {"params": params}, tokens, deterministic=deterministic, return_hidden=True, mutable=["intermediates"],
         rngs=None if deterministic else {"gumbel": gkey, "dropout": dkey},
     )
     targets, mask = next_token_targets(tokens, cfg.pad_id)
     if data_mask is not None:
-        # data_mask marks loss targets by token position; position t predicts token t + 1.
-        shifted = jnp.concatenate([data_mask[:, 1:], jnp.zeros_like(data_mask[:, :1])], axis=1)
-        mask = mask * shifted.astype(mask.dtype)
-    mean, count = blocked_cross_entropy(hidden, params["embed"]["embedding"], targets, mask, block_size=block_size)
-    return mean * count, count
+        mask = mask * _shift_to_predictors(data_mask, mask.dtype)
+    embedding = params["embed"]["embedding"]
+    if "answer" not in batch:
+        mean, count = blocked_cross_entropy(hidden, embedding, targets, mask, block_size=block_size)
+        return mean * count, (count, {})
+    answer = batch["answer"]
+    answer_t = mask * _shift_to_predictors(answer, mask.dtype)
+    corpus_t = mask * (~jnp.any(answer > 0, axis=1))[:, None].astype(mask.dtype)
+    weights = mask + (answer_weight - 1.0) * answer_t
+    mean, count, sums = blocked_cross_entropy(hidden, embedding, targets, weights, block_size=block_size,
+                                              metric_masks=jnp.stack([corpus_t, answer_t]))
+    diag = {"corpus_loss_sum": sums[0], "corpus_tokens": jnp.sum(corpus_t),
+            "answer_loss_sum": sums[1], "answer_tokens": jnp.sum(answer_t)}
+    for g in range(len(cfg.groups)):
+        indices = state["intermediates"][f"retrieval_indices_g{g}"][0]
+        recall, valid = needle_recall(indices, answer, batch["needle"], cfg.chunk_size)
+        diag[f"recall_g{g}_sum"] = jnp.sum(recall)
+        diag[f"recall_g{g}_count"] = jnp.sum(valid.astype(jnp.float32))
+    return mean * count, (count, diag)
 
 
-def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_sharding, *, grad_accum: int, block_size: int):
-    """Returns jit(step)(state, batch) -> (state, metrics) with explicit in/out shardings."""
+def diagnostic_means(sums: dict) -> dict:
+    """Sums of `_loss_sum`'s diagnostics -> {"corpus_loss", "answer_loss", "recall_g0", ...}, leaving out
+    those with nothing counted."""
+    pairs = [("corpus_loss", "corpus_loss_sum", "corpus_tokens"), ("answer_loss", "answer_loss_sum", "answer_tokens")]
+    pairs += [(k[: -len("_sum")], k, k[: -len("_sum")] + "_count") for k in sums if k.startswith("recall_") and k.endswith("_sum")]
+    return {name: float(sums[num]) / float(sums[den]) for name, num, den in pairs if num in sums and float(sums[den]) > 0}
+
+
+def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_sharding, *, grad_accum: int, block_size: int,
+                    batch_keys=("tokens", "mask"), answer_weight: float = 1.0):
+    """Returns jit(step)(state, batch) -> (state, metrics) with explicit in/out shardings. batch holds
+    `batch_keys` (int32 [B, T] each); with task fields ("answer", "needle") metrics["diagnostics"] holds
+    the sums of `_loss_sum`'s diagnostics (see `diagnostic_means`)."""
     model = DRT(cfg)
 
     def step(state, batch):
         params = state["params"]
         key = jax.random.fold_in(state["rng"], state["step"])
-        tokens = batch["tokens"]
-        data_mask = batch.get("mask")
-        B, T = tokens.shape
+        B, T = batch["tokens"].shape
         micro = B // grad_accum
 
         def split(x):
@@ -134,24 +171,22 @@ def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_shard
             return jax.lax.with_sharding_constraint(x, NamedSharding(spec.mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec)))
 
         grad_fn = jax.value_and_grad(
-            lambda p, t, m, k: _loss_sum(model, cfg, p, t, m, k, deterministic=False, block_size=block_size), has_aux=True,
+            lambda p, b, k: _loss_sum(model, cfg, p, b, k, deterministic=False, block_size=block_size,
+                                      answer_weight=answer_weight),
+            has_aux=True,
         )
         if grad_accum == 1:
-            (loss_sum, count), grads = grad_fn(params, tokens, data_mask, key)
+            (loss_sum, (count, diag)), grads = grad_fn(params, batch, key)
         else:
-            toks = split(tokens)
-            masks = split(data_mask) if data_mask is not None else None
+            micro_batches = {k: split(v) for k, v in batch.items()}
 
             def body(carry, i):
-                g_acc, l_acc, c_acc = carry
-                m = masks[i] if masks is not None else None
-                (loss_i, c), g = grad_fn(params, toks[i], m, jax.random.fold_in(key, i))
-                return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss_i, c_acc + c), None
+                (loss_i, aux), g = grad_fn(params, {k: v[i] for k, v in micro_batches.items()}, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, carry, (g, loss_i, aux)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, loss_sum, count), _ = jax.lax.scan(
-                body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), jnp.arange(grad_accum)
-            )
+            zero_aux = jax.eval_shape(lambda: grad_fn(params, {k: v[0] for k, v in micro_batches.items()}, key)[0][1])
+            init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (params, jnp.zeros((), jnp.float32), zero_aux))
+            (grads, loss_sum, (count, diag)), _ = jax.lax.scan(body, init, jnp.arange(grad_accum))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -160,11 +195,13 @@ def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_shard
             "loss": loss_sum / denom, "tokens": count, "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]), "param_norm": optax.tree.norm(new_params),
         }
+        if diag:
+            metrics["diagnostics"] = diag
         new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         return new_state, metrics
 
     rep = mesh_lib.replicated(spec.mesh)
-    batch_sh = {"tokens": batch_sharding, "mask": batch_sharding}
+    batch_sh = {k: batch_sharding for k in batch_keys}
     return jax.jit(step, in_shardings=(spec.shardings, batch_sh), out_shardings=(spec.shardings, rep), donate_argnums=(0,))
 
 
@@ -173,8 +210,9 @@ def make_eval_step(cfg: ModelConfig, spec: StateSpec, batch_sharding, *, block_s
     model = DRT(cfg)
 
     def evaluate(params, batch):
-        return _loss_sum(model, cfg, params, batch["tokens"], batch.get("mask"), jax.random.PRNGKey(0),
-                         deterministic=True, block_size=block_size)
+        loss_sum, (count, _) = _loss_sum(model, cfg, params, batch, jax.random.PRNGKey(0), deterministic=True,
+                                         block_size=block_size)
+        return loss_sum, count
 
     rep = mesh_lib.replicated(spec.mesh)
     return jax.jit(evaluate, in_shardings=(spec.param_shardings, {"tokens": batch_sharding, "mask": batch_sharding}),

@@ -1,0 +1,50 @@
+"""Retrieval diagnostics of task examples (pure functions): does the answer's retrieval fetch the needle?
+
+A task example (drt_jax.tasks.niah) marks its answer tokens and the needle tokens the answer is copied
+from. Token t lives in chunk t // S; the first answer token is predicted at position t0 - 1, in chunk
+a = (t0 - 1) // S, whose tokens read the retrieval made by chunk a - 1's landmark (row a - 1 of
+`retrieval_indices_g*`, spec 3.4). Needle-chunk recall@k is the fraction of the chunks holding needle
+tokens that this retrieval selected; it is defined for examples with an answer, a needle and a < 1 excluded.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def answer_retrieval_row(answer, chunk_size: int):
+    """answer [B, T] (1 on answer tokens) -> [B] int32: the retrieval row the first answer token's
+    chunk consumes, or -1 where there is no answer (or it sits in chunk 0, which retrieves nothing)."""
+    has = jnp.any(answer > 0, axis=1)
+    t0 = jnp.argmax(answer > 0, axis=1)
+    row = (t0 - 1) // chunk_size - 1
+    return jnp.where(has & (t0 >= 1) & (row >= 0), row, -1).astype(jnp.int32)
+
+
+def needle_recall(indices, answer, needle, chunk_size: int):
+    """Needle-chunk recall@k of a batch.
+
+    indices [B, C, K] (a group's retrieval; -1 = empty slot), answer / needle [B, T] (0/1) ->
+    (recall [B] float32, valid [B] bool). Rows without an answer, a needle or a retrieval are invalid
+    (recall 0).
+    """
+    B, C, _ = indices.shape
+    T = needle.shape[1]
+    row = answer_retrieval_row(answer, chunk_size)
+    got = jnp.take_along_axis(indices, jnp.clip(row, 0, C - 1)[:, None, None], axis=1)[:, 0]  # [B, K]
+    retrieved = jnp.any(got[:, :, None] == jnp.arange(C)[None, None, :], axis=1)  # [B, C]
+    padded = jnp.pad(needle > 0, ((0, 0), (0, C * chunk_size - T)))  # C = ceil(T / S) chunks
+    needle_chunks = jnp.any(padded.reshape(B, C, chunk_size), axis=-1)
+    total = jnp.sum(needle_chunks, axis=1)
+    hits = jnp.sum(needle_chunks & retrieved, axis=1)
+    valid = (row >= 0) & (total > 0)
+    return jnp.where(valid, hits / jnp.maximum(total, 1), 0.0).astype(jnp.float32), valid
+
+
+def chunk_recall(retrieved, needle_chunks) -> float:
+    """Fraction of `needle_chunks` (chunk ids) found among `retrieved` (chunk ids, -1 = empty)."""
+    needle_chunks = np.asarray(needle_chunks)
+    if needle_chunks.size == 0:
+        return float("nan")
+    return float(np.isin(needle_chunks, np.asarray(retrieved)).mean())

@@ -1,0 +1,105 @@
+"""One segment of an experiment on a machine lent for a few minutes: import -> train -> export -> evaluate.
+
+    python experiments/segment.py --config experiments/configs/drt-20m.py --out $OUT \
+        [--bundle-in DIR] [--budget-s 560] [--eval-s 150] [--set train.steps=3000 ...] \
+        [--niah 4K,16K,64K --depths 0,0.5,1 --samples 4] [--ppl 2K,8K]
+
+1. With --bundle-in, the previous segment's bundle is imported into runs/<name> (the run then resumes
+   from its step; without optimizer state in the bundle the optimizer restarts, and says so).
+2. train.py runs with train.time_limit_s set so that training, the export and the evaluation all end
+   within --budget-s of this script's start (the machine's per-command limit is 600 s).
+3. The newest checkpoint is exported as a bundle to OUT/bundle (at most 6 files, so that the logs fit
+   in the 8 files that come back), before evaluating, so a slow evaluation never loses the training.
+4. eval.py niah / ppl run on the checkpoint; their JSON and PNGs, metrics.jsonl, the TensorBoard events,
+   config.json and this segment's log go to OUT/logs.tar.gz.
+Every command is printed and its wall time recorded in OUT/logs.tar.gz:segment.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(cmd: list[str], log, timings: list, timeout: float | None = None) -> int:
+    print("+ " + " ".join(cmd), flush=True)
+    log.write("+ " + " ".join(cmd) + "\n")
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = -9
+    timings.append({"command": " ".join(cmd), "seconds": round(time.time() - t0, 1), "rc": rc})
+    log.flush()
+    return rc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True, help="folder that comes back (the device's $OUT)")
+    p.add_argument("--bundle-in", default=None, help="bundle of the previous segment to resume from")
+    p.add_argument("--budget-s", type=float, default=560.0, help="the whole segment ends within this many seconds")
+    p.add_argument("--eval-s", type=float, default=150.0, help="seconds kept for the export and the evaluation")
+    p.add_argument("--set", nargs="*", default=[], dest="overrides")
+    p.add_argument("--niah", default="", help="NIAH-single lengths, e.g. 4K,16K,64K (empty: none)")
+    p.add_argument("--depths", default="0,0.5,1")
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--niah-offload", default="none", choices=["none", "host"])
+    p.add_argument("--ppl", default="", help="held-out perplexity lengths, e.g. 2K,8K (empty: none)")
+    args = p.parse_args(argv)
+
+    start = time.time()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    from drt_jax.train.config import load_run_config
+
+    run = load_run_config(args.config, args.overrides)
+    run_dir = run.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    eval_dir = run_dir / "eval"
+    timings: list = []
+    py = sys.executable
+    with open(run_dir / "segment.log", "a") as log:
+        if args.bundle_in:
+            if _run([py, "-m", "drt_jax.train.bundle", "import", "--bundle", args.bundle_in, "--run-dir", str(run_dir)], log, timings):
+                return 2
+        limit = max(30.0, args.budget_s - args.eval_s - (time.time() - start))
+        rc = _run([py, "train.py", "--config", args.config, "--set", *args.overrides, f"train.time_limit_s={limit:.0f}"], log, timings)
+        if rc == 0:
+            _run([py, "-m", "drt_jax.train.bundle", "export", "--run-dir", str(run_dir), "--out", str(out / "bundle"),
+                  "--max-files", "6"], log, timings)
+            left = lambda: args.budget_s - (time.time() - start) - 10
+            if args.niah and left() > 20:
+                _run([py, "eval.py", "niah", "--checkpoint", str(run_dir), "--task", "single", "--lengths", args.niah,
+                      "--depths", args.depths, "--samples", str(args.samples), "--offload", args.niah_offload,
+                      "--no-progress", "--out", str(eval_dir / "niah_single.json")], log, timings, timeout=left())
+            if args.ppl and left() > 20:
+                _run([py, "eval.py", "ppl", "--checkpoint", str(run_dir), "--data", run.data.corpus, "--lengths", args.ppl,
+                      "--no-progress", "--out", str(eval_dir / "ppl.json")], log, timings, timeout=left())
+    (run_dir / "segment.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides,
+                                                     "bundle_in": args.bundle_in, "steps": timings,
+                                                     "wall_s": round(time.time() - start, 1)}, indent=2))
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+        for path in sorted(run_dir.iterdir()):
+            if path.name != "checkpoints":
+                tar.add(path, arcname=f"{run.name}/{path.name}")
+    print(f"segment done in {time.time() - start:.0f} s; bundle and logs in {out}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
