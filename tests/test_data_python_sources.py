@@ -5,8 +5,15 @@ import hashlib
 import numpy as np
 import pytest
 
-from drt_jax.data import ByteTokenizer, DataError, corpus_documents, list_source_files, prepare_shards
-from drt_jax.data import python_sources, shards
+from drt_jax.data import (
+    ByteTokenizer,
+    DataError,
+    corpus_documents,
+    list_source_files,
+    prepare_shards,
+    python_sources,
+    shards,
+)
 from drt_jax.data.corpora import ReadStats
 from drt_jax.tasks.niah import default_haystack
 
@@ -128,3 +135,21 @@ def test_unknown_corpus_name_is_one_line_error():
         list_source_files("python-al")
     message = str(e.value)
     assert "unknown corpus name 'python-al'" in message and "python-all" in message and "\n" not in message
+
+
+def test_text_tokenizers_see_the_same_documents(install, tmp_path, monkeypatch):
+    class TextOnly:
+        """Byte ids through encode_batch only, the path of Hugging Face tokenizers."""
+
+        vocab_size, pad_id, eos_id, landmark_id, fingerprint = 259, 256, 257, 258, "text-only"
+        encode, decode = TOK.encode, TOK.decode
+
+        def encode_batch(self, texts):
+            return [self.encode(t) for t in texts]
+
+    monkeypatch.setattr(shards, "_ENCODE_CHUNK", 5)
+    fast = prepare_shards("python-all", TOK, tmp_path / "cache", progress=False, workers=1)
+    slow = prepare_shards("python-all", TextOnly(), tmp_path / "cache", progress=False, workers=1)
+    assert slow.directory != fast.directory
+    assert np.array_equal(np.asarray(fast.tokens()), np.asarray(slow.tokens()))
+    assert np.array_equal(fast.offsets, slow.offsets) and np.array_equal(fast.split_keys, slow.split_keys)

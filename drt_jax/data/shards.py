@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from drt_jax.data.config import DataError
 from drt_jax.data import python_sources
+from drt_jax.data.config import DataError
 from drt_jax.data.corpora import (
     NAMED_CORPORA,
     ReadStats,
@@ -230,7 +230,7 @@ def _source_documents(files, tokenizer, stats, bar, workers) -> Iterator[tuple[n
 
     def new_documents() -> Iterator[tuple[bytes, int]]:
         seen: set[bytes] = set()
-        for f, loaded in zip(files, _load_sources([f.path for f in files], workers)):
+        for f, loaded in zip(files, _load_sources([f.path for f in files], workers), strict=True):
             bar.update(f.size)
             if accept_source(loaded, seen, stats):
                 stats.documents += 1
@@ -255,7 +255,7 @@ def _encode_chunk(tokenizer, chunk: list[tuple[bytes, int]]) -> Iterable[tuple[n
     texts = [data.decode("utf-8") for data, _ in chunk]
     batch_encode = getattr(tokenizer, "encode_batch", None)
     encoded = batch_encode(texts) if batch_encode is not None else map(tokenizer.encode, texts)
-    return ((np.asarray(ids, dtype=np.int64), key) for ids, (_, key) in zip(encoded, chunk))
+    return ((np.asarray(ids, dtype=np.int64), key) for ids, (_, key) in zip(encoded, chunk, strict=True))
 
 
 def _build(directory, files, inputs, tokenizer, text_field, min_doc_tokens, progress, workers):
