@@ -8,7 +8,7 @@ modules (pipeline, mixture) load on first use, so configs and tokenizers work wh
 import importlib
 
 from drt_jax.data.config import DataConfig, DataError
-from drt_jax.data.corpora import default_corpus_path, iter_documents, list_source_files
+from drt_jax.data.corpora import corpus_documents, default_corpus_path, iter_documents, list_source_files
 from drt_jax.data.shards import TokenShards, prepare_shards
 from drt_jax.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -32,6 +32,7 @@ __all__ = [
     "Tokenizer",
     "build_eval_iterator",
     "build_train_iterator",
+    "corpus_documents",
     "default_corpus_path",
     "iter_documents",
     "list_source_files",

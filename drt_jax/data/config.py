@@ -25,8 +25,12 @@ class DataConfig:
     """Input pipeline settings.
 
     Attributes:
-      corpus: path to a file or folder, or "default" (the running Python's
-        standard library sources, no download needed).
+      corpus: path to a file or folder, or a built-in corpus (no download
+        needed): "default" (the running Python's standard library sources,
+        about 10M byte tokens) or "python-all" (every source and text file of
+        the standard library and the installed packages, deduplicated, split
+        by content hash; hundreds of millions of tokens where big packages
+        are installed). See drt_jax.data.corpora.
       format: "auto" (by file suffix), "txt", "jsonl" or "parquet".
       text_field: JSON key / parquet column holding a document's text.
       tokenizer: "byte" or a path to a Hugging Face tokenizer.json.
@@ -66,7 +70,7 @@ class DataConfig:
         checks = [
             (
                 isinstance(self.corpus, str) and self.corpus != "",
-                "corpus must be a non-empty path or 'default'",
+                "corpus must be a non-empty path or a built-in name ('default', 'python-all')",
             ),
             (self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}"),
             (

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--corpus", required=True, help="file, folder, or 'default' (Python stdlib sources)")
+    parser.add_argument("--corpus", required=True, help="file, folder, or a built-in corpus: 'default' (Python stdlib sources) or 'python-all'")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--out", required=True, help="output tokenizer.json path")
     parser.add_argument("--format", default="auto", choices=("auto", "txt", "jsonl", "parquet"))

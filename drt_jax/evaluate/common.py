@@ -89,15 +89,17 @@ def load_model(checkpoint: str, step: int | None = None, *, dtype: str | None = 
 
 
 def read_tokens(data: str, tokenizer, max_tokens: int) -> np.ndarray:
-    """Token stream of a corpus (file or folder; "default" = the built-in corpus), documents joined by
-    eos, at most max_tokens."""
-    from drt_jax.data.corpora import default_corpus_path, iter_documents, list_source_files
+    """Token stream of a corpus (file or folder, or a built-in name: "default", "python-all"),
+    documents joined by eos, at most max_tokens."""
+    from drt_jax.data.corpora import NAMED_CORPORA, corpus_documents
 
-    path = default_corpus_path() if data == "default" else data
-    if data != "default" and not os.path.exists(path):
-        raise EvalError(f"data path {data} does not exist; pass a text/jsonl/parquet file or folder, or 'default'")
+    if data not in NAMED_CORPORA and not os.path.exists(data):
+        raise EvalError(
+            f"data path {data} does not exist; pass a text/jsonl/parquet file or folder, "
+            f"or a built-in corpus ({', '.join(NAMED_CORPORA)})"
+        )
     ids: list[int] = []
-    for doc in iter_documents(list_source_files(path)):
+    for doc in corpus_documents(data):
         ids.extend(tokenizer.encode(doc))
         ids.append(tokenizer.eos_id)
         if len(ids) >= max_tokens:

@@ -229,12 +229,13 @@ class NiahSource:
         return self.task.example(self.seq_len, int(index))
 
 
-def default_haystack(tokenizer, max_tokens: int = 1 << 20) -> np.ndarray:
-    """A haystack token stream from the default corpus (the Python standard library's sources)."""
-    from drt_jax.data.corpora import default_corpus_path, iter_documents, list_source_files
+def default_haystack(tokenizer, max_tokens: int = 1 << 20, corpus: str = "default") -> np.ndarray:
+    """A haystack token stream (documents joined by eos) from a corpus: a built-in name ("default",
+    the Python standard library's sources; "python-all") or a path."""
+    from drt_jax.data.corpora import corpus_documents
 
     ids: list[int] = []
-    for doc in iter_documents(list_source_files(default_corpus_path())):
+    for doc in corpus_documents(corpus):
         ids.extend(tokenizer.encode(doc))
         ids.append(tokenizer.eos_id)
         if len(ids) >= max_tokens:
