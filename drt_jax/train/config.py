@@ -139,7 +139,8 @@ class TrainConfig:
       end), over eval_steps batches. checkpoint_every: async save every N steps (and at the end);
       keep_checkpoints: keep the last K. run_dir: "runs/{name}" by default; an existing run there is
       resumed from its latest checkpoint. loss_block_size: tokens per block of the blocked
-      cross-entropy.
+      cross-entropy. resume_step: for one launch, resume from exactly this checkpoint (0: start
+      over) instead of the newest readable one; newer checkpoints are moved to checkpoints/unused-<step>.
     """
 
     steps: int = 1000
@@ -155,6 +156,7 @@ class TrainConfig:
     run_dir: str = "runs/{name}"
     loss_block_size: int = 1024
     progress_bar: bool = True
+    resume_step: int | None = None
 
     def __post_init__(self):
         for field in ("steps", "batch", "grad_accum", "eval_steps", "checkpoint_every", "keep_checkpoints", "log_every", "loss_block_size"):
@@ -163,6 +165,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{field}={value!r} must be an integer >= 1")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every={self.eval_every} must be >= 0 (0: evaluate only at the end)")
+        if self.resume_step is not None and self.resume_step < 0:
+            raise ConfigError(f"train.resume_step={self.resume_step} must be >= 0 (0: start over) or none (the newest readable checkpoint)")
         if self.batch % self.grad_accum:
             raise ConfigError(f"train.batch={self.batch} is not a multiple of train.grad_accum={self.grad_accum}")
 

@@ -78,6 +78,49 @@ def _with_mask(batch: dict) -> dict:
     return {"tokens": batch["tokens"], "mask": batch["mask"]}
 
 
+def non_finite(loss: float, grad_norm: float, param_norm: float) -> str | None:
+    """Which of a step's loss, gradient and parameters hold a NaN or an infinity (None: all finite).
+
+    A norm is finite exactly when every element is, so the step's norms cover every gradient and
+    parameter without another pass over them."""
+    bad = [name for name, v in (("loss", loss), ("gradients", grad_norm), ("parameters", param_norm)) if not math.isfinite(v)]
+    return ", ".join(bad) or None
+
+
+class _FiniteWatch:
+    """Checks every step's loss and norms (computed on device by the step) one step behind.
+
+    Fetching step s's three scalars after step s+1 is dispatched keeps the device busy while the host
+    waits; flush() checks the newest step too and runs before every save and log, so a non-finite
+    state is never checkpointed and the error names the first bad step.
+    """
+
+    def __init__(self):
+        self._pending = None
+
+    def push(self, step: int, metrics: dict, last_saved: int | None) -> None:
+        previous = self._pending
+        self._pending = (step, (metrics["loss"], metrics["grad_norm"], metrics["param_norm"]), last_saved)
+        if previous is not None:
+            self._check(*previous)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._check(*pending)
+
+    @staticmethod
+    def _check(step: int, values, last_saved: int | None) -> None:
+        loss, grad_norm, param_norm = (float(v) for v in jax.device_get(values))
+        bad = non_finite(loss, grad_norm, param_norm)
+        if bad:
+            kept = f"the newest checkpoint is step {last_saved}" if last_saved is not None else "no checkpoint was saved"
+            raise FloatingPointError(
+                f"non-finite {bad} at step {step} (loss {loss}, gradient norm {grad_norm}, parameter norm {param_norm}); "
+                f"not saved, {kept}; lower optim.peak_lr or check the data"
+            )
+
+
 @dataclasses.dataclass
 class Summary:
     run_dir: str
@@ -133,13 +176,12 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
     tx, schedule = make_optimizer(run.optim, tc.steps)
     spec = state_spec(run.model, tx, mesh, rules)
     ckpt = Checkpointer(run_dir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
-    latest = ckpt.latest_step()
+    say = print_fn if is_main else (lambda *a: None)
+    state = ckpt.restore_newest_good(spec.abstract, model=run.model, data_iter=train_iter, resume_step=tc.resume_step, say=say)
+    latest = None if state is None else int(jax.device_get(state["step"]))
     if latest is not None:
-        ckpt.check_model(latest, run.model)
-        state = ckpt.restore(latest, spec.abstract, data_iter=train_iter)
-        if is_main:
-            done = " (train.steps reached: nothing to do; raise train.steps to go on)" if latest >= tc.steps else ""
-            print_fn(f"resumed {run_dir} from step {latest}{done}")
+        done = " (train.steps reached: nothing to do; raise train.steps to go on)" if latest >= tc.steps else ""
+        say(f"resumed {run_dir} from step {latest}{done}")
     else:
         state = init_state(run.model, tx, spec, tc.seed)
     start = int(jax.device_get(state["step"]))
@@ -190,6 +232,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
         pbar = tqdm(total=tc.steps, initial=start, desc=run.name, dynamic_ncols=True, mininterval=1.0)
     signalled = False
     step = start
+    watch = _FiniteWatch()
     t_last, steps_since = None, 0
     try:
         if start >= tc.steps and is_main:
@@ -201,6 +244,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
             batch = mesh_lib.global_batch(local, batch_sh, tc.batch)
             state, metrics = step_fn(state, batch)
             step += 1
+            watch.push(step, metrics, last_saved)
             steps_since += 1
             if step == start + 1 or step % tc.log_every == 0 or step == tc.steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -222,8 +266,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
                         f"loss {m['loss']:.3f} tok/s {tps:,.0f} MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}"
                         if tps else f"loss {m['loss']:.3f}"
                     )
-                if not math.isfinite(m["loss"]):
-                    raise FloatingPointError(f"loss is {m['loss']} at step {step}; lower optim.peak_lr or check the data")
+                watch.flush()
             if pbar is not None:
                 pbar.update(1)
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
@@ -232,6 +275,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
                     writer.write(step, {"loss": eval_loss}, prefix="eval")
             stopping = _sync_stop(stop.signum is not None) or (stop_at is not None and step >= stop_at)
             if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
+                watch.flush()
                 ckpt.save(step, state, model=run.model, data_iter=train_iter, force=True)
                 last_saved = step
             if stopping:
@@ -244,6 +288,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
             if eval_loss is not None:
                 writer.write(step, {"loss": eval_loss}, prefix="eval")
         if last_saved != step and step > start:
+            watch.flush()
             ckpt.save(step, state, model=run.model, data_iter=train_iter, force=True)
     finally:
         if pbar is not None:
