@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import random
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from drt_jax.train.checkpoints import CheckpointError, load_for_eval
 from drt_jax.train.loop import train
 from tests.train_fixtures import (
     REPO,
+    STEPS,
     assert_one_line_error,
     cli_env,
     config_file,
@@ -98,6 +100,76 @@ def test_kill_9_during_async_save_leaves_previous_checkpoint(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed" in done.stdout and "from step 10" in done.stdout, done.stdout[-2000:]
     assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["20", "30"]
+
+
+KILL_RUN = dict(checkpoint_every=1, keep_checkpoints=2, eval_every=0, log_every=5)
+
+
+def _newest(ckpts: pathlib.Path) -> int:
+    return max((int(p.name) for p in ckpts.iterdir() if p.name.isdigit()), default=0) if ckpts.is_dir() else 0
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Polls until predicate() holds (True) or the process ends first (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.002)
+    raise AssertionError("the training process made no progress")
+
+
+def _kill_and_resume(tmp: pathlib.Path, kills: int, seed: int) -> None:
+    """`kills` times: start train.py (resuming), kill -9 it at a seeded random moment, then let a last
+    run finish; the parameters must equal an uninterrupted run's bit for bit."""
+    corpus = write_corpus(tmp / "corpus")
+    cfg = config_file(tmp, corpus, name="killed", **KILL_RUN)
+    ckpts = tmp / "killed" / "checkpoints"
+    rng = random.Random(seed)
+    done = 0
+    while done < kills:
+        start = _newest(ckpts)
+        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=str(REPO))
+        try:
+            moment = rng.choice(["save in flight", "save committed", "resuming"])
+            if moment == "save in flight":  # orbax writes step N to "N.orbax-checkpoint-tmp-*" first
+                hit = _wait_for(lambda: ckpts.is_dir() and any(p.name.startswith(f"{start + 1}.") for p in ckpts.iterdir()), proc)
+            elif moment == "save committed":
+                hit = _wait_for(lambda: _newest(ckpts) > start, proc)
+            else:  # during start-up, restore or compilation
+                time.sleep(rng.uniform(0.5, 6.0))
+                hit = proc.poll() is None
+            time.sleep(rng.uniform(0, 0.05))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert hit and proc.returncode == -signal.SIGKILL, (moment, proc.returncode, proc.stderr.read()[-3000:])
+        assert _newest(ckpts) < STEPS, "the run ended before all kills; kill sooner"
+        done += 1
+    last = run_cli(["--config", str(cfg)], timeout=300)
+    assert last.returncode == 0 and "from step" in last.stdout, last.stderr[-3000:]
+    straight = small_run(tmp, corpus, name="straight", **KILL_RUN)
+    train(straight, print_fn=lambda *a: None)
+    _, killed_params, _ = load_for_eval(tmp / "killed")
+    _, straight_params, _ = load_for_eval(straight.run_dir)
+    for a, b in zip(jax.tree.leaves(killed_params), jax.tree.leaves(straight_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_repeated_kill_9_and_resume_is_bitwise_a_straight_run(tmp_path):
+    enable_compilation_cache()
+    _kill_and_resume(tmp_path, kills=10, seed=0)
+
+
+@pytest.mark.slow
+def test_repeated_kill_9_and_resume_many_times(tmp_path):
+    enable_compilation_cache()
+    _kill_and_resume(tmp_path, kills=25, seed=1)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
