@@ -136,9 +136,9 @@ def _kill_and_resume(tmp: pathlib.Path, kills: int, seed: int) -> None:
         try:
             moment = rng.choice(["save in flight", "save committed", "resuming"])
             if moment == "save in flight":  # orbax writes step N to "N.orbax-checkpoint-tmp-*" first
-                hit = _wait_for(lambda: ckpts.is_dir() and any(p.name.startswith(f"{start + 1}.") for p in ckpts.iterdir()), proc)
+                hit = _wait_for(lambda n=start + 1: ckpts.is_dir() and any(p.name.startswith(f"{n}.") for p in ckpts.iterdir()), proc)
             elif moment == "save committed":
-                hit = _wait_for(lambda: _newest(ckpts) > start, proc)
+                hit = _wait_for(lambda n=start: _newest(ckpts) > n, proc)
             else:  # during start-up, restore or compilation
                 time.sleep(rng.uniform(0.5, 6.0))
                 hit = proc.poll() is None

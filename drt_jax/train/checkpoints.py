@@ -36,8 +36,8 @@ class CheckpointError(ConfigError):
     """A run folder or checkpoint that cannot be used; the message is one line naming the fix."""
 
 
-class _Unreadable(Exception):
-    """A checkpoint that cannot be read completely; the message is the one-line reason."""
+class UnreadableCheckpoint(Exception):
+    """A checkpoint that cannot be read completely (damaged); the message is the one-line reason."""
 
 
 def _abs(path) -> pathlib.Path:
@@ -159,8 +159,8 @@ class Checkpointer:
         failures = []
         for step in steps:
             try:
-                state = self._restore_checked(step, abstract_state, model=model, data_iter=data_iter)
-            except _Unreadable as err:
+                state = self.restore_readable(step, abstract_state, model=model, data_iter=data_iter)
+            except UnreadableCheckpoint as err:
                 failures.append((step, str(err)))
                 continue
             for bad, reason in failures:
@@ -184,8 +184,8 @@ class Checkpointer:
         state = None
         if resume_step:
             try:
-                state = self._restore_checked(resume_step, abstract_state, model=model, data_iter=data_iter)
-            except _Unreadable as err:
+                state = self.restore_readable(resume_step, abstract_state, model=model, data_iter=data_iter)
+            except UnreadableCheckpoint as err:
                 raise CheckpointError(
                     f"checkpoint {self.directory}/{resume_step} cannot be read ({err}); pick another train.resume_step"
                 ) from None
@@ -195,23 +195,23 @@ class Checkpointer:
         return state
 
     def _check_readable_model(self, step: int, model: ModelConfig) -> None:
-        """check_model, with an unreadable model config raised as _Unreadable (a mismatch stays a CheckpointError)."""
+        """check_model, with an unreadable model config raised as UnreadableCheckpoint (a mismatch stays a CheckpointError)."""
         try:
             saved = self.saved_model(step)
         except Exception as err:  # orbax, tensorstore and grain raise many types for unreadable files
-            raise _Unreadable(f"model config: {_reason(err)}") from None
+            raise UnreadableCheckpoint(f"model config: {_reason(err)}") from None
         if not isinstance(saved, dict):
-            raise _Unreadable(f"model config is a {type(saved).__name__}, not a JSON object")
+            raise UnreadableCheckpoint(f"model config is a {type(saved).__name__}, not a JSON object")
         self.check_model(step, model, saved=saved)
 
-    def _restore_checked(self, step: int, abstract_state: dict, *, model: ModelConfig, data_iter) -> dict:
-        """restore() after check_model(); any read failure becomes _Unreadable, a model mismatch stays a
+    def restore_readable(self, step: int, abstract_state: dict, *, model: ModelConfig, data_iter) -> dict:
+        """restore() after check_model(); any read failure becomes UnreadableCheckpoint, a model mismatch stays a
         CheckpointError."""
         self._check_readable_model(step, model)
         try:
             state = self.restore(step, abstract_state, data_iter=data_iter)
         except Exception as err:  # as above: the items are read by orbax, tensorstore and grain
-            raise _Unreadable(_reason(err)) from None
+            raise UnreadableCheckpoint(_reason(err)) from None
         return state
 
     def wait(self) -> None:
@@ -222,7 +222,7 @@ class Checkpointer:
         self.manager.close()
 
 
-def _quiet_read_only(run_dir) -> Checkpointer:
+def read_only_checkpointer(run_dir) -> Checkpointer:
     """A read-only manager, without orbax's warnings about the options read-only mode overrides."""
     from absl import logging as absl_logging
 
@@ -261,7 +261,7 @@ def load_for_eval(run_dir, step: int | None = None):
     ckpt_dir = _abs(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir} is missing: the run saved no checkpoint yet; train longer or pass another run folder")
-    ckpt = _quiet_read_only(run_dir)
+    ckpt = read_only_checkpointer(run_dir)
     try:
         steps = ckpt.all_steps()
         if not steps:
@@ -279,7 +279,7 @@ def load_for_eval(run_dir, step: int | None = None):
         for candidate in [step] if step is not None else sorted(steps, reverse=True):
             try:
                 params = _read_params(ckpt, candidate, abstract, run.model)
-            except _Unreadable as err:
+            except UnreadableCheckpoint as err:
                 failures.append((candidate, str(err)))
                 if step is None:
                     log.warning("checkpoint %s/%s is damaged (%s); skipping it", ckpt_dir, candidate, err)
@@ -299,9 +299,9 @@ def load_for_eval(run_dir, step: int | None = None):
 
 
 def _read_params(ckpt: Checkpointer, step: int, abstract, model: ModelConfig):
-    """The checkpoint's parameters after its model config was checked; _Unreadable when a file fails."""
+    """The checkpoint's parameters after its model config was checked; UnreadableCheckpoint when a file fails."""
     ckpt._check_readable_model(step, model)
     try:
         return ckpt.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
     except Exception as err:  # orbax and tensorstore raise many types for unreadable files
-        raise _Unreadable(_reason(err)) from None
+        raise UnreadableCheckpoint(_reason(err)) from None

@@ -15,6 +15,7 @@ import numpy as np
 
 from drt_jax.data.config import DataError
 from drt_jax.train import mesh as mesh_lib
+from drt_jax.train.bundle import import_note
 from drt_jax.train.checkpoints import Checkpointer, CheckpointError
 from drt_jax.train.config import ConfigError, RunConfig, resolve_run_config
 from drt_jax.train.metrics import MetricWriter, peak_flops_per_device, train_flops_per_sequence
@@ -182,6 +183,9 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
     if latest is not None:
         done = " (train.steps reached: nothing to do; raise train.steps to go on)" if latest >= tc.steps else ""
         say(f"resumed {run_dir} from step {latest}{done}")
+        restarted = import_note(run_dir, latest)
+        if restarted:
+            say(restarted)
     else:
         state = init_state(run.model, tx, spec, tc.seed)
     start = int(jax.device_get(state["step"]))
