@@ -8,7 +8,8 @@
 The run folder (train.run_dir, default runs/<name>) is resumed from its latest checkpoint when it
 holds one. Multi-host: launch one process per host with --coordinator HOST:PORT --num-processes N
 --process-id I (or the env vars DRT_COORDINATOR / DRT_NUM_PROCESSES / DRT_PROCESS_ID).
-Configuration and data errors print one line on stderr and exit with status 2.
+Configuration and data errors (and a run folder whose checkpoints are all unreadable) print one line on
+stderr and exit with status 2; a non-finite loss or parameter stops the run with one line and status 1.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a non-finite step: nothing of it was saved
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -145,7 +145,8 @@ class TrainConfig:
       parameters start this run when it has no checkpoint of its own (fine-tuning a pretrained model,
       spec 7.4); optimizer, step and data start afresh. time_limit_s: stop with a checkpoint once
       the run has lasted this many seconds (0: no limit), so that a run on a machine lent for a few
-      minutes ends in a resumable state; the schedule still follows `steps`.
+      minutes ends in a resumable state; the schedule still follows `steps`. resume_step: for one launch, resume from exactly this checkpoint (0: start
+      over) instead of the newest readable one; newer checkpoints are moved to checkpoints/unused-<step>.
     """
 
     steps: int = 1000
@@ -164,6 +165,7 @@ class TrainConfig:
     answer_loss_weight: float = 1.0
     init_from: str = ""
     time_limit_s: float = 0.0
+    resume_step: int | None = None
 
     def __post_init__(self):
         for field in ("steps", "batch", "grad_accum", "eval_steps", "checkpoint_every", "keep_checkpoints", "log_every", "loss_block_size"):
@@ -176,6 +178,8 @@ class TrainConfig:
             raise ConfigError(f"train.time_limit_s={self.time_limit_s!r} must be >= 0 (0: no limit)")
         if not isinstance(self.answer_loss_weight, (int, float)) or not self.answer_loss_weight > 0:
             raise ConfigError(f"train.answer_loss_weight={self.answer_loss_weight!r} must be a number > 0")
+        if self.resume_step is not None and self.resume_step < 0:
+            raise ConfigError(f"train.resume_step={self.resume_step} must be >= 0 (0: start over) or none (the newest readable checkpoint)")
         if self.batch % self.grad_accum:
             raise ConfigError(f"train.batch={self.batch} is not a multiple of train.grad_accum={self.grad_accum}")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import pathlib
 import signal
 import subprocess
@@ -16,8 +15,10 @@ import numpy as np
 
 from drt_jax.data.config import TASK_FIELDS, DataError
 from drt_jax.train import mesh as mesh_lib
+from drt_jax.train.bundle import import_note
 from drt_jax.train.checkpoints import Checkpointer, CheckpointError
 from drt_jax.train.config import ConfigError, RunConfig, resolve_run_config
+from drt_jax.train.finite import FiniteWatch
 from drt_jax.train.metrics import MetricWriter, peak_flops_per_device, train_flops_per_sequence
 from drt_jax.train.optim import make_optimizer
 from drt_jax.train.step import diagnostic_means, init_state, make_eval_step, make_train_step, state_spec
@@ -155,13 +156,15 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
     tx, schedule = make_optimizer(run.optim, tc.steps)
     spec = state_spec(run.model, tx, mesh, rules)
     ckpt = Checkpointer(run_dir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
-    latest = ckpt.latest_step()
+    say = print_fn if is_main else (lambda *a: None)
+    state = ckpt.restore_newest_good(spec.abstract, model=run.model, data_iter=train_iter, resume_step=tc.resume_step, say=say)
+    latest = None if state is None else int(jax.device_get(state["step"]))
     if latest is not None:
-        ckpt.check_model(latest, run.model)
-        state = ckpt.restore(latest, spec.abstract, data_iter=train_iter)
-        if is_main:
-            done = " (train.steps reached: nothing to do; raise train.steps to go on)" if latest >= tc.steps else ""
-            print_fn(f"resumed {run_dir} from step {latest}{done}")
+        done = " (train.steps reached: nothing to do; raise train.steps to go on)" if latest >= tc.steps else ""
+        say(f"resumed {run_dir} from step {latest}{done}")
+        restarted = import_note(run_dir, latest)
+        if restarted:
+            say(restarted)
     else:
         state = init_state(run.model, tx, spec, tc.seed)
         if tc.init_from:
@@ -219,6 +222,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
         pbar = tqdm(total=tc.steps, initial=start, desc=run.name, dynamic_ncols=True, mininterval=1.0)
     signalled = False
     step = start
+    watch = FiniteWatch()
     t_last, steps_since = None, 0
     diag_sums = None
     try:
@@ -235,6 +239,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
             if diag is not None:
                 diag_sums = diag if diag_sums is None else jax.tree.map(jnp.add, diag_sums, diag)
             step += 1
+            watch.push(step, metrics, last_saved)
             steps_since += 1
             if step == start + 1 or step % tc.log_every == 0 or step == tc.steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -261,8 +266,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
                         f"loss {m['loss']:.3f}{task} tok/s {tps:,.0f} MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}"
                         if tps else f"loss {m['loss']:.3f}{task}"
                     )
-                if not math.isfinite(m["loss"]):
-                    raise FloatingPointError(f"loss is {m['loss']} at step {step}; lower optim.peak_lr or check the data")
+                watch.flush()
             if pbar is not None:
                 pbar.update(1)
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
@@ -272,6 +276,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
             out_of_time = bool(tc.time_limit_s) and time.time() - t_start >= tc.time_limit_s
             stopping = _sync_stop(stop.signum is not None or out_of_time) or (stop_at is not None and step >= stop_at)
             if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
+                watch.flush()
                 ckpt.save(step, state, model=run.model, data_iter=train_iter, force=True)
                 last_saved = step
             if stopping:
@@ -285,6 +290,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
             if eval_loss is not None:
                 writer.write(step, {"loss": eval_loss}, prefix="eval")
         if last_saved != step and step > start:
+            watch.flush()
             ckpt.save(step, state, model=run.model, data_iter=train_iter, force=True)
     finally:
         if pbar is not None:
