@@ -112,6 +112,38 @@ class TokenShards:
         return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
 
 
+def split_stream(shards: TokenShards, doc_ids: np.ndarray, eos_id: int, max_tokens: int) -> np.ndarray:
+    """The documents `doc_ids` joined as d0 eos d1 eos ..., int32 [<= max_tokens] (a NIAH haystack, a
+    held-out stream for perplexity)."""
+    parts, total = [], 0
+    for d in doc_ids:
+        doc = np.asarray(shards.document(int(d)), np.int32)
+        parts += [doc, np.asarray([eos_id], np.int32)]
+        total += len(doc) + 1
+        if total >= max_tokens:
+            break
+    return np.concatenate(parts)[:max_tokens] if parts else np.zeros(0, np.int32)
+
+
+def split_tokens(cfg, tokenizer: Tokenizer, split: str, max_tokens: int, *, progress: bool = False) -> np.ndarray:
+    """The first max_tokens of a corpus split as one stream (`split_stream`), int32.
+
+    cfg: a DataConfig (corpus, cache_dir, format, val_fraction, ...: the same shards and split as
+    training); split: "train" or "val".
+    """
+    from drt_jax.data.config import DataError
+
+    if split not in ("train", "val"):
+        raise DataError(f"split must be 'train' or 'val', got {split!r}")
+    shards = prepare_shards(cfg.corpus, tokenizer, cfg.cache_dir, fmt=cfg.format, text_field=cfg.text_field,
+                            min_doc_tokens=cfg.min_doc_tokens, progress=progress)
+    train_ids, val_ids = shards.split(cfg.val_fraction)
+    ids = train_ids if split == "train" else val_ids
+    if len(ids) == 0:
+        raise DataError(f"the {split} split of corpus {cfg.corpus!r} is empty; set data.val_fraction > 0 or add documents")
+    return split_stream(shards, ids, tokenizer.eos_id, max_tokens)
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 

@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("ppl", help="perplexity by context length (sliding windows)")
     common(sp)
-    sp.add_argument("--data", default="default", help="text/jsonl/parquet file or folder, or 'default'")
+    sp.add_argument("--data", default="default", help="text/jsonl/parquet file or folder, or a built-in corpus (default, python-all)")
+    sp.add_argument("--split", choices=["all", "train", "val"], default="all",
+                    help="all: the corpus from its start; train/val: that split of the run's token shards (val = held out)")
     sp.add_argument("--lengths", default="2K")
     sp.add_argument("--stride", type=int, default=-1, help="window stride in tokens (<=0: non-overlapping)")
     sp.add_argument("--max-windows", type=int, default=8)
@@ -36,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, default=10)
     sp.add_argument("--batch-size", type=int, default=1)
     sp.add_argument("--offload", choices=["none", "host"], default="none")
-    sp.add_argument("--data", default="default", help="haystack corpus (file/folder or 'default')")
+    sp.add_argument("--data", default="default", help="haystack corpus (file/folder, or default / python-all)")
+    sp.add_argument("--split", choices=["all", "train", "val"], default="all",
+                    help="all: the corpus from its start; train/val: that split of the run's token shards (val = held out)")
     sp.add_argument("--plot", default=None, help="heatmap PNG (default: next to the JSON)")
     sp.add_argument("--seed", type=int, default=0)
 
@@ -61,6 +65,14 @@ def _out(args, default_name: str) -> str:
     return args.out or os.path.join("eval_results", default_name)
 
 
+def _tokens(args, tok, max_tokens: int):
+    from drt_jax.evaluate.common import read_split_tokens, read_tokens
+
+    if args.split == "all":
+        return read_tokens(args.data, tok, max_tokens)
+    return read_split_tokens(args.data, tok, max_tokens, args.split, args.checkpoint)
+
+
 def _plot_path(args, out: str) -> str:
     """--plot, or the results path with .png; its folder is created (the JSON is written only at the end)."""
     plot = args.plot or os.path.splitext(out)[0] + ".png"
@@ -74,7 +86,6 @@ def run(args) -> dict:
         load_model,
         parse_floats,
         parse_lengths,
-        read_tokens,
         write_json,
     )
 
@@ -99,7 +110,7 @@ def run(args) -> dict:
         from drt_jax.evaluate.common import progress_bar
         from drt_jax.evaluate.perplexity import perplexity
 
-        tokens = read_tokens(args.data, tok, max(lengths) * (args.max_windows + 1) + 1)
+        tokens = _tokens(args, tok, max(lengths) * (args.max_windows + 1) + 1)
         results = []
         for L in lengths:
             with progress_bar(args.max_windows, f"ppl {L}", show) as bar:
@@ -112,7 +123,7 @@ def run(args) -> dict:
         from drt_jax.evaluate.common import progress_bar
         from drt_jax.evaluate.niah import niah_sweep, plot_heatmap, summary_lines
 
-        hay = read_tokens(args.data, tok, 1 << 20)
+        hay = _tokens(args, tok, 1 << 20)
         total = len(lengths) * len(depths) * args.samples
         with progress_bar(total, f"niah {args.task}", show) as bar:
             r = niah_sweep(cfg, params, tok, hay, task=args.task, lengths=lengths, depths=depths,

@@ -88,6 +88,25 @@ def load_model(checkpoint: str, step: int | None = None, *, dtype: str | None = 
     return cfg, params, load_tokenizer(spec)
 
 
+def read_split_tokens(data: str, tokenizer, max_tokens: int, split: str, checkpoint: str) -> np.ndarray:
+    """Token stream of one split ("train" / "val") of a corpus as training split it: the documents of the
+    run's token shards (its cache folder and val_fraction when `checkpoint` is a run folder)."""
+    import dataclasses
+
+    from drt_jax.data.config import DataConfig
+    from drt_jax.data.shards import split_tokens
+
+    base = DataConfig()
+    if os.path.isdir(checkpoint):
+        from drt_jax.train.checkpoints import read_run_config
+
+        base = read_run_config(checkpoint).data
+    tokens = split_tokens(dataclasses.replace(base, corpus=data), tokenizer, split, max_tokens)
+    if tokens.size == 0:
+        raise EvalError(f"no text found in the {split} split of {data}")
+    return tokens
+
+
 def read_tokens(data: str, tokenizer, max_tokens: int) -> np.ndarray:
     """Token stream of a corpus (file or folder, or a built-in name: "default", "python-all"),
     documents joined by eos, at most max_tokens."""

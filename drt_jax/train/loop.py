@@ -115,13 +115,22 @@ class Summary:
     stopped_by_signal: bool = False
 
 
-def register_model_tasks(run: RunConfig) -> None:
-    """(Re-)registers the NIAH fine-tuning tasks for this model's chunk size when the mixture names them:
-    the question must end on the model's own chunk boundary (spec 7.5)."""
+def register_model_tasks(run: RunConfig, tokenizer=None) -> None:
+    """(Re-)registers the NIAH fine-tuning tasks when the mixture names them: at the model's chunk size
+    (the question must end on the model's own chunk boundary, spec 7.5) and with haystacks from the
+    training split of the run's own corpus (the text the model is learning; held-out files stay out)."""
     if any(name.startswith("niah") for name, _ in run.data.mixture):
+        from drt_jax.data import load_tokenizer
+        from drt_jax.data.shards import split_tokens
         from drt_jax.tasks.niah import register_niah_tasks
 
-        register_niah_tasks(chunk_size=run.model.chunk_size, overwrite=True)
+        tokenizer = load_tokenizer(run.data.tokenizer) if tokenizer is None else tokenizer
+        haystack = split_tokens(run.data, tokenizer, "train", HAYSTACK_TOKENS, progress=True)
+        register_niah_tasks(chunk_size=run.model.chunk_size, haystack=haystack, overwrite=True)
+
+
+# Haystack windows are drawn at random offsets of this many training tokens (about 4 MB as int32).
+HAYSTACK_TOKENS = 1 << 22
 
 
 def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_hook=None) -> Summary:
@@ -149,7 +158,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
             f"must divide over {shards} batch shards (mesh data x fsdp) and {n_proc} processes; change train.batch or the mesh"
         )
     data_cfg = dataclasses.replace(run.data, batch_size=tc.batch // n_proc)
-    register_model_tasks(run)
+    register_model_tasks(run, tokenizer)
     run_dir = run.run_dir
     train_iter = build_train_iterator(data_cfg, tokenizer, progress=is_main)
 
