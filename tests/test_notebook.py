@@ -11,8 +11,11 @@ After editing the notebook, save it with fresh outputs (the same executor, writt
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pathlib
+import re
 import time
 
 import nbformat
@@ -82,6 +85,18 @@ def test_tour_notebook_saved_outputs():
     assert all(c.outputs for c in code), "every code cell should show its output"
     assert not list(_outputs(nb, "error"))
     assert sum("image/png" in out.get("data", {}) for _, out in _outputs(nb)) >= 3  # loss, retrieval, NIAH
+
+
+def test_readme_notebook_snippet():
+    """The README's "From a notebook" snippet runs and prints what its comments say."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## From a notebook", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "the README's 'From a notebook' section should hold one python block"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(blocks[0], "README.md", "exec"), {})
+    assert out.getvalue().splitlines()[0] == "(1, 200, 259)"
 
 
 if __name__ == "__main__":
