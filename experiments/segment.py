@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, help="folder that comes back (the device's $OUT)")
     p.add_argument("--bundle-in", default=None, help="bundle of the previous segment to resume from")
+    p.add_argument("--init-bundle", default=None,
+                   help="bundle of another run (e.g. pretraining) whose parameters start this one (train.init_from)")
     p.add_argument("--budget-s", type=float, default=560.0, help="the whole segment ends within this many seconds")
     p.add_argument("--eval-s", type=float, default=150.0, help="seconds kept for the export and the evaluation")
     p.add_argument("--set", nargs="*", default=[], dest="overrides")
@@ -77,8 +79,15 @@ def main(argv=None) -> int:
         if args.bundle_in:
             if _run([py, "-m", "drt_jax.train.bundle", "import", "--bundle", args.bundle_in, "--run-dir", str(run_dir)], log, timings):
                 return 2
+        init = []
+        if args.init_bundle:
+            init_dir = run_dir.parent / f"{run.name}-init"
+            if _run([py, "-m", "drt_jax.train.bundle", "import", "--bundle", args.init_bundle, "--run-dir", str(init_dir)], log, timings):
+                return 2
+            init = [f"train.init_from={init_dir}"]
         limit = max(30.0, args.budget_s - args.eval_s - (time.time() - start))
-        rc = _run([py, "train.py", "--config", args.config, "--set", *args.overrides, f"train.time_limit_s={limit:.0f}"], log, timings)
+        rc = _run([py, "train.py", "--config", args.config, "--set", *args.overrides, *init, f"train.time_limit_s={limit:.0f}"],
+                  log, timings)
         if rc == 0:
             _run([py, "-m", "drt_jax.train.bundle", "export", "--run-dir", str(run_dir), "--out", str(out / "bundle"),
                   "--max-files", "6"], log, timings)
@@ -86,9 +95,11 @@ def main(argv=None) -> int:
             if args.niah and left() > 20:
                 _run([py, "eval.py", "niah", "--checkpoint", str(run_dir), "--task", "single", "--lengths", args.niah,
                       "--depths", args.depths, "--samples", str(args.samples), "--offload", args.niah_offload,
+                      "--data", run.data.corpus, "--split", "val",
                       "--no-progress", "--out", str(eval_dir / "niah_single.json")], log, timings, timeout=left())
             if args.ppl and left() > 20:
-                _run([py, "eval.py", "ppl", "--checkpoint", str(run_dir), "--data", run.data.corpus, "--lengths", args.ppl,
+                _run([py, "eval.py", "ppl", "--checkpoint", str(run_dir), "--data", run.data.corpus, "--split", "val",
+                      "--lengths", args.ppl,
                       "--no-progress", "--out", str(eval_dir / "ppl.json")], log, timings, timeout=left())
     (run_dir / "segment.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides,
                                                      "bundle_in": args.bundle_in, "steps": timings,

@@ -76,9 +76,13 @@ def test_cli_happy_paths(tmp_path, capsys):
                  "--out", str(out / "gen.json")]) == 0
     assert len(json.loads((out / "gen.json").read_text())["tokens"]) <= 5
     assert main(["niah", "--checkpoint", "random:tiny", "--task", "single", "--lengths", "150", "--depths", "0,1",
-                 "--samples", "2", "--batch-size", "2", "--data", str(story), "--out", str(out / "niah.json")]) == 0
-    res = json.loads((out / "niah.json").read_text())
+                 "--samples", "2", "--batch-size", "2", "--data", str(story), "--out", str(out / "new" / "niah.json")]) == 0
+    res = json.loads((out / "new" / "niah.json").read_text())  # a folder that did not exist: the heatmap goes there too
     assert set(res["accuracy"]["150"]) == {"0.0", "1.0"} and os.path.getsize(res["plot"]) > 1000
+    # Diagnostics per cell and per sample: teacher-forced answer loss, needle-chunk recall per group.
+    assert set(res["needle_recall"]) == {"g0", "g1"} and res["answer_loss"]["150"]["0.0"] > 1.0
+    rec = res["records"][0]
+    assert {"answer_loss", "needle_chunks", "retrieved", "recall"} <= set(rec) and len(rec["retrieved"]["g0"]) == 4
     assert main(["retrieval", "--checkpoint", "random:tiny", "--text", str(story), "--max-tokens", "120",
                  "--out", str(out / "ret.json")]) == 0
     ret = json.loads((out / "ret.json").read_text())

@@ -97,3 +97,11 @@ def test_exact_match_scores_whole_answer():
     assert score_exact([1, 2, 3, 9], [1, 2, 3])
     assert not score_exact([1, 2, 4], [1, 2, 3])  # first token right is not enough
     assert not score_exact([1, 2], [1, 2, 3])
+
+
+def test_byte_level_passkeys_are_text():
+    """Uniform bytes would put never-seen ids (128-255) in the answer; byte-level tasks draw alphanumerics."""
+    allowed = set(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    task = NiahTask("single", TOK, HAY, 15, seed=0)
+    answers = np.concatenate([task.sample(300, 0.5, i).answer for i in range(50)])
+    assert set(answers.tolist()) <= allowed and len(set(answers.tolist())) > 40

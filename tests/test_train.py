@@ -174,6 +174,31 @@ def test_flops_count():
     assert abs(d64 / d4 - 16) < 0.5
 
 
+def test_niah_haystacks_come_from_the_training_split(tmp_path):
+    """NIAH fine-tuning examples are built on the run's own training text, never on held-out files
+    (they used to read the standard library's .txt files whatever the corpus)."""
+    import dataclasses
+
+    from drt_jax.data import ByteTokenizer, prepare_shards
+    from drt_jax.data.mixture import _REGISTRY
+    from drt_jax.train.loop import register_model_tasks
+    from tests.train_fixtures import small_run, write_corpus
+
+    tok = ByteTokenizer()
+    corpus = write_corpus(tmp_path / "corpus", n_docs=10, extra={f"marker{i}.txt": f"MARKER{i} ".encode() * 40 for i in range(6)})
+    run = small_run(tmp_path, corpus)
+    run = run.replace(data=dataclasses.replace(run.data, val_fraction=0.3, mixture=(("niah_single", 1.0),)))
+    register_model_tasks(run, tok)
+    hay = bytes(_REGISTRY["niah_single"](512, tok, 0).task.haystack.astype(np.uint8).tolist())
+    shards = prepare_shards(str(corpus), tok, run.data.cache_dir, progress=False)
+    train_ids, val_ids = shards.split(run.data.val_fraction)
+    marker = lambda d: bytes(shards.document(int(d)).astype(np.uint8).tolist())[:8]  # b"MARKERi " or prose
+    train_markers = [marker(d) for d in train_ids if marker(d).startswith(b"MARKER")]
+    val_markers = [marker(d) for d in val_ids if marker(d).startswith(b"MARKER")]
+    assert train_markers and val_markers
+    assert all(m in hay for m in train_markers) and not any(m in hay for m in val_markers)
+
+
 def test_niah_mixture_is_registered_for_the_model_chunk_size():
     from drt_jax.data import ByteTokenizer
     from drt_jax.data.mixture import _REGISTRY

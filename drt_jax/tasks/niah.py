@@ -18,7 +18,12 @@ question's end in the needle (see "Format" below):
           question "|The special magic number for " key0 " is " -> value0
   2hop:   needles "|DEF " a "->" b "|" for chains v0->v1->v2 and a distractor chain v3->v4->v5,
           question "|The path from " v0 "->" -> v1 "->" v2
-Variables are `answer_len` random non-special token ids (or random digits, alphabet="digits").
+Variables are `answer_len` random tokens of an alphabet: "tokens" (every non-special id below 50256, the
+authors' choice for GPT-2 BPE), "alnum" (the encodings of 0-9, A-Z, a-z), "digits", or "auto" (the
+default): "alnum" for byte-level tokenizers, "tokens" otherwise. Uniform bytes make a bad passkey: half
+of them (128-255) never occur in text, so their embeddings (tied with the output layer) stay untrained
+and no copy mechanism can emit them; models trained on them do not learn NIAH at all (the first H100
+runs: answer loss at chance, ln 256, even with the needle inside the attention window).
 
 Format: the authors' question ends "... The passkey is" while the needle reads "The passkey is:" P, so
 the token after the question's last token in the needle is ":", not the passkey. A model that finds
@@ -35,6 +40,7 @@ Depth in [0, 1] places the queried needle (2hop: the first hop) between the star
 from __future__ import annotations
 
 import dataclasses
+import string
 from collections.abc import Sequence
 
 import numpy as np
@@ -84,7 +90,7 @@ class NiahTask:
     """
 
     def __init__(self, kind: str, tokenizer, haystack, chunk_size: int, *, answer_len: int = 5,
-                 n_distractors: int = 5, alphabet: str = "tokens", seed: int = 0):
+                 n_distractors: int = 5, alphabet: str = "auto", seed: int = 0):
         if kind not in KINDS:
             raise TaskError(f"unknown NIAH task {kind!r}; choose one of {', '.join(KINDS)}")
         self.kind, self.tok, self.S, self.seed = kind, tokenizer, int(chunk_size), int(seed)
@@ -95,13 +101,16 @@ class NiahTask:
         if hay.size < 16:
             raise TaskError(f"haystack has only {hay.size} usable tokens; give a longer corpus")
         self.haystack = hay
-        if alphabet == "digits":
-            self.alphabet = np.asarray(sorted({t for d in "0123456789" for t in tokenizer.encode(d)}), np.int32)
+        if alphabet == "auto":
+            alphabet = "alnum" if tokenizer.vocab_size <= 259 else "tokens"
+        chars = {"digits": string.digits, "alnum": string.digits + string.ascii_letters}
+        if alphabet in chars:
+            self.alphabet = np.asarray(sorted({t for c in chars[alphabet] for t in tokenizer.encode(c)}), np.int32)
         elif alphabet == "tokens":
             top = min(tokenizer.vocab_size, 50256)
             self.alphabet = np.asarray([i for i in range(top) if i not in specials], np.int32)
         else:
-            raise TaskError(f"alphabet={alphabet!r}: choose 'tokens' or 'digits'")
+            raise TaskError(f"alphabet={alphabet!r}: choose 'auto', 'tokens', 'alnum' or 'digits'")
         enc = lambda s: np.asarray(tokenizer.encode(s), np.int32)
         self._enc = enc
 

@@ -1,0 +1,107 @@
+"""Plots for docs/results.md: training curves from metrics.jsonl and NIAH curves from eval.py's JSON.
+
+    python experiments/plots.py curves RUN_DIR/metrics.jsonl --out docs/img/curves.png [--title T]
+    python experiments/plots.py niah EVAL/niah_single.json [MORE.json ...] --out docs/img/niah.png
+
+curves: corpus loss, answer loss (with the chance level of the passkey alphabet) and needle-chunk
+recall per retrieval group against the step. niah: accuracy, answer loss and recall against the
+context length, one line per depth (and per file, e.g. DRT and its sliding-window baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training_curves(metrics_path: str, out: str, title: str = "", chance: float | None = None) -> None:
+    rows = [json.loads(line) for line in pathlib.Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "train/loss" in r]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    steps = [r["step"] for r in rows]
+    for key, label in (("train/corpus_loss", "corpus tokens"), ("train/loss", "objective (weighted)")):
+        pts = [(s, r[key]) for s, r in zip(steps, rows, strict=True) if key in r]
+        if pts:
+            axes[0].plot(*zip(*pts, strict=True), label=label)
+    axes[0].set_title("loss (nats/token)")
+    pts = [(s, r["train/answer_loss"]) for s, r in zip(steps, rows, strict=True) if "train/answer_loss" in r]
+    if pts:
+        axes[1].plot(*zip(*pts, strict=True), label="answer tokens")
+    if chance:
+        axes[1].axhline(chance, color="gray", ls="--", label=f"chance {chance:.2f}")
+    axes[1].set_title("answer loss (nats/token)")
+    for key in sorted({k for r in rows for k in r if k.startswith("train/recall_")}):
+        pts = [(s, r[key]) for s, r in zip(steps, rows, strict=True) if key in r]
+        axes[2].plot(*zip(*pts, strict=True), label=key.split("/")[1])
+    axes[2].set_title("needle-chunk recall@k (training batches)")
+    axes[2].set_ylim(0, 1)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def niah_curves(paths: list[str], out: str) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for path in paths:
+        r = json.loads(pathlib.Path(path).read_text())
+        name = r.get("model", pathlib.Path(path).stem)
+        lengths = r["lengths"]
+        for d in r["depths"]:
+            axes[0].plot(lengths, [r["accuracy"][str(L)][str(d)] for L in lengths], marker="o", label=f"{name} depth {d:g}")
+            axes[1].plot(lengths, [r["answer_loss"][str(L)][str(d)] for L in lengths], marker="o", label=f"{name} depth {d:g}")
+            for g, table in r.get("needle_recall", {}).items():
+                axes[2].plot(lengths, [table[str(L)][str(d)] for L in lengths], marker="o", label=f"{name} {g} depth {d:g}")
+    for ax, title in zip(axes, ("exact-match accuracy", "answer loss (nats/token)", "needle-chunk recall@k"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(title)
+        ax.legend(fontsize=6)
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[2].set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="kind", required=True)
+    c = sub.add_parser("curves")
+    c.add_argument("metrics")
+    c.add_argument("--out", required=True)
+    c.add_argument("--title", default="")
+    c.add_argument("--alphabet-size", type=int, default=0, help="passkey alphabet size: draws chance = ln(size)")
+    n = sub.add_parser("niah")
+    n.add_argument("results", nargs="+")
+    n.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.kind == "curves":
+        training_curves(args.metrics, args.out, args.title, math.log(args.alphabet_size) if args.alphabet_size else None)
+    else:
+        niah_curves(args.results, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
