@@ -134,7 +134,7 @@ def _loss_sum(model: DRT, cfg: ModelConfig, params, batch, key, *, deterministic
     weights = mask + (answer_weight - 1.0) * answer_t
     mean, count, sums = blocked_cross_entropy(hidden, embedding, targets, weights, block_size=block_size,
                                               metric_masks=jnp.stack([corpus_t, answer_t]))
-    diag = {"corpus_loss_sum": sums[0], "corpus_tokens": jnp.sum(corpus_t),
+    diag = {"tokens": jnp.sum(mask), "corpus_loss_sum": sums[0], "corpus_tokens": jnp.sum(corpus_t),
             "answer_loss_sum": sums[1], "answer_tokens": jnp.sum(answer_t)}
     for g in range(len(cfg.groups)):
         indices = state["intermediates"][f"retrieval_indices_g{g}"][0]
@@ -187,12 +187,13 @@ def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_shard
             zero_aux = jax.eval_shape(lambda: grad_fn(params, {k: v[0] for k, v in micro_batches.items()}, key)[0][1])
             init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (params, jnp.zeros((), jnp.float32), zero_aux))
             (grads, loss_sum, (count, diag)), _ = jax.lax.scan(body, init, jnp.arange(grad_accum))
-        denom = jnp.maximum(count, 1.0)
+        denom = jnp.maximum(count, 1.0)  # the weight sum: answer tokens count answer_weight times
+        tokens = diag.pop("tokens", count)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         metrics = {
-            "loss": loss_sum / denom, "tokens": count, "grad_norm": optax.tree.norm(grads),
+            "loss": loss_sum / denom, "tokens": tokens, "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]), "param_norm": optax.tree.norm(new_params),
         }
         if diag:
