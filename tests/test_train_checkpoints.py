@@ -265,17 +265,18 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(straight, how)
     assert load_for_eval(copy.run_dir)[1]["embed"]["embedding"].shape == (259, 32)
 
 
-def test_eval_skips_a_damaged_checkpoint_and_names_a_damaged_step(straight):
+def test_eval_moves_a_damaged_checkpoint_aside_and_names_a_damaged_step(straight):
     tmp, _, run, _ = straight
     copy = _copy_run(tmp, run, "eval-broken")
     _damage(copy.run_dir / "checkpoints" / "8", "truncated arrays")
-    _, params, _ = load_for_eval(copy.run_dir)
+    with pytest.raises(CheckpointError, match="step 8") as err:
+        load_for_eval(copy.run_dir, step=8)  # a named damaged step: an error, nothing moved
+    assert "\n" not in str(err.value) and (copy.run_dir / "checkpoints" / "8").is_dir()
+    _, params, _ = load_for_eval(copy.run_dir)  # the same rule as training: moved aside, the previous one read
+    assert (copy.run_dir / "checkpoints" / "damaged-8").is_dir() and not (copy.run_dir / "checkpoints" / "8").exists()
     _, params6, _ = load_for_eval(run.run_dir, step=6)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params6), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(CheckpointError, match="step 8") as err:
-        load_for_eval(copy.run_dir, step=8)
-    assert "\n" not in str(err.value)
 
 
 def test_all_checkpoints_damaged_is_a_one_line_error(straight):

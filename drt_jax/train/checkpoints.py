@@ -52,20 +52,36 @@ def _reason(err: BaseException) -> str:
 
 
 def _silence_closed_loop_callbacks() -> None:
-    """After a failed orbax read, tensorstore still completes the reads it had started and hands the
-    results to the event loop orbax already closed; Python then prints a "RuntimeError: Event loop is
-    closed" traceback per read, which would bury the one-line message. Only that exact error is dropped."""
+    """After a failed orbax read, tensorstore still completes the reads it had started: their results
+    reach the event loop orbax already closed (Python prints a "RuntimeError: Event loop is closed"
+    traceback per read), and their errors reach asyncio's "Task exception was never retrieved" log,
+    each of which would bury the one-line message. Only those two kinds are dropped: the closed-loop
+    error, and unretrieved task errors from tensorstore (their text carries a tensorstore_spec)."""
     previous = sys.unraisablehook
     if getattr(previous, "_drt_closed_loop_filter", False):
         return
 
+    closed = lambda exc: isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
     def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-            return
-        previous(unraisable)
+        if not closed(unraisable.exc_value):
+            previous(unraisable)
+
+    # tensorstore's own threads report a failing callback through PyErr_Print, i.e. sys.excepthook.
+    previous_except = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        if not closed(value):
+            previous_except(kind, value, tb)
+
+    def unretrieved_tensorstore_error(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith("Task exception was never retrieved") and "tensorstore_spec" in str(exc))
 
     hook._drt_closed_loop_filter = True
     sys.unraisablehook = hook
+    sys.excepthook = excepthook
+    logging.getLogger("asyncio").addFilter(unretrieved_tensorstore_error)
 
 
 def _on_main_then_sync(fn, tag: str) -> None:
@@ -249,9 +265,10 @@ def read_run_config(run_dir) -> RunConfig:
 def load_for_eval(run_dir, step: int | None = None):
     """run folder -> (ModelConfig, params (unboxed pytree of arrays, fp32 master weights), tokenizer spec).
 
-    step=None takes the newest checkpoint whose model config and parameters read completely; a newer
-    unreadable one is skipped with a one-line warning (not moved: evaluation only reads, and a run may
-    be training in that folder). The params are placed on the first local device. Raises
+    step=None takes the newest checkpoint whose model config and parameters read completely, under the
+    rule training follows: a newer one that cannot be read is moved to checkpoints/damaged-<step> (never
+    deleted) with a one-line warning, once an older one has read. The params are placed on the first
+    local device. Raises
     CheckpointError (one line) for a missing or partial run folder, an unknown or unreadable step, or
     a run whose checkpoints are all unreadable.
     """
@@ -281,9 +298,11 @@ def load_for_eval(run_dir, step: int | None = None):
                 params = _read_params(ckpt, candidate, abstract, run.model)
             except UnreadableCheckpoint as err:
                 failures.append((candidate, str(err)))
-                if step is None:
-                    log.warning("checkpoint %s/%s is damaged (%s); skipping it", ckpt_dir, candidate, err)
                 continue
+            for bad, reason in failures:
+                target = ckpt_dir / f"damaged-{bad}"
+                (ckpt_dir / str(bad)).rename(target)
+                log.warning("checkpoint %s is damaged (%s); moved it to %s and evaluated step %s", bad, reason, target, candidate)
             return run.model, params, run.data.tokenizer
     finally:
         ckpt.manager.close()
