@@ -46,7 +46,6 @@ def _abs(path) -> pathlib.Path:
 
 def _reason(err: BaseException) -> str:
     """A one-line, bounded description of why a checkpoint could not be read (tensorstore's are long)."""
-    _silence_closed_loop_callbacks()
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
 
@@ -98,6 +97,8 @@ class Checkpointer:
     """One CheckpointManager per run (create it after jax.distributed.initialize)."""
 
     def __init__(self, run_dir, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        # Before any read: a failed read's late errors can surface before the failure is caught.
+        _silence_closed_loop_callbacks()
         self.directory = _abs(run_dir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
