@@ -209,3 +209,40 @@ def test_niah_mixture_is_registered_for_the_model_chunk_size():
     register_model_tasks(run)
     source = _REGISTRY["niah_single"](512, ByteTokenizer(), 0)
     assert source.task.S == run.model.chunk_size == 15  # the import-time default is 63
+
+
+def test_init_from_and_time_limit(tmp_path):
+    """train.init_from starts a new run from another run's newest parameters (a fresh optimizer);
+    train.time_limit_s stops a run early with a checkpoint that resumes."""
+    import dataclasses
+
+    from drt_jax.config import ConfigError
+    from drt_jax.train import mesh as mesh_lib
+    from drt_jax.train.loop import _init_params_from
+    from drt_jax.train.optim import make_optimizer
+    from drt_jax.train.step import init_state, state_spec
+    from tests.train_fixtures import enable_compilation_cache, small_run, write_corpus
+
+    enable_compilation_cache()
+    corpus = write_corpus(tmp_path / "corpus")
+    source = small_run(tmp_path, corpus, steps=4, name="src", eval_every=0)
+    train(source, print_fn=lambda *_: None)
+    _, want, _ = load_for_eval(source.run_dir)
+
+    tx, _ = make_optimizer(source.optim, 4)
+    mesh = mesh_lib.make_mesh(source.mesh)
+    spec = state_spec(source.model, tx, mesh, source.mesh.rules)
+    state = _init_params_from(init_state(source.model, tx, spec, seed=7), str(source.run_dir), spec, tx)
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(float(np.abs(x).max()) == 0 for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) > 0)
+    wider = dataclasses.replace(source.model, d_model=64)
+    wider_spec = state_spec(wider, tx, mesh, source.mesh.rules)
+    with pytest.raises(ConfigError, match="init_from"):
+        _init_params_from(init_state(wider, tx, wider_spec, seed=0), str(source.run_dir), wider_spec, tx)
+
+    printed = []
+    limited = small_run(tmp_path, corpus, steps=1000, name="limited", eval_every=0, time_limit_s=1e-3)
+    summary = train(limited, print_fn=printed.append)
+    assert summary.end_step < 1000 and any("time_limit_s" in line for line in printed)
+    assert load_for_eval(limited.run_dir)[0] == limited.model  # the stop left a readable checkpoint

@@ -74,7 +74,7 @@ def _sync_stop(local_stop: bool) -> bool:
     return bool(np.max(flags))
 
 
-def _with_mask(batch: dict, keys=("tokens", "mask")) -> dict:
+def _batch_fields(batch: dict, keys=("tokens", "mask")) -> dict:
     """The batch's `keys`: a missing mask is all ones, missing task fields are zeros."""
     out = {}
     for k in keys:
@@ -215,7 +215,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
         for i, batch in enumerate(it):
             if i >= tc.eval_steps:
                 break
-            s, c = eval_fn(params, mesh_lib.global_batch(_with_mask(batch), batch_sh, tc.batch))
+            s, c = eval_fn(params, mesh_lib.global_batch(_batch_fields(batch), batch_sh, tc.batch))
             total += float(s)
             count += float(c)
         return total / count if count else None
@@ -238,7 +238,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
         if start >= tc.steps and is_main:
             print_fn(f"nothing to do: {run_dir} is at step {start} >= train.steps={tc.steps}")
         while step < tc.steps:
-            local = _with_mask(next(train_iter), train_keys)
+            local = _batch_fields(next(train_iter), train_keys)
             if batch_hook is not None:
                 batch_hook(step, local)
             batch = mesh_lib.global_batch(local, batch_sh, tc.batch)
