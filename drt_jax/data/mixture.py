@@ -110,7 +110,6 @@ class _Normalize:
         return with_task_fields({**element, "tokens": tokens, "mask": mask.astype(np.int32)})
 
 
-
 def with_task_fields(element: dict) -> dict:
     """{"tokens", "mask"[, "answer", "needle"]} -> all four, int32 [seq_len], zeros where absent."""
     out = {"tokens": element["tokens"], "mask": element["mask"]}

@@ -50,7 +50,8 @@ def answer_diagnostics(engine, prompts, answers):
 
 def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, samples: int,
                offload: str | None = None, batch_size: int = 1, seed: int = 0, progress=None) -> dict:
-    """Runs the sweep; returns {"accuracy": {length: {depth: acc}}, "samples": [...]} (JSON-ready)."""
+    """Runs the sweep -> JSON-ready {"accuracy", "answer_loss": {length: {depth: value}}, "needle_recall":
+    {"g<g>": {length: {depth: recall}}}, "records": [one per sample], ...}."""
     from drt_jax.inference import InferenceEngine
 
     if not cfg.uses_retrieval and cfg.arch != "swa" and cfg.arch != "full":
@@ -67,8 +68,7 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
     records = []
     for length in lengths:
         max_len = length + 64 if cfg.arch == "full" else None
-        cells = [acc, answer_loss, *recall.values()]
-        for table in cells:
+        for table in (acc, answer_loss, *recall.values()):
             table[str(length)] = {}
         for depth in depths:
             rows = []
