@@ -76,11 +76,12 @@ def run(fn: Callable, args: Sequence, layouts: Sequence[Layout], out_layout: Lay
     if km is None or km.mesh.size == 1:
         return fn(*args)
     present = [i for i, a in enumerate(args) if a is not None]
-    for name, axes, field in (("batch", km.batch, "data x fsdp"), ("heads", km.heads, "tensor")):
-        for i in present:
-            if name in layouts[i] and args[i].shape[layouts[i].index(name)] % km.size(axes):
-                raise ValueError(f"kernel {name} dimension of size {args[i].shape[layouts[i].index(name)]} does not "
-                                 f"divide over mesh axes {axes} (size {km.size(axes)}); change mesh {field}")
+    for name, axes in (("batch", km.batch), ("heads", km.heads)):
+        sizes = [args[i].shape[layouts[i].index(name)] for i in present if name in layouts[i]]
+        for size in sizes:
+            if size % km.size(axes):
+                raise ValueError(f"kernel {name} dimension of size {size} does not divide over mesh axes {axes} "
+                                 f"(size {km.size(axes)}); change " + " or ".join(f"mesh.{a}" for a in axes))
     spec_of = {"batch": km.batch or None, "heads": km.heads or None}
     to_spec = lambda layout: P(*(spec_of.get(n) for n in layout))
 

@@ -11,7 +11,47 @@ import subprocess
 import sys
 import textwrap
 
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AbstractMesh
+
+from drt_jax.config import ConfigError
+from drt_jax.train import mesh as mesh_lib
+from drt_jax.train.config import DEFAULT_RULES, MESH_AXES
+from pallas_kernels import grouped_cross_attention, per_shard
+from tests.conftest import small_config
 from tests.train_fixtures import REPO, cli_env
+
+
+def _mesh(data=1, fsdp=1, tensor=1):
+    """An abstract (data, fsdp, tensor) mesh: the start-up checks need no devices."""
+    return AbstractMesh((data, fsdp, tensor), MESH_AXES)
+
+
+def test_kernel_mesh_splits_batch_over_data_fsdp_and_heads_over_tensor():
+    km = mesh_lib.kernel_mesh(_mesh(2, 2, 2), DEFAULT_RULES)
+    assert (km.batch, km.heads) == (("data", "fsdp"), ("tensor",))
+    # A mesh axis already splitting the batch cannot split the heads too.
+    rules = (("batch", ("data", "tensor")), ("heads", "tensor"))
+    assert mesh_lib.kernel_mesh(_mesh(2, 1, 2), rules).heads == ()
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,tensor", [(4, 2, 4), (6, 3, 2)])
+def test_heads_that_cannot_split_over_tensor_are_a_one_line_config_error(n_heads, n_kv_heads, tensor):
+    cfg = small_config(n_heads=n_heads, n_kv_heads=n_kv_heads, d_model=48)
+    with pytest.raises(ConfigError) as err:
+        mesh_lib.check_kernel_split(cfg, _mesh(data=2, tensor=tensor), DEFAULT_RULES)
+    msg = str(err.value)
+    assert "\n" not in msg and f"model.n_kv_heads={n_kv_heads}" in msg and msg.endswith("change mesh.tensor"), msg
+    mesh_lib.check_kernel_split(cfg, _mesh(data=2, fsdp=4), DEFAULT_RULES)  # no tensor axis: anything goes
+
+
+def test_a_batch_that_cannot_split_is_a_one_line_error_naming_the_mesh_axes():
+    q, mem = jnp.zeros((3, 2, 4, 4, 8)), jnp.zeros((3, 2, 4, 2, 8))
+    idx, w = jnp.zeros((3, 2, 1), jnp.int32), jnp.ones((3, 2, 1))
+    with per_shard.use(mesh_lib.kernel_mesh(_mesh(data=2, fsdp=2), DEFAULT_RULES)):
+        with pytest.raises(ValueError, match=r"batch dimension of size 3 .* change mesh.data or mesh.fsdp$"):
+            grouped_cross_attention(q, mem, mem, idx, w)
 
 SCRIPT = textwrap.dedent(
     """
