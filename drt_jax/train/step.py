@@ -159,7 +159,8 @@ def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_shard
                     batch_keys=("tokens", "mask"), answer_weight: float = 1.0):
     """Returns jit(step)(state, batch) -> (state, metrics) with explicit in/out shardings. batch holds
     `batch_keys` (int32 [B, T] each); with task fields ("answer", "needle") metrics["diagnostics"] holds
-    the sums of `_loss_sum`'s diagnostics (see `diagnostic_means`)."""
+    the sums of `_loss_sum`'s diagnostics (see `diagnostic_means`). Attention and GCA kernels run per shard
+    of `spec.kernels` (pallas_kernels.per_shard), so XLA never partitions a custom call."""
     model = DRT(cfg)
 
     def step(state, batch):
