@@ -20,6 +20,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import per_shard
+
 log = logging.getLogger(__name__)
 
 IMPLS = ("auto", "reference", "cudnn", "splash")
@@ -134,19 +136,34 @@ def _splash_unsupported(q, slopes) -> str | None:
     return None
 
 
-def causal_attention(q, k, v, *, window: int | None, slopes=None, scale: float | None = None, impl: str = "auto"):
-    """Sliding-window (or full) causal self-attention; see the module docstring."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
+# Dimension names of the operands for per-shard execution (pallas_kernels.per_shard).
+_BTHD = ("batch", None, "heads", None)
+_LAYOUTS = (_BTHD, _BTHD, _BTHD, ("heads",))
+
+
+def _pick(q, slopes, *, window, scale, impl):
+    """The implementation `impl` resolves to, as kernel(q, k, v, slopes)."""
     fast = {"cudnn": (_cudnn_unsupported, _cudnn), "splash": (_splash_unsupported, splash_attention)}
     for name in fast if impl == "auto" else [impl] if impl in fast else []:
         unsupported, run = fast[name]
         why = unsupported(q, slopes)
         if why is None:
-            return run(q, k, v, window=window, scale=scale)
+            return lambda q, k, v, slopes: run(q, k, v, window=window, scale=scale)
         if impl == name:
             log.warning("attention impl %r skipped: %s; using the reference", name, why)
-    return attention_reference(q, k, v, window=window, slopes=slopes, scale=scale)
+    return lambda q, k, v, slopes: attention_reference(q, k, v, window=window, slopes=slopes, scale=scale)
+
+
+def causal_attention(q, k, v, *, window: int | None, slopes=None, scale: float | None = None, impl: str = "auto"):
+    """Sliding-window (or full) causal self-attention; see the module docstring.
+
+    Under a declared kernel mesh (pallas_kernels.per_shard) every implementation runs per shard: batch
+    rows over the batch axes, query and key/value heads (and ALiBi slopes) over the head axes.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
+    kernel = _pick(q, slopes, window=window, scale=scale, impl=impl)
+    return per_shard.run(kernel, (q, k, v, slopes), _LAYOUTS, _BTHD)
 
 
 def bidirectional_attention(q, k, v, *, scale: float | None = None):

@@ -155,8 +155,10 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
     if tc.batch % n_proc or micro % shards:
         raise ConfigError(
             f"train.batch={tc.batch} with grad_accum={tc.grad_accum} gives micro-batches of {micro} sequences, which "
-            f"must divide over {shards} batch shards (mesh data x fsdp) and {n_proc} processes; change train.batch or the mesh"
+            f"must divide over {shards} batch shards (mesh data x fsdp) and {n_proc} processes; change train.batch, "
+            "mesh.data or mesh.fsdp"
         )
+    mesh_lib.check_kernel_split(run.model, mesh, rules)
     data_cfg = dataclasses.replace(run.data, batch_size=tc.batch // n_proc)
     register_model_tasks(run, tokenizer)
     run_dir = run.run_dir

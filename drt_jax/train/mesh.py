@@ -17,8 +17,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from drt_jax.config import ConfigError
+from drt_jax.config import ConfigError, ModelConfig
 from drt_jax.train.config import MESH_AXES, MeshConfig
+from pallas_kernels.per_shard import KernelMesh
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,32 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
 def batch_shards(mesh: Mesh, rules) -> int:
     spec = batch_sharding(mesh, rules).spec
     return _axis_size(mesh, spec[0]) if len(spec) else 1
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def kernel_mesh(mesh: Mesh, rules) -> KernelMesh:
+    """Where attention kernels run per shard: rows over the mesh axes of `batch`, heads over those of
+    `heads` (less any the batch already takes: one mesh axis cannot split two dimensions)."""
+    batch, heads = (_axes(a) for a in nn.logical_to_mesh_axes(("batch", "heads"), rules))
+    return KernelMesh(mesh, batch, tuple(a for a in heads if a not in batch))
+
+
+def check_kernel_split(model: ModelConfig, mesh: Mesh, rules) -> None:
+    """One-line ConfigError unless query and key/value heads both split evenly over the head axes.
+
+    The kernels run per head shard and GQA needs each shard's query heads to use only its own key/value
+    heads, so both counts must divide (checked before anything compiles)."""
+    km = kernel_mesh(mesh, rules)
+    shards = km.size(km.heads)
+    if model.n_heads % shards or model.kv_heads % shards:
+        fields = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in km.heads)
+        raise ConfigError(
+            f"model.n_heads={model.n_heads} and model.n_kv_heads={model.kv_heads} must both divide over {fields} "
+            f"(the attention kernels run per head shard); change {' or '.join(f'mesh.{a}' for a in km.heads)}"
+        )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -21,6 +21,7 @@ from drt_jax.diagnostics import needle_recall
 from drt_jax.losses import blocked_cross_entropy, next_token_targets
 from drt_jax.model import DRT
 from drt_jax.train import mesh as mesh_lib
+from pallas_kernels import per_shard
 
 
 def _init_tokens(cfg: ModelConfig):
@@ -67,6 +68,7 @@ class StateSpec:
     shardings: dict
     param_shardings: Any
     mesh: Any
+    kernels: Any  # pallas_kernels.per_shard.KernelMesh: the axes attention kernels run per shard over
 
 
 def state_spec(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, rules) -> StateSpec:
@@ -85,7 +87,8 @@ def state_spec(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, rules) 
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
-    return StateSpec(abstract=abstract, shardings=shardings, param_shardings=p_sh, mesh=mesh)
+    return StateSpec(abstract=abstract, shardings=shardings, param_shardings=p_sh, mesh=mesh,
+                     kernels=mesh_lib.kernel_mesh(mesh, rules))
 
 
 def init_state(cfg: ModelConfig, tx, spec: StateSpec, seed: int) -> dict:
@@ -156,10 +159,15 @@ def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_shard
                     batch_keys=("tokens", "mask"), answer_weight: float = 1.0):
     """Returns jit(step)(state, batch) -> (state, metrics) with explicit in/out shardings. batch holds
     `batch_keys` (int32 [B, T] each); with task fields ("answer", "needle") metrics["diagnostics"] holds
-    the sums of `_loss_sum`'s diagnostics (see `diagnostic_means`)."""
+    the sums of `_loss_sum`'s diagnostics (see `diagnostic_means`). Attention and GCA kernels run per shard
+    of `spec.kernels` (pallas_kernels.per_shard), so XLA never partitions a custom call."""
     model = DRT(cfg)
 
     def step(state, batch):
+        with per_shard.use(spec.kernels):
+            return _step(state, batch)
+
+    def _step(state, batch):
         params = state["params"]
         key = jax.random.fold_in(state["rng"], state["step"])
         B, T = batch["tokens"].shape
@@ -211,8 +219,9 @@ def make_eval_step(cfg: ModelConfig, spec: StateSpec, batch_sharding, *, block_s
     model = DRT(cfg)
 
     def evaluate(params, batch):
-        loss_sum, (count, _) = _loss_sum(model, cfg, params, batch, jax.random.PRNGKey(0), deterministic=True,
-                                         block_size=block_size)
+        with per_shard.use(spec.kernels):
+            loss_sum, (count, _) = _loss_sum(model, cfg, params, batch, jax.random.PRNGKey(0), deterministic=True,
+                                             block_size=block_size)
         return loss_sum, count
 
     rep = mesh_lib.replicated(spec.mesh)

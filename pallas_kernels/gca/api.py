@@ -8,11 +8,14 @@ back to the next candidate, never returning a wrong answer.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections.abc import Callable
 
 import jax
+
+from pallas_kernels import per_shard
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,11 @@ def _resolve(name: str) -> Callable:
         raise Unsupported(f"{name} cannot be imported here ({err})") from err
 
 
+# Dimension names of q, k_mem, v_mem, indices, weights for per-shard execution.
+_Q = ("batch", None, None, "heads", None)
+_LAYOUTS = (_Q, _Q, _Q, ("batch", None, None), ("batch", None, None))
+
+
 def _check_shapes(q, k_mem, v_mem, indices, weights) -> None:
     if q.ndim != 5 or k_mem.ndim != 5:
         raise ValueError(
@@ -85,7 +93,8 @@ def grouped_cross_attention(
     """Grouped Cross-Attention; see `pallas_kernels.gca.reference` for shapes and maths.
 
     impl: "auto" (the best available for the default backend), or one of `available_impls()`.
-    Differentiable in q, k_mem, v_mem and weights.
+    Differentiable in q, k_mem, v_mem and weights. Under a declared kernel mesh (pallas_kernels.per_shard)
+    the kernel runs per shard: batch rows over the batch axes, query and key/value heads over the head axes.
     """
     _check_shapes(q, k_mem, v_mem, indices, weights)
     if impl == "auto":
@@ -96,8 +105,8 @@ def grouped_cross_attention(
         candidates = [*candidates, "reference"]
     for name in candidates:
         try:
-            fn = _resolve(name)
-            return fn(q, k_mem, v_mem, indices, weights, softmax_off_by_one=softmax_off_by_one, scale=scale)
+            kernel = functools.partial(_resolve(name), softmax_off_by_one=softmax_off_by_one, scale=scale)
+            return per_shard.run(kernel, (q, k_mem, v_mem, indices, weights), _LAYOUTS, _Q)
         except Unsupported as why:
             log.warning("GCA impl %r skipped: %s; falling back", name, why)
     raise AssertionError("unreachable: the reference takes every call")
