@@ -25,8 +25,8 @@ EIGHT_DEVICES = textwrap.dedent(
     from drt_jax.train.optim import make_optimizer
 
     assert jax.device_count() == 8
-    cfg = ModelConfig(name="t", d_model=32, n_heads=4, n_kv_heads=2, mlp_dim=64, decoder_layers=(1, 1),
-                      encoder_layers=1, chunk_size=7, window=16, top_k=2, dropout_rate=0.1)
+    from tests.train_fixtures import SMALL_MODEL
+    cfg = ModelConfig(**SMALL_MODEL)
     tx, sched = make_optimizer(OptimConfig(peak_lr=3e-3, warmup_steps=1, end_lr=1e-3), 10)
     rng = np.random.RandomState(0)
     batches = [rng.randint(0, 256, (4, 64)).astype(np.int32) for _ in range(2)]
