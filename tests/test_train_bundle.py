@@ -13,7 +13,7 @@ import pytest
 
 from drt_jax.train import bundle as bundle_lib
 from drt_jax.train.loop import train
-from tests.train_fixtures import enable_compilation_cache, small_run, write_corpus
+from tests.train_fixtures import logged_losses, straight_run
 
 RUN = dict(checkpoint_every=4, keep_checkpoints=3, log_every=1, eval_every=0)
 TINY_FILE_MIB = 0.0625  # 64 KiB: the small model's 0.47 MiB of fp32 state needs 8 files
@@ -21,18 +21,8 @@ TINY_FILE_MIB = 0.0625  # 64 KiB: the small model's 0.47 MiB of fp32 state needs
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """An uninterrupted 8-step run (of the shared 30-step schedule) with checkpoints 4 and 8."""
-    enable_compilation_cache()
-    tmp = tmp_path_factory.mktemp("bundle")
-    corpus = write_corpus(tmp / "corpus")
-    run = small_run(tmp, corpus, name="straight", **RUN)
-    train(run, stop_at=8, print_fn=lambda *a: None)
-    return tmp, corpus, run, _losses(run.run_dir)
-
-
-def _losses(run_dir: pathlib.Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    """An uninterrupted 8-step run with checkpoints 4 and 8."""
+    return straight_run(tmp_path_factory.mktemp("bundle"), **RUN)
 
 
 def _export(run, out: pathlib.Path, max_files: int, capsys) -> str:
@@ -70,7 +60,7 @@ def test_export_import_resume_continues_exactly(straight, capsys):
     printed = []
     summary = train(resumed, stop_at=8, print_fn=printed.append)
     assert summary.start_step == 4 and not any("restarts" in line for line in printed), printed
-    assert _losses(target) == [(s, v) for s, v in losses if s > 4]  # bit for bit
+    assert logged_losses(target) == [(s, v) for s, v in losses if s > 4]  # bit for bit
 
 
 def test_import_without_optimizer_state_restarts_it_and_says_so(straight, capsys):
@@ -88,7 +78,7 @@ def test_import_without_optimizer_state_restarts_it_and_says_so(straight, capsys
     summary = train(resumed, stop_at=6, print_fn=printed.append)
     assert summary.start_step == 4
     assert len([line for line in printed if "the optimizer restarts" in line]) == 1, printed
-    redone = dict(_losses(target))
+    redone = dict(logged_losses(target))
     # Step 5's loss is computed before any update, from bf16-rounded parameters: close, not equal.
     assert abs(redone[5] - dict(losses)[5]) < 0.02, (redone, losses)
     assert all(np.isfinite(v) for v in redone.values())

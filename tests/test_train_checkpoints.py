@@ -6,7 +6,6 @@ is a one-line error, and a non-finite step is never saved."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import random
@@ -31,8 +30,10 @@ from tests.train_fixtures import (
     cli_env,
     config_file,
     enable_compilation_cache,
+    logged_losses,
     run_cli,
     small_run,
+    straight_run,
     write_corpus,
 )
 
@@ -195,22 +196,11 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """An uninterrupted 8-step run (of the shared 30-step schedule) with checkpoints 4, 6, 8 and the
-    loss of every step."""
-    enable_compilation_cache()
-    tmp = tmp_path_factory.mktemp("straight")
-    corpus = write_corpus(tmp / "corpus")
-    run = small_run(tmp, corpus, name="straight", **DAMAGE_RUN)
-    train(run, stop_at=8, print_fn=lambda *a: None)
-    return tmp, corpus, run, _losses(run.run_dir)
+    """An uninterrupted 8-step run with checkpoints 4, 6, 8 and the loss of every step."""
+    return straight_run(tmp_path_factory.mktemp("straight"), **DAMAGE_RUN)
 
 
 DAMAGE_RUN = dict(checkpoint_every=2, keep_checkpoints=3, log_every=1, eval_every=0)
-
-
-def _losses(run_dir: pathlib.Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
 
 
 def _copy_run(tmp: pathlib.Path, run, name: str):
@@ -257,7 +247,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(straight, how)
     assert len(notes) == 1 and "checkpoint 8" in notes[0] and "\n" not in notes[0], printed
     assert (ckpts / "damaged-8").is_dir()  # moved aside, never deleted
     # Steps 7 and 8 again, exactly as the uninterrupted run computed them.
-    redone = _losses(copy.run_dir)[len(losses):]
+    redone = logged_losses(copy.run_dir)[len(losses):]
     assert redone == [(s, v) for s, v in losses if s > 6], (redone, losses)
     # The moved folder is not taken for a step: the next resume starts from the new checkpoint 8.
     summary = train(copy, stop_at=9, print_fn=lambda *a: None)
@@ -301,7 +291,7 @@ def test_resume_step_picks_an_older_checkpoint(straight):
     pinned = copy.replace(train=dataclasses.replace(copy.train, resume_step=4))
     summary = train(pinned, stop_at=6, print_fn=lambda *a: None)
     assert (summary.start_step, summary.end_step) == (4, 6)
-    assert _losses(copy.run_dir)[len(losses):] == [(s, v) for s, v in losses if 4 < s <= 6]
+    assert logged_losses(copy.run_dir)[len(losses):] == [(s, v) for s, v in losses if 4 < s <= 6]
     names = sorted(p.name for p in (copy.run_dir / "checkpoints").iterdir())
     assert "unused-8" in names and "8" not in names, names
 

@@ -101,3 +101,23 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
+
+
+def logged_losses(run_dir: pathlib.Path) -> list[tuple[int, float]]:
+    """(step, train loss) of every logged step of a run, from its metrics.jsonl."""
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+
+def straight_run(tmp: pathlib.Path, **train_kw):
+    """An uninterrupted run stopped at step 8 (of the shared 30-step schedule) in `tmp`
+    -> (tmp, corpus, run, logged losses): the reference the resume tests compare against."""
+    from drt_jax.train.loop import train
+
+    enable_compilation_cache()
+    corpus = write_corpus(tmp / "corpus")
+    run = small_run(tmp, corpus, name="straight", **train_kw)
+    train(run, stop_at=8, print_fn=lambda *a: None)
+    return tmp, corpus, run, logged_losses(run.run_dir)
