@@ -4,7 +4,8 @@ A task example (drt_jax.tasks.niah) marks its answer tokens and the needle token
 from. Token t lives in chunk t // S; the first answer token is predicted at position t0 - 1, in chunk
 a = (t0 - 1) // S, whose tokens read the retrieval made by chunk a - 1's landmark (row a - 1 of
 `retrieval_indices_g*`, spec 3.4). Needle-chunk recall@k is the fraction of the chunks holding needle
-tokens that this retrieval selected; it is defined for examples with an answer, a needle and a < 1 excluded.
+tokens that this retrieval selected; it is defined only for examples that mark an answer and a needle
+and whose answer chunk a is at least 1 (chunk 0 reads no retrieval).
 """
 
 from __future__ import annotations
