@@ -1,0 +1,205 @@
+"""Where does a trained DRT's passkey copy break: the retrieval, the GCA attention, or the GCA output?
+
+    python experiments/gca_probe.py --checkpoint runs/drt-20m-niah2k --length 512 --samples 48
+
+On NIAH-single samples (held-out haystacks, uniform depth) the checkpoint runs three times, eagerly:
+  normal        the model as trained (no Gumbel noise);
+  gca-off       every GCA block outputs zero (the chunk memory is never read);
+  random-ret    each chunk's retrieval is k visible chunks drawn at random, weighted uniformly.
+For each run it reports the teacher-forced answer loss, split into samples whose needle is inside the
+sliding window of the first answer-predicting token and samples that need the chunk memory. For the
+normal run it also reports, at the positions that predict answer token i (from the question's last
+token on), what the chunk memory offers the copy:
+  w_needle      the retrieval weight on the chunk that holds passkey token i (0 when not retrieved),
+                against 1 / (number of chunks retrieved): uniform;
+  gca_mass      per upper layer, the GCA attention probability (best head) on the slot of passkey
+                token i inside its chunk, against 1 / S: uniform over the chunk's tokens.
+A model that copies through GCA needs gca_mass near 1 in some layer and w_needle well above uniform;
+a gca-off answer loss equal to the normal one says the memory contributes nothing to the answer.
+With --lm-windows N it also compares held-out language-model loss (N windows of --lm-length tokens) for
+the three runs: how much the trained model uses its memory at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import drt_jax.layers as layers_mod  # noqa: E402
+import drt_jax.retrieval as retrieval_mod  # noqa: E402
+from drt_jax.data import load_tokenizer  # noqa: E402
+from drt_jax.data.shards import split_tokens  # noqa: E402
+from drt_jax.model import DRT  # noqa: E402
+from drt_jax.tasks.niah import NiahTask  # noqa: E402
+from drt_jax.train.checkpoints import load_for_eval, read_run_config  # noqa: E402
+
+MODES = ("normal", "gca-off", "random-ret")
+
+
+@contextlib.contextmanager
+def patched(mode: str, records: list, seed: int = 0):
+    """Runs the model with GCA recorded (normal), zeroed (gca-off) or fed random retrievals."""
+    gca, topk = layers_mod.grouped_cross_attention, retrieval_mod.causal_topk
+    rng = np.random.default_rng(seed)
+
+    def gca_hook(q, k_mem, v_mem, indices, weights, **kw):
+        out = gca(q, k_mem, v_mem, indices, weights, **kw)
+        if mode == "normal":
+            records.append(dict(q=np.asarray(q, np.float32), k=np.asarray(k_mem, np.float32),
+                                indices=np.asarray(indices), weights=np.asarray(weights, np.float32),
+                                off_by_one=bool(kw.get("softmax_off_by_one", False))))
+        return jnp.zeros_like(out) if mode == "gca-off" else out
+
+    def random_topk(scores, k, **kw):
+        idx, w = topk(scores, k, **kw)
+        B, C, M = scores.shape
+        new_idx = np.full((B, C, k), -1, np.int32)
+        new_w = np.zeros((B, C, k), np.float32)
+        for c in range(1, C):
+            n = min(k, c)
+            for b in range(B):
+                new_idx[b, c, :n] = rng.choice(c, n, replace=False)
+                new_w[b, c, :n] = 1.0 / n
+        return jnp.asarray(new_idx), jnp.asarray(new_w, w.dtype)
+
+    layers_mod.grouped_cross_attention = gca_hook
+    if mode == "random-ret":
+        retrieval_mod.causal_topk = random_topk
+    try:
+        yield
+    finally:
+        layers_mod.grouped_cross_attention, retrieval_mod.causal_topk = gca, topk
+
+
+def token_logprobs(model, params, tokens) -> np.ndarray:
+    """tokens [B, T] -> log p(tokens[:, t + 1] | ..t) [B, T - 1] (float32)."""
+    logits = model.apply({"params": params}, jnp.asarray(tokens))
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    targets = jnp.asarray(tokens[:, 1:])
+    return np.asarray(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0])
+
+
+def gca_stats(records, samples, S: int):
+    """Retrieval weight on the needle's chunk and the best head's GCA attention on the passkey slot, at
+    the positions predicting each answer token, for each upper layer."""
+    w_needle, w_uniform, mass = [], [], {i: [] for i in range(len(records))}
+    for b, s in enumerate(samples):
+        for i, key_pos in enumerate(s.key_positions):
+            pred = s.prompt_len - 1 + i  # the position whose next token is answer token i
+            c, slot = divmod(pred, S)
+            kc, kslot = divmod(key_pos, S)
+            rec0 = records[0]
+            idx, w = rec0["indices"][b, c], rec0["weights"][b, c]
+            hit = np.flatnonzero(idx == kc)
+            w_needle.append(float(w[hit[0]]) if hit.size else 0.0)
+            w_uniform.append(1.0 / max(1, int(np.sum(idx >= 0))))
+            for li, rec in enumerate(records):
+                if not hit.size:
+                    mass[li].append(0.0)
+                    continue
+                q = rec["q"][b, c, slot]  # [H, Dh]
+                k = rec["k"][b, kc]  # [S, Hkv, Dh]
+                H, Hkv = q.shape[0], k.shape[1]
+                k = np.repeat(k, H // Hkv, axis=1)
+                logits = np.einsum("hd,shd->hs", q, k) / np.sqrt(q.shape[-1])
+                m = logits.max(axis=1, keepdims=True)
+                e = np.exp(logits - m)
+                denom = e.sum(axis=1) + (np.exp(-m[:, 0]) if rec["off_by_one"] else 0.0)
+                mass[li].append(float((e[:, kslot] / denom).max()))
+    return (float(np.mean(w_needle)), float(np.mean(w_uniform)),
+            {f"layer{li}": float(np.mean(v)) for li, v in mass.items()})
+
+
+def retrieval_reach(records, cfg) -> dict:
+    """Distance (in chunks) from each consuming chunk back to the chunks it reads through GCA, and the
+    fraction of them the sliding window already covers (distance <= W / (S + 1) chunks)."""
+    dist = []
+    for rec in records:
+        idx = rec["indices"]  # [B, C, K]: row c is what chunk c reads
+        c = np.arange(idx.shape[1])[None, :, None]
+        dist.append((c - idx)[idx >= 0])
+    dist = np.concatenate(dist)
+    reach = cfg.window // cfg.slots_per_chunk
+    return {"mean_distance": float(dist.mean()), "median_distance": float(np.median(dist)),
+            "frac_within_window": float(np.mean(dist <= reach)), "window_chunks": int(reach)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run folder")
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--data", default=None, help="haystack corpus (default: the run's)")
+    p.add_argument("--lm-windows", type=int, default=0)
+    p.add_argument("--lm-length", type=int, default=2048)
+    p.add_argument("--out", default=None, help="JSON file for the figures")
+    args = p.parse_args(argv)
+
+    cfg, params, tok_name = load_for_eval(args.checkpoint)
+    run = read_run_config(args.checkpoint)
+    data = run.data if args.data is None else __import__("dataclasses").replace(run.data, corpus=args.data)
+    tok = load_tokenizer(tok_name if isinstance(tok_name, str) else run.data.tokenizer)
+    model = DRT(cfg)
+    S = cfg.chunk_size
+    hay = split_tokens(data, tok, "val", 1 << 21)
+    task = NiahTask("single", tok, hay, S, seed=12345)
+    samples = [task.sample(args.length, float(d), i)
+               for i, d in enumerate(np.random.default_rng(0).random(args.samples))]
+    in_window = np.array([s.prompt_len - 1 - min(s.key_positions) < cfg.window - cfg.window // S for s in samples])
+    result = {"checkpoint": args.checkpoint, "length": args.length, "samples": args.samples,
+              "in_window_samples": int(in_window.sum()), "chance": float(np.log(len(task.alphabet)))}
+    A = task.answer_len
+    for mode in MODES:
+        records, losses = [], []
+        for start in range(0, len(samples), args.batch):
+            part = samples[start:start + args.batch]
+            tokens = np.stack([s.tokens for s in part])
+            recs: list = []
+            with patched(mode, recs):
+                lp = token_logprobs(model, params, tokens)
+            t0 = part[0].prompt_len
+            losses.extend((-lp[:, t0 - 1:t0 - 1 + A].mean(axis=1)).tolist())
+            if mode == "normal":
+                records.append((part, recs))
+        losses = np.asarray(losses)
+        row = {"answer_loss_in_window": float(losses[in_window].mean()) if in_window.any() else None,
+               "answer_loss_beyond_window": float(losses[~in_window].mean()) if (~in_window).any() else None}
+        if mode == "normal":
+            stats = [gca_stats(recs, part, S) for part, recs in records]
+            n = [len(part) for part, _ in records]
+            row["w_needle"] = float(np.average([s[0] for s in stats], weights=n))
+            row["w_uniform"] = float(np.average([s[1] for s in stats], weights=n))
+            row["gca_mass"] = {k: float(np.average([s[2][k] for s in stats], weights=n)) for k in stats[0][2]}
+            row["gca_mass_uniform"] = 1.0 / S
+        result[mode] = row
+        print(mode, json.dumps(row), flush=True)
+    if args.lm_windows:
+        stream = split_tokens(data, tok, "val", args.lm_windows * args.lm_length)
+        windows = stream[: args.lm_windows * args.lm_length].reshape(args.lm_windows, args.lm_length)
+        for mode in MODES:
+            recs: list = []
+            with patched(mode, recs):
+                lp = np.concatenate([token_logprobs(model, params, windows[i:i + 1]) for i in range(len(windows))])
+            result[mode]["lm_loss"] = float(-lp.mean())
+            print(mode, "held-out LM loss", round(result[mode]["lm_loss"], 4), flush=True)
+            if mode == "normal":
+                # Group 0's retrievals (the first record of each window): how far back do they reach?
+                result[mode]["lm_retrieval"] = retrieval_reach(recs[:: len(recs) // len(windows)], cfg)
+                print(mode, "retrieval reach", json.dumps(result[mode]["lm_retrieval"]), flush=True)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
