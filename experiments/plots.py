@@ -1,7 +1,7 @@
 """Plots for docs/results.md: training curves from metrics.jsonl and NIAH curves from eval.py's JSON.
 
     python experiments/plots.py curves RUN_DIR/metrics.jsonl --out docs/img/curves.png [--title T]
-    python experiments/plots.py niah EVAL/niah_single.json [MORE.json ...] --out docs/img/niah.png
+    python experiments/plots.py niah EVAL/niah_single.json [MORE.json ...] --out docs/img/niah.png [--labels A,B]
 
 curves: corpus loss, answer loss (with the chance level of the passkey alphabet) and needle-chunk
 recall per retrieval group against the step. niah: accuracy, answer loss and recall against the
@@ -58,12 +58,12 @@ def training_curves(metrics_path: str, out: str, title: str = "", chance: float 
     plt.close(fig)
 
 
-def niah_curves(paths: list[str], out: str) -> None:
+def niah_curves(paths: list[str], out: str, labels: list[str] | None = None) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for path in paths:
+    for i, path in enumerate(paths):
         r = json.loads(pathlib.Path(path).read_text())
-        name = r.get("model", pathlib.Path(path).stem)
+        name = labels[i] if labels else r.get("model", pathlib.Path(path).stem)
         lengths = r["lengths"]
         for d in r["depths"]:
             axes[0].plot(lengths, [r["accuracy"][str(L)][str(d)] for L in lengths], marker="o", label=f"{name} depth {d:g}")
@@ -94,11 +94,15 @@ def main(argv=None) -> int:
     n = sub.add_parser("niah")
     n.add_argument("results", nargs="+")
     n.add_argument("--out", required=True)
+    n.add_argument("--labels", default="", help="comma-separated legend names, one per file (default: the model's name)")
     args = p.parse_args(argv)
+    labels = [x.strip() for x in args.labels.split(",")] if getattr(args, "labels", "") else None
+    if labels and len(labels) != len(args.results):
+        p.error(f"--labels names {len(labels)} files but {len(args.results)} were given")
     if args.kind == "curves":
         training_curves(args.metrics, args.out, args.title, math.log(args.alphabet_size) if args.alphabet_size else None)
     else:
-        niah_curves(args.results, args.out)
+        niah_curves(args.results, args.out, labels)
     print(f"wrote {args.out}")
     return 0
 
