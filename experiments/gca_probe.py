@@ -197,7 +197,9 @@ def main(argv=None) -> int:
                 result[mode]["lm_retrieval"] = retrieval_reach(recs[:: len(recs) // len(windows)], cfg)
                 print(mode, "retrieval reach", json.dumps(result[mode]["lm_retrieval"]), flush=True)
     if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
     return 0
 
 

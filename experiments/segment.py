@@ -1,17 +1,22 @@
 """One segment of an experiment on a machine lent for a few minutes: import -> train -> export -> evaluate.
 
     python experiments/segment.py --config experiments/configs/drt-20m.py --out $OUT \
-        [--bundle-in DIR] [--budget-s 560] [--eval-s 150] [--set train.steps=3000 ...] \
-        [--niah 4K,16K,64K --depths 0,0.5,1 --samples 4] [--ppl 2K,8K]
+        [--bundle-in DIR | --init-bundle DIR] [--budget-s 560] [--eval-s 150] [--set train.steps=3000 ...] \
+        [--stage "150:data.seq_len=512 train.batch=128" ...] \
+        [--niah 4K,16K,64K --depths 0,0.5,1 --samples 4] [--ppl 2K,8K] [--probe 512]
 
 1. With --bundle-in, the previous segment's bundle is imported into runs/<name> (the run then resumes
    from its step; without optimizer state in the bundle the optimizer restarts, and says so).
 2. train.py runs with train.time_limit_s set so that training, the export and the evaluation all end
    within --budget-s of this script's start (the machine's per-command limit is 600 s).
+   With --stage (a curriculum), each "SECONDS:OVERRIDES" stage first trains for SECONDS as its own run
+   (runs/<name>-stage<i>, the overrides added to --set), starting from the previous stage (the first
+   from --init-bundle, if given); the main run then starts from the last stage.
 3. The newest checkpoint is exported as a bundle to OUT/bundle (at most 6 files, so that the logs fit
    in the 8 files that come back), before evaluating, so a slow evaluation never loses the training.
-4. eval.py niah / ppl run on the checkpoint; their JSON and PNGs, metrics.jsonl, the TensorBoard events,
-   config.json and this segment's log go to OUT/logs.tar.gz.
+4. eval.py niah / ppl and experiments/gca_probe.py (--probe) run on the checkpoint; their JSON and PNGs,
+   metrics.jsonl (the stages' too), the TensorBoard events, config.json and this segment's log go to
+   OUT/logs.tar.gz.
 Every command is printed and its wall time recorded in OUT/logs.tar.gz:segment.json.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -61,7 +67,20 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--niah-offload", default="none", choices=["none", "host"])
     p.add_argument("--ppl", default="", help="held-out perplexity lengths, e.g. 2K,8K (empty: none)")
+    p.add_argument("--stage", action="append", default=[], dest="stages", metavar="SECONDS:OVERRIDES",
+                   help='a curriculum stage before the main run, e.g. "150:data.seq_len=512 train.batch=128" (repeatable)')
+    p.add_argument("--probe", type=int, default=0, metavar="LENGTH",
+                   help="run experiments/gca_probe.py on the checkpoint at this NIAH length (0: no probe)")
     args = p.parse_args(argv)
+    stages = []
+    for item in args.stages:
+        secs, _, rest = item.partition(":")
+        try:
+            stages.append((float(secs), shlex.split(rest)))
+        except ValueError:
+            p.error(f"--stage {item!r}: write SECONDS:OVERRIDES, e.g. \"150:data.seq_len=512 train.batch=128\"")
+    if stages and args.bundle_in:
+        p.error("--stage starts new runs from --init-bundle; it cannot resume a --bundle-in run")
 
     start = time.time()
     out = pathlib.Path(args.out)
@@ -74,6 +93,7 @@ def main(argv=None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     eval_dir = run_dir / "eval"
     timings: list = []
+    stage_dirs: list[pathlib.Path] = []
     py = sys.executable
     with open(run_dir / "segment.log", "a") as log:
         if args.bundle_in:
@@ -85,9 +105,19 @@ def main(argv=None) -> int:
             if _run([py, "-m", "drt_jax.train.bundle", "import", "--bundle", args.init_bundle, "--run-dir", str(init_dir)], log, timings):
                 return 2
             init = [f"train.init_from={init_dir}"]
-        limit = max(30.0, args.budget_s - args.eval_s - (time.time() - start))
-        rc = _run([py, "train.py", "--config", args.config, "--set", *args.overrides, *init, f"train.time_limit_s={limit:.0f}"],
-                  log, timings)
+        rc = 0
+        for i, (seconds, overrides) in enumerate(stages):
+            stage_run = load_run_config(args.config, [*args.overrides, *overrides, f"name={run.name}-stage{i}"])
+            stage_dirs.append(stage_run.run_dir)
+            rc = _run([py, "train.py", "--config", args.config, "--set", *args.overrides, *overrides,
+                       f"name={stage_run.name}", *init, f"train.time_limit_s={seconds:.0f}"], log, timings)
+            if rc:
+                break
+            init = [f"train.init_from={stage_run.run_dir}"]
+        if rc == 0:
+            limit = max(30.0, args.budget_s - args.eval_s - (time.time() - start))
+            rc = _run([py, "train.py", "--config", args.config, "--set", *args.overrides, *init,
+                       f"train.time_limit_s={limit:.0f}"], log, timings)
         if rc == 0:
             _run([py, "-m", "drt_jax.train.bundle", "export", "--run-dir", str(run_dir), "--out", str(out / "bundle"),
                   "--max-files", "6"], log, timings)
@@ -101,6 +131,10 @@ def main(argv=None) -> int:
                 _run([py, "eval.py", "ppl", "--checkpoint", str(run_dir), "--data", run.data.corpus, "--split", "val",
                       "--lengths", args.ppl,
                       "--no-progress", "--out", str(eval_dir / "ppl.json")], log, timings, timeout=left())
+            if args.probe and left() > 20:
+                _run([py, str(ROOT / "experiments" / "gca_probe.py"), "--checkpoint", str(run_dir),
+                      "--length", str(args.probe), "--lm-windows", "4",
+                      "--out", str(eval_dir / "gca_probe.json")], log, timings, timeout=left())
     (run_dir / "segment.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides,
                                                      "bundle_in": args.bundle_in, "steps": timings,
                                                      "wall_s": round(time.time() - start, 1)}, indent=2))
@@ -108,6 +142,10 @@ def main(argv=None) -> int:
         for path in sorted(run_dir.iterdir()):
             if path.name != "checkpoints":
                 tar.add(path, arcname=f"{run.name}/{path.name}")
+        for stage_dir in stage_dirs:
+            for name in ("metrics.jsonl", "config.json"):
+                if (stage_dir / name).is_file():
+                    tar.add(stage_dir / name, arcname=f"{run.name}/stages/{stage_dir.name}/{name}")
     print(f"segment done in {time.time() - start:.0f} s; bundle and logs in {out}")
     return rc
 

@@ -95,3 +95,44 @@ def test_probe_retrieval_reach_counts_distances_back():
     # distances: 1; 1, 2; 3, 1
     assert reach["mean_distance"] == pytest.approx(8 / 5)
     assert reach["frac_within_window"] == pytest.approx(np.mean(np.array([1, 1, 2, 3, 1]) <= cfg.window // cfg.slots_per_chunk))
+
+
+def _segment(args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(EXPERIMENTS / "segment.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_segment_runs_a_curriculum_stage_then_the_run_then_the_probe(tmp_path):
+    import json
+    import tarfile
+
+    runs = tmp_path / "runs"
+    out = tmp_path / "out"
+    proc = _segment(["--config", "tiny", "--out", str(out), "--budget-s", "300", "--eval-s", "60",
+                     "--set", "name=seg", f"train.run_dir={runs}/{{name}}", "train.steps=4", "train.progress_bar=false",
+                     "data.seq_len=128", "train.batch=2",
+                     "--stage", "60:train.steps=3 data.seq_len=64", "--probe", "128"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = tar.getnames()
+        segment = json.load(tar.extractfile("seg/segment.json"))
+        probe = json.load(tar.extractfile("seg/eval/gca_probe.json"))
+        stage_config = json.load(tar.extractfile("seg/stages/seg-stage0/config.json"))
+    assert "seg/stages/seg-stage0/metrics.jsonl" in names
+    assert stage_config["data"]["seq_len"] == 64 and stage_config["train"]["steps"] == 3
+    commands = [step["command"] for step in segment["steps"]]
+    # The stage trains first; the main run starts from the stage's run folder, then the probe reads it.
+    assert "name=seg-stage0" in commands[0]
+    assert f"train.init_from={runs}/seg-stage0" in commands[1] and "name=seg-stage0" not in commands[1]
+    assert any("gca_probe.py" in c for c in commands)
+    assert set(probe) >= {"normal", "gca-off", "random-ret"} and "lm_loss" in probe["normal"]
+    assert (out / "bundle" / "manifest.json").is_file()
+
+
+def test_segment_rejects_a_malformed_stage(tmp_path):
+    proc = _segment(["--config", "tiny", "--out", str(tmp_path / "out"), "--stage", "soon:train.steps=3"], tmp_path)
+    assert proc.returncode == 2
+    assert "SECONDS:OVERRIDES" in proc.stderr.strip().splitlines()[-1]
