@@ -84,7 +84,8 @@ class DRT(nn.Module):
                 scores = retrieval.landmark_scores(query, landmark_keys.astype(score_dtype))
                 scores = self.perturb(f"retrieval_scores_g{g}", scores)
                 noise_rng = self.make_rng("gumbel") if (cfg.gumbel_noise and not deterministic) else None
-                indices, weights = retrieval.causal_topk(scores, cfg.top_k, gumbel_rng=noise_rng)
+                indices, weights = retrieval.causal_topk(scores, cfg.top_k, gumbel_rng=noise_rng,
+                                                         gumbel_scale=cfg.gumbel_scale)
                 self.sow("intermediates", f"retrieval_indices_g{g}", indices)
                 self.sow("intermediates", f"retrieval_weights_g{g}", weights)
                 indices, weights = retrieval.shift_to_consumers(indices, weights)

@@ -24,12 +24,12 @@ def visibility(num_queries: int, num_memory: int, query_offset=0):
     return j < c
 
 
-def causal_topk(scores, k: int, *, gumbel_rng=None, query_offset=0):
+def causal_topk(scores, k: int, *, gumbel_rng=None, gumbel_scale: float = 1.0, query_offset=0):
     """Selects the top-k visible memory chunks of every query chunk and weights them.
 
     scores [B, C, M] (float) -> (indices [B, C, k] int32, weights [B, C, k] in the scores' dtype).
-    With `gumbel_rng`, standard Gumbel noise is added to the scores for the *selection* only
-    (Gumbel-top-k = sampling without replacement from softmax(scores)); the weights are always the
+    With `gumbel_rng`, Gumbel noise (times `gumbel_scale`) is added to the scores for the *selection*
+    only (scale 1: Gumbel-top-k = sampling without replacement from softmax(scores)); the weights are always the
     softmax of the clean scores over the selected chunks. Slots left empty because fewer than k
     chunks are visible hold index -1 and weight 0; a chunk that sees nothing gets all-empty slots and
     no NaN, in the output or in gradients.
@@ -38,7 +38,7 @@ def causal_topk(scores, k: int, *, gumbel_rng=None, query_offset=0):
     visible = jnp.broadcast_to(visibility(C, M, query_offset), (B, C, M))
     noisy = scores
     if gumbel_rng is not None:
-        noisy = scores + jax.random.gumbel(gumbel_rng, scores.shape, dtype=scores.dtype)
+        noisy = scores + gumbel_scale * jax.random.gumbel(gumbel_rng, scores.shape, dtype=scores.dtype)
     noisy = jnp.where(visible, noisy, -jnp.inf)
     k_eff = min(k, M)
     _, idx = jax.lax.top_k(jax.lax.stop_gradient(noisy), k_eff)  # [B, C, k_eff]

@@ -17,7 +17,9 @@ token on), what the chunk memory offers the copy:
 A model that copies through GCA needs gca_mass near 1 in some layer and w_needle well above uniform;
 a gca-off answer loss equal to the normal one says the memory contributes nothing to the answer.
 With --lm-windows N it also compares held-out language-model loss (N windows of --lm-length tokens) for
-the three runs: how much the trained model uses its memory at all.
+the three runs: how much the trained model uses its memory at all; how far back the retrievals reach;
+and how much of evaluation's clean top-k the training-time Gumbel-top-k selection shares
+(`training_noise`: the scores' spread against the noise's).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ MODES = ("normal", "gca-off", "random-ret")
 
 
 @contextlib.contextmanager
-def patched(mode: str, records: list, seed: int = 0):
-    """Runs the model with GCA recorded (normal), zeroed (gca-off) or fed random retrievals."""
+def patched(mode: str, records: list, seed: int = 0, scores: list | None = None):
+    """Runs the model with GCA recorded (normal), zeroed (gca-off) or fed random retrievals; `scores`
+    (normal mode) collects every retrieval's score matrix [B, C, M]."""
     gca, topk = layers_mod.grouped_cross_attention, retrieval_mod.causal_topk
     rng = np.random.default_rng(seed)
 
@@ -71,9 +74,15 @@ def patched(mode: str, records: list, seed: int = 0):
                 new_w[b, c, :n] = 1.0 / n
         return jnp.asarray(new_idx), jnp.asarray(new_w, w.dtype)
 
+    def recording_topk(scores_in, k, **kw):
+        scores.append(np.asarray(scores_in, np.float32))
+        return topk(scores_in, k, **kw)
+
     layers_mod.grouped_cross_attention = gca_hook
     if mode == "random-ret":
         retrieval_mod.causal_topk = random_topk
+    elif scores is not None:
+        retrieval_mod.causal_topk = recording_topk
     try:
         yield
     finally:
@@ -133,6 +142,26 @@ def retrieval_reach(records, cfg) -> dict:
             "frac_within_window": float(np.mean(dist <= reach)), "window_chunks": int(reach)}
 
 
+def noise_against_scores(score_mats, k: int, scale: float, draws: int = 20, seed: int = 0) -> dict:
+    """How far training's Gumbel-top-k selection strays from evaluation's clean top-k, for rows that see
+    at least 2k chunks: the scores' spread over the visible chunks, and the mean overlap of the noisy
+    and the clean top-k (1: training reads what evaluation reads; k / visible: a random choice)."""
+    rng = np.random.default_rng(seed)
+    spread, overlap, chance = [], [], []
+    for mat in score_mats:
+        for row_block in mat:
+            for c in range(2 * k, row_block.shape[0]):
+                row = row_block[c, :c]
+                spread.append(row.std())
+                clean = set(np.argsort(-row)[:k].tolist())
+                for _ in range(draws):
+                    noisy = row + scale * rng.gumbel(size=row.shape)
+                    overlap.append(len(clean & set(np.argsort(-noisy)[:k].tolist())) / k)
+                chance.append(k / c)
+    return {"gumbel_scale": scale, "score_std": float(np.mean(spread)), "noise_std": float(scale * np.pi / np.sqrt(6)),
+            "overlap_noisy_clean": float(np.mean(overlap)), "overlap_random": float(np.mean(chance))}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="run folder")
@@ -188,7 +217,8 @@ def main(argv=None) -> int:
         windows = stream[: args.lm_windows * args.lm_length].reshape(args.lm_windows, args.lm_length)
         for mode in MODES:
             recs: list = []
-            with patched(mode, recs):
+            score_mats: list = []
+            with patched(mode, recs, scores=score_mats if mode == "normal" else None):
                 lp = np.concatenate([token_logprobs(model, params, windows[i:i + 1]) for i in range(len(windows))])
             result[mode]["lm_loss"] = float(-lp.mean())
             print(mode, "held-out LM loss", round(result[mode]["lm_loss"], 4), flush=True)
@@ -196,6 +226,8 @@ def main(argv=None) -> int:
                 # Group 0's retrievals (the first record of each window): how far back do they reach?
                 result[mode]["lm_retrieval"] = retrieval_reach(recs[:: len(recs) // len(windows)], cfg)
                 print(mode, "retrieval reach", json.dumps(result[mode]["lm_retrieval"]), flush=True)
+                result[mode]["training_noise"] = noise_against_scores(score_mats, cfg.top_k, cfg.gumbel_scale)
+                print(mode, "training noise", json.dumps(result[mode]["training_noise"]), flush=True)
     if args.out:
         out = pathlib.Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

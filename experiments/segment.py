@@ -86,9 +86,16 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
+    from drt_jax.config import ConfigError
     from drt_jax.train.config import load_run_config
 
-    run = load_run_config(args.config, args.overrides)
+    try:
+        run = load_run_config(args.config, args.overrides)
+        # Every stage's settings are checked before anything trains.
+        stage_runs = [load_run_config(args.config, [*args.overrides, *overrides, f"name={run.name}-stage{i}"])
+                      for i, (_, overrides) in enumerate(stages)]
+    except ConfigError as err:
+        p.error(str(err))
     run_dir = run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     eval_dir = run_dir / "eval"
@@ -106,8 +113,7 @@ def main(argv=None) -> int:
                 return 2
             init = [f"train.init_from={init_dir}"]
         rc = 0
-        for i, (seconds, overrides) in enumerate(stages):
-            stage_run = load_run_config(args.config, [*args.overrides, *overrides, f"name={run.name}-stage{i}"])
+        for (seconds, overrides), stage_run in zip(stages, stage_runs, strict=True):
             stage_dirs.append(stage_run.run_dir)
             rc = _run([py, "train.py", "--config", args.config, "--set", *args.overrides, *overrides,
                        f"name={stage_run.name}", *init, f"train.time_limit_s={seconds:.0f}"], log, timings)

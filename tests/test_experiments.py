@@ -97,6 +97,18 @@ def test_probe_retrieval_reach_counts_distances_back():
     assert reach["frac_within_window"] == pytest.approx(np.mean(np.array([1, 1, 2, 3, 1]) <= cfg.window // cfg.slots_per_chunk))
 
 
+def test_probe_noise_against_scores_spans_clean_to_random():
+    probe = _probe()
+    mats = [np.random.default_rng(0).normal(size=(2, 40, 40)).astype(np.float32)]
+    exact = probe.noise_against_scores(mats, 4, 0.0, draws=3)
+    assert exact["overlap_noisy_clean"] == 1.0 and exact["noise_std"] == 0.0
+    assert exact["score_std"] == pytest.approx(1.0, abs=0.15)
+    loud = probe.noise_against_scores(mats, 4, 100.0, draws=3)
+    assert loud["overlap_noisy_clean"] == pytest.approx(loud["overlap_random"], abs=0.05)
+    mid = probe.noise_against_scores(mats, 4, 1.0, draws=3)
+    assert loud["overlap_noisy_clean"] < mid["overlap_noisy_clean"] < 1.0
+
+
 def _segment(args, cwd):
     import subprocess
     import sys
@@ -136,3 +148,7 @@ def test_segment_rejects_a_malformed_stage(tmp_path):
     proc = _segment(["--config", "tiny", "--out", str(tmp_path / "out"), "--stage", "soon:train.steps=3"], tmp_path)
     assert proc.returncode == 2
     assert "SECONDS:OVERRIDES" in proc.stderr.strip().splitlines()[-1]
+    # A bad key in a stage is refused before anything trains.
+    proc = _segment(["--config", "tiny", "--out", str(tmp_path / "out"), "--stage", "5:train.stepz=3"], tmp_path)
+    assert proc.returncode == 2 and "train.stepz" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr

@@ -60,6 +60,44 @@ def test_gumbel_changes_selection_but_weights_use_clean_scores():
     np.testing.assert_allclose(w_b[0, c], np.exp(sel) / np.exp(sel).sum(), rtol=1e-5)
 
 
+def test_gumbel_scale_sets_how_far_training_selection_strays_from_the_clean_top_k():
+    scores = _scores(5, C=40, M=40) / 3.0  # unit spread, as trained scores of a small model
+    clean, _ = causal_topk(scores, 4)
+    key = jax.random.PRNGKey(7)
+
+    def overlap(scale):
+        idx, _ = causal_topk(scores, 4, gumbel_rng=key, gumbel_scale=scale)
+        a, b = np.sort(np.asarray(idx)[:, 20:], -1), np.sort(np.asarray(clean)[:, 20:], -1)
+        return np.mean([len(set(x) & set(y)) / 4 for x, y in zip(a.reshape(-1, 4), b.reshape(-1, 4), strict=True)])
+
+    assert overlap(0.0) == 1.0 and overlap(1e-4) == 1.0
+    assert 1.0 > overlap(0.3) > overlap(1.0) > overlap(10.0)
+    # Whatever the scale, the weights are the softmax of the clean scores of the chosen chunks.
+    idx, w = causal_topk(scores, 4, gumbel_rng=key, gumbel_scale=10.0)
+    sel = np.asarray(scores)[0, 30, np.asarray(idx[0, 30])]
+    np.testing.assert_allclose(w[0, 30], np.exp(sel) / np.exp(sel).sum(), rtol=1e-5)
+
+
+def test_model_gumbel_scale_reaches_the_selection_and_is_validated():
+    from drt_jax.config import ConfigError, ModelConfig
+    from drt_jax.model import DRT
+
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16 * 16), 0, 250)
+    picks = {}
+    for scale in (0.0, 1.0):
+        cfg = ModelConfig.from_preset("tiny").replace(gumbel_scale=scale)
+        model = DRT(cfg)
+        params = model.init(jax.random.PRNGKey(1), tokens)["params"]
+        run = lambda det, m=model, p=params: m.apply({"params": p}, tokens, deterministic=det, rngs={"gumbel": jax.random.PRNGKey(3)},
+                                                   mutable=["intermediates"])[1]["intermediates"]["retrieval_indices_g0"][0]
+        picks[scale] = (np.asarray(run(True)), np.asarray(run(False)))
+    np.testing.assert_array_equal(*picks[0.0])  # no noise: training selects what evaluation does
+    assert not np.array_equal(*picks[1.0])
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ConfigError, match="gumbel_scale"):
+            ModelConfig.from_preset("tiny").replace(gumbel_scale=bad)
+
+
 def test_query_offset_counts_global_chunk_ids():
     scores = _scores(5, B=1, C=2, M=10)
     idx, _ = causal_topk(scores, 8, query_offset=8)  # queries are chunks 8 and 9

@@ -323,3 +323,19 @@ def test_non_finite_step_stops_without_saving_it(straight, monkeypatch):
     assert steps[-1] == 6, steps
     _, params, _ = load_for_eval(run.run_dir)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_a_checkpoint_older_than_a_model_field_reads_as_that_fields_default():
+    """Checkpoints and bundles written before a ModelConfig field existed keep loading: the run had the
+    field's default behaviour. Setting the field to anything else is still a mismatch."""
+    import dataclasses
+
+    from drt_jax.config import ModelConfig
+    from drt_jax.train.config import model_mismatch
+
+    cfg = ModelConfig.from_preset("tiny")
+    saved = dataclasses.asdict(cfg)
+    del saved["gumbel_scale"]
+    assert model_mismatch(saved, cfg) is None
+    assert "model.gumbel_scale" in model_mismatch(saved, cfg.replace(gumbel_scale=0.5))
+    assert "model.top_k" in model_mismatch(dataclasses.asdict(cfg), cfg.replace(top_k=cfg.top_k + 1))

@@ -232,10 +232,12 @@ RUNTIME_MODEL_FIELDS = frozenset({"name", "dtype", "remat", "attention_impl", "g
 def model_mismatch(saved: dict, current: ModelConfig) -> str | None:
     """The first structural field where a saved model config differs from `current`, as a message."""
     cur = dataclasses.asdict(current)
+    # A field newer than the checkpoint was not there to set: the run had the field's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
     for key in sorted(set(saved) | set(cur)):
         if key in RUNTIME_MODEL_FIELDS:
             continue
-        a, b = _from_json(saved.get(key)), cur.get(key)
+        a, b = _from_json(saved[key] if key in saved else defaults.get(key)), cur.get(key)
         if isinstance(a, list):
             a = tuple(a)
         if a != b:
