@@ -152,3 +152,18 @@ def test_segment_rejects_a_malformed_stage(tmp_path):
     proc = _segment(["--config", "tiny", "--out", str(tmp_path / "out"), "--stage", "5:train.stepz=3"], tmp_path)
     assert proc.returncode == 2 and "train.stepz" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_readout_task_puts_the_key_beyond_the_window_and_trains():
+    spec = importlib.util.spec_from_file_location("gca_readout", EXPERIMENTS / "gca_readout.py")
+    readout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readout)
+    tokens = readout.batch(np.random.default_rng(0), 3, 56)
+    np.testing.assert_array_equal(tokens[:, 1:5], tokens[:, -4:])
+    assert np.all((tokens[:, 1:5] >= 65) & (tokens[:, 1:5] < 91))
+    assert np.all(tokens[:, 5:-4] == 97) and np.all(tokens[:, 0] == 97)
+    assert not np.array_equal(tokens[0, 1:5], tokens[1, 1:5])  # fresh keys per sequence
+    cfg = ModelConfig.from_preset("tiny").replace(d_model=32, n_heads=2, mlp_dim=64, decoder_layers=(1, 1),
+                                                   chunk_size=7, window=8, top_k=2)
+    curve = readout.train(cfg, steps=4, batch_size=2, T=56, lr=1e-3, seed=0, log=2, gumbel=True)
+    assert [s for s, _ in curve] == [2, 4] and all(np.isfinite(v) for _, v in curve)
