@@ -83,12 +83,13 @@ def main(argv=None) -> int:
     p.add_argument("--gumbel-scale", type=float, default=1.0)
     p.add_argument("--window", type=int, default=8,
                    help="sliding window in slots; 8 keeps the key out of reach, >= 64 puts it in plain attention (control)")
+    p.add_argument("--top-k", type=int, default=2, help="retrieved chunks; >= 6 retrieves every chunk the answer can see")
     p.add_argument("--log", type=int, default=25)
     p.add_argument("--target", type=float, default=1.0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     base = ModelConfig.from_preset("tiny").replace(d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=128, decoder_layers=(1, 1),
-                                                    chunk_size=7, window=args.window, top_k=2, gumbel_scale=args.gumbel_scale)
+                                                    chunk_size=7, window=args.window, top_k=args.top_k, gumbel_scale=args.gumbel_scale)
     T = args.chunks * base.chunk_size
     results = []
     for wiring in args.wiring.split(","):
