@@ -32,16 +32,20 @@ from drt_jax.model import DRT  # noqa: E402
 KEY_LEN = 4
 
 
-def batch(rng, B: int, T: int) -> np.ndarray:
-    """[B, T] int32: 'a' filler with a random capital-letter key at 1..4 and again in the last 4 slots."""
+def batch(rng, B: int, T: int, random_offset: bool = False) -> np.ndarray:
+    """[B, T] int32: 'a' filler with a random capital-letter key at 1..4 (or, with random_offset, at a
+    random place in the first half) and again in the last 4 slots."""
     tokens = np.full((B, T), 97, np.int32)
     key = rng.integers(0, 26, size=(B, KEY_LEN)) + 65
-    tokens[:, 1:1 + KEY_LEN] = key
+    starts = rng.integers(1, T // 2 - KEY_LEN, size=B) if random_offset else np.ones(B, np.int64)
+    for b in range(B):
+        tokens[b, starts[b]:starts[b] + KEY_LEN] = key[b]
     tokens[:, -KEY_LEN:] = key
     return tokens
 
 
-def train(cfg: ModelConfig, *, steps: int, batch_size: int, T: int, lr: float, seed: int, log: int, gumbel: bool):
+def train(cfg: ModelConfig, *, steps: int, batch_size: int, T: int, lr: float, seed: int, log: int, gumbel: bool,
+          random_offset: bool = False):
     model = DRT(cfg)
     rng = np.random.default_rng(seed)
     params = model.init(jax.random.PRNGKey(seed), jnp.asarray(batch(rng, 1, T)))["params"]
@@ -64,7 +68,7 @@ def train(cfg: ModelConfig, *, steps: int, batch_size: int, T: int, lr: float, s
     window = []
     for i in range(1, steps + 1):
         key, sub = jax.random.split(key)
-        params, state, answer = step(params, state, jnp.asarray(batch(rng, batch_size, T)), sub)
+        params, state, answer = step(params, state, jnp.asarray(batch(rng, batch_size, T, random_offset)), sub)
         window.append(float(answer))
         if i % log == 0:
             curve.append((i, float(np.mean(window))))
@@ -84,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=8,
                    help="sliding window in slots; 8 keeps the key out of reach, >= 64 puts it in plain attention (control)")
     p.add_argument("--top-k", type=int, default=2, help="retrieved chunks; >= 6 retrieves every chunk the answer can see")
+    p.add_argument("--random-offset", action="store_true",
+                   help="put the key at a random place in the first half: no fixed offset for plain attention to use")
     p.add_argument("--log", type=int, default=25)
     p.add_argument("--target", type=float, default=1.0)
     p.add_argument("--out", default=None)
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
         for seed in (int(s) for s in args.seeds.split(",")):
             cfg = base.replace(gca_residual=wiring)
             curve = train(cfg, steps=args.steps, batch_size=args.batch, T=T, lr=args.lr, seed=seed, log=args.log,
-                          gumbel=args.gumbel_scale > 0)
+                          gumbel=args.gumbel_scale > 0, random_offset=args.random_offset)
             reached = next((s for s, v in curve if v < args.target), None)
             results.append({"wiring": wiring, "seed": seed, "curve": curve, "first_below_target": reached})
             print(f"{wiring:>8} seed {seed}: answer loss {curve[0][1]:.2f} (step {curve[0][0]}) -> {curve[-1][1]:.2f} "

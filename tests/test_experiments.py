@@ -163,6 +163,11 @@ def test_readout_task_puts_the_key_beyond_the_window_and_trains():
     assert np.all((tokens[:, 1:5] >= 65) & (tokens[:, 1:5] < 91))
     assert np.all(tokens[:, 5:-4] == 97) and np.all(tokens[:, 0] == 97)
     assert not np.array_equal(tokens[0, 1:5], tokens[1, 1:5])  # fresh keys per sequence
+    moved = readout.batch(np.random.default_rng(1), 64, 56, random_offset=True)
+    starts = [int(np.flatnonzero(row[:-4] != 97)[0]) for row in moved]
+    assert len(set(starts)) > 5 and max(starts) + 4 <= 28  # anywhere in the first half
+    for row, start in zip(moved, starts, strict=True):
+        np.testing.assert_array_equal(row[start:start + 4], row[-4:])
     cfg = ModelConfig.from_preset("tiny").replace(d_model=32, n_heads=2, mlp_dim=64, decoder_layers=(1, 1),
                                                    chunk_size=7, window=8, top_k=2)
     curve = readout.train(cfg, steps=4, batch_size=2, T=56, lr=1e-3, seed=0, log=2, gumbel=True)
