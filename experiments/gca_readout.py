@@ -32,6 +32,33 @@ from drt_jax.model import DRT  # noqa: E402
 KEY_LEN = 4
 
 
+def smeared_encoder_class():
+    """A ChunkEncoder whose memory keys also see the previous slot of their chunk ("smeared keys",
+    Olsson et al. 2022): k_t = W_k e_t + W_k' e_(t-1). An experiment-only variant, not a model option."""
+    import flax.linen as nn
+
+    import drt_jax.layers as layers
+
+    class SmearedChunkEncoder(layers.ChunkEncoder):
+        @nn.compact
+        def __call__(self, u):
+            cfg = self.cfg
+            B, L, d = u.shape
+            S1 = cfg.slots_per_chunk
+            C = L // S1
+            x = layers.RMSNorm(cfg.encoder_norm_eps, cfg.dtype, name="pre_norm")(u).reshape(B * C, S1, d)
+            for i in range(cfg.encoder_layers):
+                x = layers.LowerLayer(cfg, self.deterministic, bidirectional=True, name=f"layer_{i}")(x, jnp.arange(S1))
+            e = layers.RMSNorm(cfg.encoder_norm_eps, cfg.dtype, name="final_norm")(x).reshape(B, C, S1, d)
+            tokens = e[:, :, : cfg.chunk_size]
+            prev = jnp.pad(tokens[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))
+            shape, axes = (cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")
+            k_mem = layers.dense(cfg, shape, axes, "mem_k")(tokens) + layers.dense(cfg, shape, axes, "mem_k_prev")(prev)
+            return e[:, :, cfg.chunk_size], k_mem, layers.dense(cfg, shape, axes, "mem_v")(tokens)
+
+    return SmearedChunkEncoder
+
+
 def batch(rng, B: int, T: int, random_offset: bool = False) -> np.ndarray:
     """[B, T] int32: 'a' filler with a random capital-letter key at 1..4 (or, with random_offset, at a
     random place in the first half) and again in the last 4 slots."""
@@ -90,10 +117,16 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=2, help="retrieved chunks; >= 6 retrieves every chunk the answer can see")
     p.add_argument("--random-offset", action="store_true",
                    help="put the key at a random place in the first half: no fixed offset for plain attention to use")
+    p.add_argument("--smeared-memory", action="store_true",
+                   help="memory keys also see the previous slot (experiment-only encoder variant)")
     p.add_argument("--log", type=int, default=25)
     p.add_argument("--target", type=float, default=1.0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.smeared_memory:
+        import drt_jax.model as model_module
+
+        model_module.ChunkEncoder = smeared_encoder_class()
     base = ModelConfig.from_preset("tiny").replace(d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=128, decoder_layers=(1, 1),
                                                     chunk_size=7, window=args.window, top_k=args.top_k, gumbel_scale=args.gumbel_scale)
     T = args.chunks * base.chunk_size

@@ -3,6 +3,7 @@
 import importlib.util
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,3 +173,22 @@ def test_readout_task_puts_the_key_beyond_the_window_and_trains():
                                                    chunk_size=7, window=8, top_k=2)
     curve = readout.train(cfg, steps=4, batch_size=2, T=56, lr=1e-3, seed=0, log=2, gumbel=True)
     assert [s for s, _ in curve] == [2, 4] and all(np.isfinite(v) for _, v in curve)
+
+
+def test_readout_smeared_memory_keys_see_the_previous_slot(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gca_readout", EXPERIMENTS / "gca_readout.py")
+    readout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readout)
+    import drt_jax.model as model_module
+
+    monkeypatch.setattr(model_module, "ChunkEncoder", readout.smeared_encoder_class())
+    cfg = ModelConfig.from_preset("tiny").replace(d_model=32, n_heads=2, mlp_dim=64, decoder_layers=(1, 1),
+                                                   chunk_size=7, window=8, top_k=2)
+    tokens = jnp.asarray(readout.batch(np.random.default_rng(0), 2, 56))
+    model = DRT(cfg)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
+    assert "mem_k_prev" in params["encoder"]
+    # Changing only the previous-slot projection changes the output: the smeared keys are used.
+    bumped = jax.tree_util.tree_map(lambda x: x, params)
+    bumped["encoder"]["mem_k_prev"]["kernel"] = params["encoder"]["mem_k_prev"]["kernel"] * 50.0
+    assert not np.allclose(model.apply({"params": params}, tokens), model.apply({"params": bumped}, tokens), atol=1e-5)
