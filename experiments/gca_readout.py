@@ -33,28 +33,23 @@ KEY_LEN = 4
 
 
 def smeared_encoder_class():
-    """A ChunkEncoder whose memory keys also see the previous slot of their chunk ("smeared keys",
-    Olsson et al. 2022): k_t = W_k e_t + W_k' e_(t-1). An experiment-only variant, not a model option."""
+    """The model's ChunkEncoder with "smeared" memory keys (Olsson et al. 2022): each key becomes
+    sigmoid(a) k_t + (1 - sigmoid(a)) k_(t-1) within its chunk, with a learned a per kv head, so a key
+    also tells which token precedes it. An experiment-only variant, not a model option."""
     import flax.linen as nn
 
     import drt_jax.layers as layers
 
-    class SmearedChunkEncoder(layers.ChunkEncoder):
+    class SmearedChunkEncoder(nn.Module):
+        cfg: ModelConfig
+        deterministic: bool = True
+
         @nn.compact
         def __call__(self, u):
-            cfg = self.cfg
-            B, L, d = u.shape
-            S1 = cfg.slots_per_chunk
-            C = L // S1
-            x = layers.RMSNorm(cfg.encoder_norm_eps, cfg.dtype, name="pre_norm")(u).reshape(B * C, S1, d)
-            for i in range(cfg.encoder_layers):
-                x = layers.LowerLayer(cfg, self.deterministic, bidirectional=True, name=f"layer_{i}")(x, jnp.arange(S1))
-            e = layers.RMSNorm(cfg.encoder_norm_eps, cfg.dtype, name="final_norm")(x).reshape(B, C, S1, d)
-            tokens = e[:, :, : cfg.chunk_size]
-            prev = jnp.pad(tokens[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))
-            shape, axes = (cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")
-            k_mem = layers.dense(cfg, shape, axes, "mem_k")(tokens) + layers.dense(cfg, shape, axes, "mem_k_prev")(prev)
-            return e[:, :, cfg.chunk_size], k_mem, layers.dense(cfg, shape, axes, "mem_v")(tokens)
+            landmark_keys, k_mem, v_mem = layers.ChunkEncoder(self.cfg, self.deterministic, name="base")(u)
+            gate = jax.nn.sigmoid(self.param("smear", nn.initializers.zeros, (self.cfg.kv_heads,)))[:, None]
+            previous = jnp.pad(k_mem[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))
+            return landmark_keys, gate * k_mem + (1.0 - gate) * previous, v_mem
 
     return SmearedChunkEncoder
 

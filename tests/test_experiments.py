@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import sys
 
 import flax.linen as nn
 import jax
@@ -18,11 +19,17 @@ from drt_jax.train.config import load_run_config
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
 
-def _probe():
-    spec = importlib.util.spec_from_file_location("gca_probe", EXPERIMENTS / "gca_probe.py")
+def _load(name: str):
+    """experiments/<name>.py as a module (registered, so that dataclasses in it can resolve their module)."""
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _probe():
+    return _load("gca_probe")
 
 
 @pytest.mark.parametrize("path", sorted((EXPERIMENTS / "configs").glob("*.py")), ids=lambda p: p.stem)
@@ -112,7 +119,6 @@ def test_probe_noise_against_scores_spans_clean_to_random():
 
 def _segment(args, cwd):
     import subprocess
-    import sys
 
     return subprocess.run([sys.executable, str(EXPERIMENTS / "segment.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
@@ -156,9 +162,7 @@ def test_segment_rejects_a_malformed_stage(tmp_path):
 
 
 def test_readout_task_puts_the_key_beyond_the_window_and_trains():
-    spec = importlib.util.spec_from_file_location("gca_readout", EXPERIMENTS / "gca_readout.py")
-    readout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(readout)
+    readout = _load("gca_readout")
     tokens = readout.batch(np.random.default_rng(0), 3, 56)
     np.testing.assert_array_equal(tokens[:, 1:5], tokens[:, -4:])
     assert np.all((tokens[:, 1:5] >= 65) & (tokens[:, 1:5] < 91))
@@ -176,9 +180,7 @@ def test_readout_task_puts_the_key_beyond_the_window_and_trains():
 
 
 def test_readout_smeared_memory_keys_see_the_previous_slot(monkeypatch):
-    spec = importlib.util.spec_from_file_location("gca_readout", EXPERIMENTS / "gca_readout.py")
-    readout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(readout)
+    readout = _load("gca_readout")
     import drt_jax.model as model_module
 
     monkeypatch.setattr(model_module, "ChunkEncoder", readout.smeared_encoder_class())
@@ -187,8 +189,8 @@ def test_readout_smeared_memory_keys_see_the_previous_slot(monkeypatch):
     tokens = jnp.asarray(readout.batch(np.random.default_rng(0), 2, 56))
     model = DRT(cfg)
     params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
-    assert "mem_k_prev" in params["encoder"]
-    # Changing only the previous-slot projection changes the output: the smeared keys are used.
+    assert params["encoder"]["smear"].shape == (cfg.kv_heads,)
+    # Moving only the smearing gate changes the output: the smeared keys are used.
     bumped = jax.tree_util.tree_map(lambda x: x, params)
-    bumped["encoder"]["mem_k_prev"]["kernel"] = params["encoder"]["mem_k_prev"]["kernel"] * 50.0
+    bumped["encoder"]["smear"] = params["encoder"]["smear"] + 5.0
     assert not np.allclose(model.apply({"params": params}, tokens), model.apply({"params": bumped}, tokens), atol=1e-5)
