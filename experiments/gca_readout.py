@@ -98,6 +98,33 @@ def train(cfg: ModelConfig, *, steps: int, batch_size: int, T: int, lr: float, s
     return curve
 
 
+def answer_grad_norms(cfg: ModelConfig, *, batch_size: int, T: int, seed: int, random_offset: bool) -> dict:
+    """Norms of the answer loss's gradient at initialisation for the attention-pattern parameters:
+    GCA query and memory key against the self-attention queries and keys, and the value paths."""
+    import flax.linen as nn
+
+    model = DRT(cfg)
+    tokens = jnp.asarray(batch(np.random.default_rng(seed), batch_size, T, random_offset))
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens)["params"])
+
+    def answer(p):
+        logp = jax.nn.log_softmax(model.apply({"params": p}, tokens)[:, -KEY_LEN - 1:-1].astype(jnp.float32))
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, -KEY_LEN:, None], axis=-1))
+
+    grads = jax.grad(answer)(params)
+    wanted = {"gca q": ("group0_layer_0", "gca", "q"), "memory k": ("encoder", "mem_k"),
+              "gca o": ("group0_layer_0", "gca", "o"), "memory v": ("encoder", "mem_v"),
+              "upper self-attention q": ("group0_layer_0", "attn", "q"), "upper self-attention k": ("group0_layer_0", "attn", "k"),
+              "lower self-attention q": ("lower_0", "attn", "q"), "lower self-attention k": ("lower_0", "attn", "k")}
+    out = {}
+    for label, path in wanted.items():
+        node = grads
+        for key in path:
+            node = node[key]
+        out[label] = float(jnp.linalg.norm(node["kernel"]))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=600)
@@ -114,6 +141,8 @@ def main(argv=None) -> int:
                    help="put the key at a random place in the first half: no fixed offset for plain attention to use")
     p.add_argument("--smeared-memory", action="store_true",
                    help="memory keys also see the previous slot (experiment-only encoder variant)")
+    p.add_argument("--grad-norms", action="store_true",
+                   help="only print the answer-gradient norms of the attention parameters at initialisation")
     p.add_argument("--log", type=int, default=25)
     p.add_argument("--target", type=float, default=1.0)
     p.add_argument("--out", default=None)
@@ -125,6 +154,12 @@ def main(argv=None) -> int:
     base = ModelConfig.from_preset("tiny").replace(d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=128, decoder_layers=(1, 1),
                                                     chunk_size=7, window=args.window, top_k=args.top_k, gumbel_scale=args.gumbel_scale)
     T = args.chunks * base.chunk_size
+    if args.grad_norms:
+        norms = answer_grad_norms(base.replace(gca_residual=args.wiring.split(",")[0]), batch_size=args.batch, T=T,
+                                  seed=int(args.seeds.split(",")[0]), random_offset=args.random_offset)
+        for label, value in norms.items():
+            print(f"{label:>24}: {value:.2e}")
+        return 0
     results = []
     for wiring in args.wiring.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):

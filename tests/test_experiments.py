@@ -194,3 +194,13 @@ def test_readout_smeared_memory_keys_see_the_previous_slot(monkeypatch):
     bumped = jax.tree_util.tree_map(lambda x: x, params)
     bumped["encoder"]["smear"] = params["encoder"]["smear"] + 5.0
     assert not np.allclose(model.apply({"params": params}, tokens), model.apply({"params": bumped}, tokens), atol=1e-5)
+
+
+def test_readout_grad_norms_cover_both_attention_paths():
+    readout = _load("gca_readout")
+    cfg = ModelConfig.from_preset("tiny").replace(d_model=32, n_heads=2, mlp_dim=64, decoder_layers=(1, 1),
+                                                   chunk_size=7, window=8, top_k=8, gumbel_scale=0.0)
+    norms = readout.answer_grad_norms(cfg, batch_size=4, T=56, seed=0, random_offset=True)
+    assert set(norms) >= {"gca q", "memory k", "upper self-attention q", "lower self-attention k"}
+    assert all(np.isfinite(v) and v > 0 for v in norms.values())
+
