@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import pathlib
 import sys
@@ -174,10 +175,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON file for the figures")
     args = p.parse_args(argv)
 
-    cfg, params, tok_name = load_for_eval(args.checkpoint)
+    cfg, params, _ = load_for_eval(args.checkpoint)
     run = read_run_config(args.checkpoint)
-    data = run.data if args.data is None else __import__("dataclasses").replace(run.data, corpus=args.data)
-    tok = load_tokenizer(tok_name if isinstance(tok_name, str) else run.data.tokenizer)
+    data = run.data if args.data is None else dataclasses.replace(run.data, corpus=args.data)
+    tok = load_tokenizer(run.data.tokenizer)
     model = DRT(cfg)
     S = cfg.chunk_size
     hay = split_tokens(data, tok, "val", 1 << 21)
