@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from drt_jax.attention import alibi_slopes, bidirectional_attention, causal_attention
 from drt_jax.config import ModelConfig
@@ -46,12 +47,32 @@ class RMSNorm(nn.Module):
         return (y * gain.astype(acc)).astype(_dtype(self.dtype))
 
 
+def rope_angles(positions, half_dim: int, theta: float, dtype=jnp.float32):
+    """positions int [...] -> RoPE angles [..., half_dim], accurate for any position below 2^31.
+
+    The plain product position * frequency loses the angle in float32 once positions reach
+    millions (at 2^24 slots, about 16.5M tokens, even the position is no longer exact), and
+    inference rotates keys at absolute slot positions. So the position is split into 10-bit
+    digits, and each digit's angle is reduced modulo 2 pi with constants computed in float64.
+    """
+    freq = theta ** (-np.arange(half_dim, dtype=np.float64) * 2.0 / (2 * half_dim))
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        return positions.astype(dtype)[..., None] * freq.astype(dtype)
+    pos = positions.astype(jnp.int32)[..., None]
+    two_pi = 2.0 * np.pi
+    angle = jnp.zeros(pos.shape[:-1] + (half_dim,), dtype)
+    for shift in (0, 10, 20):
+        digit = (pos >> shift if shift == 20 else (pos >> shift) & 1023).astype(dtype)
+        step = np.mod(freq * 2.0**shift, two_pi).astype(dtype)
+        angle = angle + jnp.mod(digit * step, two_pi)
+    return angle
+
+
 def apply_rope(x, positions, theta: float):
     """Rotate-half RoPE. x [..., T, H, D], positions [T] or [B, T] (broadcast against x)."""
     D = x.shape[-1]
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    freq = theta ** (-jnp.arange(0, D // 2, dtype=acc) * 2.0 / D)
-    angle = positions.astype(acc)[..., None] * freq  # [..., T, D/2]
+    angle = rope_angles(positions, D // 2, theta, acc)  # [..., T, D/2]
     cos = jnp.cos(angle)[..., None, :]
     sin = jnp.sin(angle)[..., None, :]
     x1, x2 = jnp.split(x.astype(acc), 2, axis=-1)

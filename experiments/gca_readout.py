@@ -54,47 +54,64 @@ def smeared_encoder_class():
     return SmearedChunkEncoder
 
 
-def batch(rng, B: int, T: int, random_offset: bool = False) -> np.ndarray:
+MARKER = 35  # '#'
+
+
+def batch(rng, B: int, T: int, random_offset: bool = False, marker: bool = False, noise: bool = False) -> np.ndarray:
     """[B, T] int32: 'a' filler with a random capital-letter key at 1..4 (or, with random_offset, at a
-    random place in the first half) and again in the last 4 slots."""
-    tokens = np.full((B, T), 97, np.int32)
+    random place in the first half) and again in the last 4 slots. With `marker`, a '#' precedes both
+    copies of the key, as "the pass key is" does in NIAH, so every answer token has a cue. With `noise`
+    the filler is random lower-case letters instead of 'a': a constant filler lets the LM loss pull the
+    tied embeddings of the unpredictable capitals together (pairwise cosine 0.7 after 400 steps at lr
+    3e-3), after which no memory key tells a key letter from the filler."""
+    tokens = rng.integers(97, 123, size=(B, T)).astype(np.int32) if noise else np.full((B, T), 97, np.int32)
     key = rng.integers(0, 26, size=(B, KEY_LEN)) + 65
-    starts = rng.integers(1, T // 2 - KEY_LEN, size=B) if random_offset else np.ones(B, np.int64)
+    first = 1 + int(marker)
+    starts = rng.integers(first, T // 2 - KEY_LEN, size=B) if random_offset else np.full(B, first)
     for b in range(B):
         tokens[b, starts[b]:starts[b] + KEY_LEN] = key[b]
+        if marker:
+            tokens[b, starts[b] - 1] = MARKER
     tokens[:, -KEY_LEN:] = key
+    if marker:
+        tokens[:, -KEY_LEN - 1] = MARKER
     return tokens
 
 
-def train(cfg: ModelConfig, *, steps: int, batch_size: int, T: int, lr: float, seed: int, log: int, gumbel: bool,
-          random_offset: bool = False):
-    model = DRT(cfg)
+def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: float, seed: int, log: int, gumbel: bool,
+          random_offset: bool = False, marker: bool = False, noise: bool = False):
+    """stages: (model config, tokens per sequence, steps), trained in order with one set of parameters
+    and one optimizer state (a curriculum); returns [(global step, mean answer loss)] every `log` steps."""
     rng = np.random.default_rng(seed)
-    params = model.init(jax.random.PRNGKey(seed), jnp.asarray(batch(rng, 1, T)))["params"]
+    first_cfg, first_T, _ = stages[0]
+    params = DRT(first_cfg).init(jax.random.PRNGKey(seed), jnp.asarray(batch(rng, 1, first_T)))["params"]
     opt = optax.adam(lr)
     state = opt.init(params)
+    curve, key, window, i = [], jax.random.PRNGKey(seed + 1000), [], 0
+    for cfg, T, steps in stages:
+        model = DRT(cfg)
 
-    def losses(p, tokens, key):
-        logits = model.apply({"params": p}, tokens, deterministic=not gumbel, rngs={"gumbel": key} if gumbel else None)
-        logp = jax.nn.log_softmax(logits[:, -KEY_LEN - 1:-1].astype(jnp.float32))
-        answer = -jnp.mean(jnp.take_along_axis(logp, tokens[:, -KEY_LEN:, None], axis=-1))
-        return next_token_loss(logits, tokens, cfg.pad_id)[0] + answer, answer
+        def losses(p, tokens, key, model=model, cfg=cfg):
+            logits = model.apply({"params": p}, tokens, deterministic=not gumbel, rngs={"gumbel": key} if gumbel else None)
+            logp = jax.nn.log_softmax(logits[:, -KEY_LEN - 1:-1].astype(jnp.float32))
+            answer = -jnp.mean(jnp.take_along_axis(logp, tokens[:, -KEY_LEN:, None], axis=-1))
+            return next_token_loss(logits, tokens, cfg.pad_id)[0] + answer, answer
 
-    @jax.jit
-    def step(p, s, tokens, key):
-        (_, answer), g = jax.value_and_grad(losses, has_aux=True)(p, tokens, key)
-        updates, s = opt.update(g, s, p)
-        return optax.apply_updates(p, updates), s, answer
+        @jax.jit
+        def step(p, s, tokens, key, losses=losses):
+            (_, answer), g = jax.value_and_grad(losses, has_aux=True)(p, tokens, key)
+            updates, s = opt.update(g, s, p)
+            return optax.apply_updates(p, updates), s, answer
 
-    curve, key = [], jax.random.PRNGKey(seed + 1000)
-    window = []
-    for i in range(1, steps + 1):
-        key, sub = jax.random.split(key)
-        params, state, answer = step(params, state, jnp.asarray(batch(rng, batch_size, T, random_offset)), sub)
-        window.append(float(answer))
-        if i % log == 0:
-            curve.append((i, float(np.mean(window))))
-            window = []
+        for _ in range(steps):
+            i += 1
+            key, sub = jax.random.split(key)
+            tokens = jnp.asarray(batch(rng, batch_size, T, random_offset, marker, noise))
+            params, state, answer = step(params, state, tokens, sub)
+            window.append(float(answer))
+            if i % log == 0:
+                curve.append((i, float(np.mean(window))))
+                window = []
     return curve
 
 
@@ -139,10 +156,14 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=2, help="retrieved chunks; >= 6 retrieves every chunk the answer can see")
     p.add_argument("--random-offset", action="store_true",
                    help="put the key at a random place in the first half: no fixed offset for plain attention to use")
+    p.add_argument("--marker", action="store_true", help="a '#' precedes the key and the answer (a cue for every answer token)")
+    p.add_argument("--noise-filler", action="store_true", help="random lower-case filler instead of constant 'a'")
     p.add_argument("--smeared-memory", action="store_true",
                    help="memory keys also see the previous slot (experiment-only encoder variant)")
     p.add_argument("--grad-norms", action="store_true",
                    help="only print the answer-gradient norms of the attention parameters at initialisation")
+    p.add_argument("--warmup", default=None, metavar="CHUNKS:TOP_K:STEPS",
+                   help="a first stage with fewer chunks / retrieved chunks (a curriculum); --steps follow it")
     p.add_argument("--log", type=int, default=25)
     p.add_argument("--target", type=float, default=1.0)
     p.add_argument("--out", default=None)
@@ -164,8 +185,13 @@ def main(argv=None) -> int:
     for wiring in args.wiring.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             cfg = base.replace(gca_residual=wiring)
-            curve = train(cfg, steps=args.steps, batch_size=args.batch, T=T, lr=args.lr, seed=seed, log=args.log,
-                          gumbel=args.gumbel_scale > 0, random_offset=args.random_offset)
+            stages = [(cfg, T, args.steps)]
+            if args.warmup:
+                chunks, top_k, steps = (int(x) for x in args.warmup.split(":"))
+                stages.insert(0, (cfg.replace(top_k=top_k), chunks * cfg.chunk_size, steps))
+            curve = train(stages, batch_size=args.batch, lr=args.lr, seed=seed, log=args.log,
+                          gumbel=args.gumbel_scale > 0, random_offset=args.random_offset, marker=args.marker,
+                          noise=args.noise_filler)
             reached = next((s for s, v in curve if v < args.target), None)
             results.append({"wiring": wiring, "seed": seed, "curve": curve, "first_below_target": reached})
             print(f"{wiring:>8} seed {seed}: answer loss {curve[0][1]:.2f} (step {curve[0][0]}) -> {curve[-1][1]:.2f} "

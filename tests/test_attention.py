@@ -113,3 +113,33 @@ def test_cudnn_sliding_window_matches_reference_on_gpu(window):
     for a, b in zip(g_cudnn, g_ref, strict=True):
         rel = float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
         assert rel < 3e-2, f"cuDNN gradient rel. error {rel:.3g}"
+
+
+@pytest.mark.parametrize("base", [17_000_000, 2**30])
+def test_rope_stays_relative_at_16m_token_positions(base):
+    """Inference rotates keys at absolute slot positions, which pass 2^24 (float32's last exact
+    integer) beyond 16M tokens: q(base+i).k(base+j) must still equal q(i).k(j)."""
+    from drt_jax.layers import apply_rope
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 16, 2, 64)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 16, 2, 64)), jnp.float32)
+    pos = jnp.arange(16, dtype=jnp.int32)
+
+    def logits(offset):
+        qr = apply_rope(q, pos + offset, 10000.0)
+        kr = apply_rope(k, pos + offset, 10000.0)
+        return jnp.einsum("bqhd,bkhd->bhqk", qr, kr)
+
+    np.testing.assert_allclose(logits(base), logits(0), atol=2e-2)
+
+
+def test_rope_angles_match_float64_at_any_position():
+    from drt_jax.layers import rope_angles
+
+    pos = np.array([0, 1, 1023, 1024, 16_640, 1_000_003, 2**24 + 1, 17_000_000, 2**31 - 1], np.int64)
+    freq = 10000.0 ** (-np.arange(32) * 2.0 / 64)
+    exact = pos[:, None].astype(np.float64) * freq
+    got = np.asarray(rope_angles(jnp.asarray(pos, jnp.int32), 32, 10000.0), np.float64)
+    wrapped = np.angle(np.exp(1j * (got - exact)))  # the difference modulo 2 pi
+    assert np.abs(wrapped).max() < 5e-3

@@ -175,8 +175,25 @@ def test_readout_task_puts_the_key_beyond_the_window_and_trains():
         np.testing.assert_array_equal(row[start:start + 4], row[-4:])
     cfg = ModelConfig.from_preset("tiny").replace(d_model=32, n_heads=2, mlp_dim=64, decoder_layers=(1, 1),
                                                    chunk_size=7, window=8, top_k=2)
-    curve = readout.train(cfg, steps=4, batch_size=2, T=56, lr=1e-3, seed=0, log=2, gumbel=True)
+    curve = readout.train([(cfg, 56, 4)], batch_size=2, lr=1e-3, seed=0, log=2, gumbel=True)
     assert [s for s, _ in curve] == [2, 4] and all(np.isfinite(v) for _, v in curve)
+    # A curriculum: the step count runs on across stages of different lengths and top-k.
+    curve = readout.train([(cfg.replace(top_k=1), 21, 2), (cfg, 56, 2)], batch_size=2, lr=1e-3, seed=0, log=1,
+                          gumbel=False)
+    assert [s for s, _ in curve] == [1, 2, 3, 4]
+
+
+def test_readout_marker_and_noise_filler():
+    readout = _load("gca_readout")
+    tokens = readout.batch(np.random.default_rng(0), 64, 56, random_offset=True, marker=True, noise=True)
+    for row in tokens:
+        marks = np.flatnonzero(row == readout.MARKER)
+        assert len(marks) == 2 and marks[1] == 56 - 5  # one before the key, one before the answer
+        np.testing.assert_array_equal(row[marks[0] + 1:marks[0] + 5], row[-4:])
+    filler = np.delete(tokens[0], np.r_[np.flatnonzero(tokens[0] == readout.MARKER)[0] + np.arange(5), 51:56])
+    assert np.all((filler >= 97) & (filler < 123)) and len(set(filler.tolist())) > 5  # random lower case
+    fixed = readout.batch(np.random.default_rng(0), 4, 56, marker=True)
+    assert np.all(fixed[:, 1] == readout.MARKER) and np.all(fixed[:, 0] == 97)
 
 
 def test_readout_smeared_memory_keys_see_the_previous_slot(monkeypatch):
