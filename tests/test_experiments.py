@@ -12,7 +12,7 @@ import pytest
 
 from drt_jax.config import ModelConfig
 from drt_jax.data import ByteTokenizer
-from drt_jax.model import DRT
+from drt_jax.model import DRT, parameter_count
 from drt_jax.tasks.niah import NiahTask
 from drt_jax.train.config import load_run_config
 
@@ -37,6 +37,7 @@ def test_experiment_configs_load(path):
     run = load_run_config(str(path))
     assert run.name == path.stem
     assert run.data.seq_len <= 16384  # the training-length bound
+    assert parameter_count(run.model)["total"] <= 50_000_000  # the model-size bound
 
 
 def _tiny():
