@@ -82,7 +82,8 @@ def batch(rng, B: int, T: int, random_offset: bool = False, marker: bool = False
 def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: float, seed: int, log: int, gumbel: bool,
           random_offset: bool = False, marker: bool = False, noise: bool = False):
     """stages: (model config, tokens per sequence, steps), trained in order with one set of parameters
-    and one optimizer state (a curriculum); returns [(global step, mean answer loss)] every `log` steps."""
+    and one optimizer state (a curriculum). Returns ([(global step, mean answer loss)] every `log`
+    steps, the trained parameters)."""
     rng = np.random.default_rng(seed)
     first_cfg, first_T, _ = stages[0]
     params = DRT(first_cfg).init(jax.random.PRNGKey(seed), jnp.asarray(batch(rng, 1, first_T)))["params"]
@@ -113,7 +114,32 @@ def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: fl
             if i % log == 0:
                 curve.append((i, float(np.mean(window))))
                 window = []
-    return curve
+    return curve, params
+
+
+def length_sweep(cfg: ModelConfig, params, chunks_list, *, batch_size: int, seed: int, random_offset: bool = False,
+                 marker: bool = False, noise: bool = False) -> list[dict]:
+    """Trained parameters at other lengths, without retrieval noise: per number of chunks, the answer
+    loss, the retrieval weight on the key's chunk in the answer chunk's retrieval (w_needle) and
+    whether that chunk is retrieved at all (recall)."""
+    model = DRT(cfg)
+    rng = np.random.default_rng(seed + 7)
+    rows = []
+    for chunks in chunks_list:
+        T = chunks * cfg.chunk_size
+        tokens = batch(rng, batch_size, T, random_offset, marker, noise)
+        logits, state = model.apply({"params": params}, jnp.asarray(tokens), mutable=["intermediates"])
+        logp = jax.nn.log_softmax(logits[:, -KEY_LEN - 1:-1].astype(jnp.float32))
+        answer = -float(jnp.mean(jnp.take_along_axis(logp, jnp.asarray(tokens[:, -KEY_LEN:, None]), axis=-1)))
+        # Row C-2 of the retrieval is what the last chunk (the answer's) reads.
+        idx = np.asarray(state["intermediates"]["retrieval_indices_g0"][0])[:, -2]
+        w = np.asarray(state["intermediates"]["retrieval_weights_g0"][0])[:, -2]
+        capitals = (tokens[:, : T // 2] >= 65) & (tokens[:, : T // 2] <= 90)
+        needle = np.argmax(capitals, axis=1) // cfg.chunk_size
+        hit = idx == needle[:, None]
+        rows.append({"chunks": chunks, "answer_loss": answer, "w_needle": float(np.mean(np.sum(w * hit, axis=1))),
+                     "recall": float(np.mean(hit.any(axis=1)))})
+    return rows
 
 
 def answer_grad_norms(cfg: ModelConfig, *, batch_size: int, T: int, seed: int, random_offset: bool) -> dict:
@@ -166,6 +192,8 @@ def main(argv=None) -> int:
                    help="only print the answer-gradient norms of the attention parameters at initialisation")
     p.add_argument("--warmup", default=None, metavar="CHUNKS:TOP_K:STEPS",
                    help="a first stage with fewer chunks / retrieved chunks (a curriculum); --steps follow it")
+    p.add_argument("--eval-chunks", default="",
+                   help="after training, the answer loss and the key chunk's retrieval weight at these lengths (e.g. 8,16,32,64)")
     p.add_argument("--log", type=int, default=25)
     p.add_argument("--target", type=float, default=1.0)
     p.add_argument("--out", default=None)
@@ -191,13 +219,21 @@ def main(argv=None) -> int:
             if args.warmup:
                 chunks, top_k, steps = (int(x) for x in args.warmup.split(":"))
                 stages.insert(0, (cfg.replace(top_k=top_k), chunks * cfg.chunk_size, steps))
-            curve = train(stages, batch_size=args.batch, lr=args.lr, seed=seed, log=args.log,
+            curve, params = train(stages, batch_size=args.batch, lr=args.lr, seed=seed, log=args.log,
                           gumbel=args.gumbel_scale > 0, random_offset=args.random_offset, marker=args.marker,
                           noise=args.noise_filler)
             reached = next((s for s, v in curve if v < args.target), None)
             results.append({"wiring": wiring, "seed": seed, "curve": curve, "first_below_target": reached})
             print(f"{wiring:>8} seed {seed}: answer loss {curve[0][1]:.2f} (step {curve[0][0]}) -> {curve[-1][1]:.2f} "
                   f"(step {curve[-1][0]}); below {args.target} first at step {reached}", flush=True)
+            if args.eval_chunks:
+                sweep = length_sweep(cfg, params, [int(c) for c in args.eval_chunks.split(",")], batch_size=64,
+                                     seed=seed, random_offset=args.random_offset, marker=args.marker,
+                                     noise=args.noise_filler)
+                results[-1]["length_sweep"] = sweep
+                for row in sweep:
+                    print(f"{'':>8} {row['chunks']:>4} chunks: answer loss {row['answer_loss']:.2f}, "
+                          f"w_needle {row['w_needle']:.2f}, recall {row['recall']:.2f}", flush=True)
     if args.out:
         out = pathlib.Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

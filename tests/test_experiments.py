@@ -176,12 +176,18 @@ def test_readout_task_puts_the_key_beyond_the_window_and_trains():
         np.testing.assert_array_equal(row[start:start + 4], row[-4:])
     cfg = ModelConfig.from_preset("tiny").replace(d_model=32, n_heads=2, mlp_dim=64, decoder_layers=(1, 1),
                                                    chunk_size=7, window=8, top_k=2)
-    curve = readout.train([(cfg, 56, 4)], batch_size=2, lr=1e-3, seed=0, log=2, gumbel=True)
+    curve, params = readout.train([(cfg, 56, 4)], batch_size=2, lr=1e-3, seed=0, log=2, gumbel=True)
     assert [s for s, _ in curve] == [2, 4] and all(np.isfinite(v) for _, v in curve)
     # A curriculum: the step count runs on across stages of different lengths and top-k.
-    curve = readout.train([(cfg.replace(top_k=1), 21, 2), (cfg, 56, 2)], batch_size=2, lr=1e-3, seed=0, log=1,
+    curve, _ = readout.train([(cfg.replace(top_k=1), 21, 2), (cfg, 56, 2)], batch_size=2, lr=1e-3, seed=0, log=1,
                           gumbel=False)
     assert [s for s, _ in curve] == [1, 2, 3, 4]
+    # The length sweep reads the answer chunk's retrieval: with 3 chunks and top-2 the only visible
+    # chunk (0, the key's) holds all the weight; with more chunks it shares it.
+    sweep = readout.length_sweep(cfg, params, [3, 16], batch_size=4, seed=0)
+    assert [r["chunks"] for r in sweep] == [3, 16]
+    assert sweep[0]["recall"] == 1.0 and abs(sweep[0]["w_needle"] - 1.0) < 1e-6
+    assert 0.0 <= sweep[1]["w_needle"] < 1.0 and all(np.isfinite(r["answer_loss"]) for r in sweep)
 
 
 def test_readout_marker_and_noise_filler():
