@@ -14,6 +14,9 @@ token on), what the chunk memory offers the copy:
                 against 1 / (number of chunks retrieved): uniform;
   gca_mass      per upper layer, the GCA attention probability (best head) on the slot of passkey
                 token i inside its chunk, against 1 / S: uniform over the chunk's tokens.
+  needle_share  per upper layer, the needle chunk's share of the GCA output (the weighted per-chunk
+                outputs' norms, in the head that attends most to the passkey): low when the other
+                retrieved chunks' outputs compete with the needle's.
 A model that copies through GCA needs gca_mass near 1 in some layer and w_needle well above uniform;
 a gca-off answer loss equal to the normal one says the memory contributes nothing to the answer.
 With --lm-windows N it also compares held-out language-model loss (N windows of --lm-length tokens) for
@@ -59,7 +62,7 @@ def patched(mode: str, records: list, seed: int = 0, scores: list | None = None)
         out = gca(q, k_mem, v_mem, indices, weights, **kw)
         if mode == "normal":
             records.append(dict(q=np.asarray(q, np.float32), k=np.asarray(k_mem, np.float32),
-                                indices=np.asarray(indices), weights=np.asarray(weights, np.float32),
+                                v=np.asarray(v_mem, np.float32), indices=np.asarray(indices), weights=np.asarray(weights, np.float32),
                                 off_by_one=bool(kw.get("softmax_off_by_one", False))))
         return jnp.zeros_like(out) if mode == "gca-off" else out
 
@@ -129,6 +132,43 @@ def gca_stats(records, samples, S: int):
             {f"layer{li}": float(np.mean(v)) for li, v in mass.items()})
 
 
+def needle_share(records, samples, S: int) -> dict:
+    """Per upper layer, how much of the GCA output comes from the needle's chunk, at the positions
+    predicting each answer token whose needle chunk was retrieved. Each retrieved chunk j contributes
+    w_j * softmax(q K_j / sqrt(D)) V_j; in the head that attends most to the passkey slot, the
+    needle's share is |needle contribution| / sum over chunks of |contribution| (1: no competition;
+    w_needle: every chunk's output equally strong)."""
+    share = {i: [] for i in range(len(records))}
+    for b, s in enumerate(samples):
+        for i, key_pos in enumerate(s.key_positions):
+            c, slot = divmod(s.prompt_len - 1 + i, S)
+            kc, kslot = divmod(key_pos, S)
+            for li, rec in enumerate(records):
+                idx, w = rec["indices"][b, c], rec["weights"][b, c]
+                if not np.any(idx == kc):
+                    continue
+                q = rec["q"][b, c, slot]  # [H, Dh]
+                H = q.shape[0]
+                norms, needle_mass = [], None
+                for j, wj in zip(idx, w, strict=True):
+                    if j < 0:
+                        continue
+                    k = np.repeat(rec["k"][b, j], H // rec["k"].shape[3], axis=1)  # [S, H, Dh]
+                    v = np.repeat(rec["v"][b, j], H // rec["v"].shape[3], axis=1)
+                    logits = np.einsum("hd,shd->hs", q, k) / np.sqrt(q.shape[-1])
+                    m = np.maximum(logits.max(axis=1, keepdims=True), 0.0 if rec["off_by_one"] else -np.inf)
+                    e = np.exp(logits - m)
+                    denom = e.sum(axis=1, keepdims=True) + (np.exp(-m) if rec["off_by_one"] else 0.0)
+                    probs = e / denom  # [H, S]
+                    norms.append(np.linalg.norm(wj * np.einsum("hs,shd->hd", probs, v), axis=-1))  # [H]
+                    if j == kc:
+                        needle_at, needle_mass = len(norms) - 1, probs[:, kslot]
+                head = int(np.argmax(needle_mass))
+                total = sum(n[head] for n in norms)
+                share[li].append(float(norms[needle_at][head] / total) if total > 0 else 0.0)
+    return {f"layer{li}": float(np.mean(v)) if v else None for li, v in share.items()}
+
+
 def retrieval_reach(records, cfg) -> dict:
     """Distance (in chunks) from each consuming chunk back to the chunks it reads through GCA, and the
     fraction of them the sliding window already covers (distance <= W / (S + 1) chunks)."""
@@ -172,8 +212,12 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="haystack corpus (default: the run's)")
     p.add_argument("--lm-windows", type=int, default=0)
     p.add_argument("--lm-length", type=int, default=2048)
+    p.add_argument("--modes", default=",".join(MODES), help=f"which runs, of {','.join(MODES)}")
     p.add_argument("--out", default=None, help="JSON file for the figures")
     args = p.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        p.error(f"--modes {args.modes!r}: choose from {','.join(MODES)}")
 
     cfg, params, _ = load_for_eval(args.checkpoint)
     run = read_run_config(args.checkpoint)
@@ -189,7 +233,7 @@ def main(argv=None) -> int:
     result = {"checkpoint": args.checkpoint, "length": args.length, "samples": args.samples,
               "in_window_samples": int(in_window.sum()), "chance": float(np.log(len(task.alphabet)))}
     A = task.answer_len
-    for mode in MODES:
+    for mode in modes:
         records, losses = [], []
         for start in range(0, len(samples), args.batch):
             part = samples[start:start + args.batch]
@@ -211,12 +255,15 @@ def main(argv=None) -> int:
             row["w_uniform"] = float(np.average([s[1] for s in stats], weights=n))
             row["gca_mass"] = {k: float(np.average([s[2][k] for s in stats], weights=n)) for k in stats[0][2]}
             row["gca_mass_uniform"] = 1.0 / S
+            shares = [needle_share(recs, part, S) for part, recs in records]
+            row["needle_share"] = {k: float(np.average([sh[k] for sh in shares], weights=n))
+                                   for k in shares[0] if all(sh[k] is not None for sh in shares)}
         result[mode] = row
         print(mode, json.dumps(row), flush=True)
     if args.lm_windows:
         stream = split_tokens(data, tok, "val", args.lm_windows * args.lm_length)
         windows = stream[: args.lm_windows * args.lm_length].reshape(args.lm_windows, args.lm_length)
-        for mode in MODES:
+        for mode in modes:
             recs: list = []
             score_mats: list = []
             with patched(mode, recs, scores=score_mats if mode == "normal" else None):

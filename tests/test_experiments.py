@@ -90,6 +90,13 @@ def test_probe_gca_mass_is_the_attention_probability_on_the_key_slot():
     # Without the aligned head the best head's mass is an ordinary softmax probability.
     rec["q"] = rng.normal(size=q.shape).astype(np.float32)
     assert 0.0 < probe.gca_stats([rec], [sample], S)[2]["layer0"] < 0.9
+    # The needle's share of the output: equal-strength chunks share by weight; silent ones leave it 1.
+    rec["v"] = np.ones((1, C, S, H, D), np.float32)
+    plain = dict(rec, off_by_one=False)  # every chunk's probabilities sum to 1: equal output norms
+    assert probe.needle_share([plain], [sample], S)["layer0"] == pytest.approx(0.125, rel=1e-4)
+    rec["v"] = np.zeros((1, C, S, H, D), np.float32)
+    rec["v"][0, sample.key_positions[0] // S] = 1.0
+    assert probe.needle_share([rec], [sample], S)["layer0"] == pytest.approx(1.0)
     # A needle chunk that was not retrieved gives weight 0 and mass 0.
     rec["indices"] = np.full_like(indices, C - 1)
     w_needle, _, mass = probe.gca_stats([rec], [sample], S)
@@ -228,3 +235,10 @@ def test_readout_grad_norms_cover_both_attention_paths():
     assert set(norms) >= {"gca q", "memory k", "upper self-attention q", "lower self-attention k"}
     assert all(np.isfinite(v) and v > 0 for v in norms.values())
 
+
+
+def test_probe_refuses_unknown_modes(capsys):
+    probe = _probe()
+    with pytest.raises(SystemExit) as err:
+        probe.main(["--checkpoint", "nowhere", "--modes", "normal,gca-of"])
+    assert err.value.code == 2 and "--modes" in capsys.readouterr().err
