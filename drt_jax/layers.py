@@ -54,6 +54,7 @@ def rope_angles(positions, half_dim: int, theta: float, dtype=jnp.float32):
     millions (at 2^24 slots, about 16.5M tokens, even the position is no longer exact), and
     inference rotates keys at absolute slot positions. So the position is split into 10-bit
     digits, and each digit's angle is reduced modulo 2 pi with constants computed in float64.
+    Float positions (no caller passes them) get the plain product.
     """
     freq = theta ** (-np.arange(half_dim, dtype=np.float64) * 2.0 / (2 * half_dim))
     if not jnp.issubdtype(positions.dtype, jnp.integer):

@@ -62,7 +62,8 @@ def patched(mode: str, records: list, seed: int = 0, scores: list | None = None)
         out = gca(q, k_mem, v_mem, indices, weights, **kw)
         if mode == "normal":
             records.append(dict(q=np.asarray(q, np.float32), k=np.asarray(k_mem, np.float32),
-                                v=np.asarray(v_mem, np.float32), indices=np.asarray(indices), weights=np.asarray(weights, np.float32),
+                                v=np.asarray(v_mem, np.float32), indices=np.asarray(indices),
+                                weights=np.asarray(weights, np.float32),
                                 off_by_one=bool(kw.get("softmax_off_by_one", False))))
         return jnp.zeros_like(out) if mode == "gca-off" else out
 

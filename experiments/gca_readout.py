@@ -220,8 +220,8 @@ def main(argv=None) -> int:
                 chunks, top_k, steps = (int(x) for x in args.warmup.split(":"))
                 stages.insert(0, (cfg.replace(top_k=top_k), chunks * cfg.chunk_size, steps))
             curve, params = train(stages, batch_size=args.batch, lr=args.lr, seed=seed, log=args.log,
-                          gumbel=args.gumbel_scale > 0, random_offset=args.random_offset, marker=args.marker,
-                          noise=args.noise_filler)
+                                  gumbel=args.gumbel_scale > 0, random_offset=args.random_offset, marker=args.marker,
+                                  noise=args.noise_filler)
             reached = next((s for s, v in curve if v < args.target), None)
             results.append({"wiring": wiring, "seed": seed, "curve": curve, "first_below_target": reached})
             print(f"{wiring:>8} seed {seed}: answer loss {curve[0][1]:.2f} (step {curve[0][0]}) -> {curve[-1][1]:.2f} "
