@@ -198,6 +198,15 @@ def main(argv=None) -> int:
     p.add_argument("--target", type=float, default=1.0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    try:
+        warmup = tuple(int(x) for x in args.warmup.split(":")) if args.warmup else None
+        eval_chunks = [int(c) for c in args.eval_chunks.split(",")] if args.eval_chunks else []
+    except ValueError:
+        p.error(f"--warmup {args.warmup!r} / --eval-chunks {args.eval_chunks!r}: want CHUNKS:TOP_K:STEPS and N,N,... (integers)")
+    if warmup is not None and (len(warmup) != 3 or min(warmup) < 1):
+        p.error(f"--warmup {args.warmup!r}: want three positive integers CHUNKS:TOP_K:STEPS, e.g. 4:2:800")
+    if any(c < 3 for c in eval_chunks):
+        p.error(f"--eval-chunks {args.eval_chunks!r}: every length needs at least 3 chunks (key, filler, answer)")
     if args.smeared_memory:
         import drt_jax.model as model_module
 
@@ -216,8 +225,8 @@ def main(argv=None) -> int:
         for seed in (int(s) for s in args.seeds.split(",")):
             cfg = base.replace(gca_residual=wiring)
             stages = [(cfg, T, args.steps)]
-            if args.warmup:
-                chunks, top_k, steps = (int(x) for x in args.warmup.split(":"))
+            if warmup:
+                chunks, top_k, steps = warmup
                 stages.insert(0, (cfg.replace(top_k=top_k), chunks * cfg.chunk_size, steps))
             curve, params = train(stages, batch_size=args.batch, lr=args.lr, seed=seed, log=args.log,
                                   gumbel=args.gumbel_scale > 0, random_offset=args.random_offset, marker=args.marker,
@@ -226,8 +235,8 @@ def main(argv=None) -> int:
             results.append({"wiring": wiring, "seed": seed, "curve": curve, "first_below_target": reached})
             print(f"{wiring:>8} seed {seed}: answer loss {curve[0][1]:.2f} (step {curve[0][0]}) -> {curve[-1][1]:.2f} "
                   f"(step {curve[-1][0]}); below {args.target} first at step {reached}", flush=True)
-            if args.eval_chunks:
-                sweep = length_sweep(cfg, params, [int(c) for c in args.eval_chunks.split(",")], batch_size=64,
+            if eval_chunks:
+                sweep = length_sweep(cfg, params, eval_chunks, batch_size=64,
                                      seed=seed, random_offset=args.random_offset, marker=args.marker,
                                      noise=args.noise_filler)
                 results[-1]["length_sweep"] = sweep

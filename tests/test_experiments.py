@@ -242,3 +242,11 @@ def test_probe_refuses_unknown_modes(capsys):
     with pytest.raises(SystemExit) as err:
         probe.main(["--checkpoint", "nowhere", "--modes", "normal,gca-of"])
     assert err.value.code == 2 and "--modes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--warmup", "4:2"], ["--warmup", "a:b:c"], ["--eval-chunks", "8,x"], ["--eval-chunks", "2"]])
+def test_readout_refuses_bad_curriculum_flags(flags, capsys):
+    readout = _load("gca_readout")
+    with pytest.raises(SystemExit) as err:
+        readout.main(["--steps", "1", *flags])
+    assert err.value.code == 2 and flags[0] in capsys.readouterr().err
