@@ -102,6 +102,17 @@ def token_logprobs(model, params, tokens) -> np.ndarray:
     return np.asarray(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0])
 
 
+def chunk_attention(q, keys, off_by_one: bool):
+    """GCA's attention of one query over one retrieved chunk, per head: q [H, Dh], keys [S, Hkv, Dh]
+    -> probabilities [H, S] (with off_by_one the missing mass went to "nothing")."""
+    H = q.shape[0]
+    keys = np.repeat(keys, H // keys.shape[1], axis=1)
+    logits = np.einsum("hd,shd->hs", q, keys) / np.sqrt(q.shape[-1])
+    m = np.maximum(logits.max(axis=1, keepdims=True), 0.0 if off_by_one else -np.inf)
+    e = np.exp(logits - m)
+    return e / (e.sum(axis=1, keepdims=True) + (np.exp(-m) if off_by_one else 0.0))
+
+
 def gca_stats(records, samples, S: int):
     """Retrieval weight on the needle's chunk and the best head's GCA attention on the passkey slot, at
     the positions predicting each answer token, for each upper layer."""
@@ -120,15 +131,8 @@ def gca_stats(records, samples, S: int):
                 if not hit.size:
                     mass[li].append(0.0)
                     continue
-                q = rec["q"][b, c, slot]  # [H, Dh]
-                k = rec["k"][b, kc]  # [S, Hkv, Dh]
-                H, Hkv = q.shape[0], k.shape[1]
-                k = np.repeat(k, H // Hkv, axis=1)
-                logits = np.einsum("hd,shd->hs", q, k) / np.sqrt(q.shape[-1])
-                m = logits.max(axis=1, keepdims=True)
-                e = np.exp(logits - m)
-                denom = e.sum(axis=1) + (np.exp(-m[:, 0]) if rec["off_by_one"] else 0.0)
-                mass[li].append(float((e[:, kslot] / denom).max()))
+                probs = chunk_attention(rec["q"][b, c, slot], rec["k"][b, kc], rec["off_by_one"])
+                mass[li].append(float(probs[:, kslot].max()))
     return (float(np.mean(w_needle)), float(np.mean(w_uniform)),
             {f"layer{li}": float(np.mean(v)) for li, v in mass.items()})
 
@@ -149,18 +153,12 @@ def needle_share(records, samples, S: int) -> dict:
                 if not np.any(idx == kc):
                     continue
                 q = rec["q"][b, c, slot]  # [H, Dh]
-                H = q.shape[0]
                 norms, needle_mass = [], None
                 for j, wj in zip(idx, w, strict=True):
                     if j < 0:
                         continue
-                    k = np.repeat(rec["k"][b, j], H // rec["k"].shape[3], axis=1)  # [S, H, Dh]
-                    v = np.repeat(rec["v"][b, j], H // rec["v"].shape[3], axis=1)
-                    logits = np.einsum("hd,shd->hs", q, k) / np.sqrt(q.shape[-1])
-                    m = np.maximum(logits.max(axis=1, keepdims=True), 0.0 if rec["off_by_one"] else -np.inf)
-                    e = np.exp(logits - m)
-                    denom = e.sum(axis=1, keepdims=True) + (np.exp(-m) if rec["off_by_one"] else 0.0)
-                    probs = e / denom  # [H, S]
+                    probs = chunk_attention(q, rec["k"][b, j], rec["off_by_one"])  # [H, S]
+                    v = np.repeat(rec["v"][b, j], q.shape[0] // rec["v"].shape[3], axis=1)  # [S, H, Dh]
                     norms.append(np.linalg.norm(wj * np.einsum("hs,shd->hd", probs, v), axis=-1))  # [H]
                     if j == kc:
                         needle_at, needle_mass = len(norms) - 1, probs[:, kslot]

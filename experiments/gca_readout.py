@@ -79,6 +79,12 @@ def batch(rng, B: int, T: int, random_offset: bool = False, marker: bool = False
     return tokens
 
 
+def answer_loss(logits, tokens):
+    """Mean loss of the last KEY_LEN tokens (the key's copy): logits [B, T, V], tokens [B, T]."""
+    logp = jax.nn.log_softmax(logits[:, -KEY_LEN - 1:-1].astype(jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(tokens)[:, -KEY_LEN:, None], axis=-1))
+
+
 def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: float, seed: int, log: int, gumbel: bool,
           random_offset: bool = False, marker: bool = False, noise: bool = False):
     """stages: (model config, tokens per sequence, steps), trained in order with one set of parameters
@@ -95,8 +101,7 @@ def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: fl
 
         def losses(p, tokens, key, model=model, cfg=cfg):
             logits = model.apply({"params": p}, tokens, deterministic=not gumbel, rngs={"gumbel": key} if gumbel else None)
-            logp = jax.nn.log_softmax(logits[:, -KEY_LEN - 1:-1].astype(jnp.float32))
-            answer = -jnp.mean(jnp.take_along_axis(logp, tokens[:, -KEY_LEN:, None], axis=-1))
+            answer = answer_loss(logits, tokens)
             return next_token_loss(logits, tokens, cfg.pad_id)[0] + answer, answer
 
         @jax.jit
@@ -129,8 +134,7 @@ def length_sweep(cfg: ModelConfig, params, chunks_list, *, batch_size: int, seed
         T = chunks * cfg.chunk_size
         tokens = batch(rng, batch_size, T, random_offset, marker, noise)
         logits, state = model.apply({"params": params}, jnp.asarray(tokens), mutable=["intermediates"])
-        logp = jax.nn.log_softmax(logits[:, -KEY_LEN - 1:-1].astype(jnp.float32))
-        answer = -float(jnp.mean(jnp.take_along_axis(logp, jnp.asarray(tokens[:, -KEY_LEN:, None]), axis=-1)))
+        answer = float(answer_loss(logits, tokens))
         # Row C-2 of the retrieval is what the last chunk (the answer's) reads.
         idx = np.asarray(state["intermediates"]["retrieval_indices_g0"][0])[:, -2]
         w = np.asarray(state["intermediates"]["retrieval_weights_g0"][0])[:, -2]
@@ -152,8 +156,7 @@ def answer_grad_norms(cfg: ModelConfig, *, batch_size: int, T: int, seed: int, r
     params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens)["params"])
 
     def answer(p):
-        logp = jax.nn.log_softmax(model.apply({"params": p}, tokens)[:, -KEY_LEN - 1:-1].astype(jnp.float32))
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, -KEY_LEN:, None], axis=-1))
+        return answer_loss(model.apply({"params": p}, tokens), tokens)
 
     grads = jax.grad(answer)(params)
     wanted = {"gca q": ("group0_layer_0", "gca", "q"), "memory k": ("encoder", "mem_k"),

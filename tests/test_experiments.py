@@ -236,7 +236,6 @@ def test_readout_grad_norms_cover_both_attention_paths():
     assert all(np.isfinite(v) and v > 0 for v in norms.values())
 
 
-
 def test_probe_refuses_unknown_modes(capsys):
     probe = _probe()
     with pytest.raises(SystemExit) as err:
