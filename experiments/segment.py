@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--depths", default="0,0.5,1")
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--niah-offload", default="none", choices=["none", "host"])
+    p.add_argument("--niah-top-k", default="", metavar="K,K",
+                   help="evaluate NIAH once per retrieval count (eval.py --top-k), e.g. 8,2 (empty: the model's)")
     p.add_argument("--ppl", default="", help="held-out perplexity lengths, e.g. 2K,8K (empty: none)")
     p.add_argument("--stage", action="append", default=[], dest="stages", metavar="SECONDS:OVERRIDES",
                    help='a curriculum stage before the main run, e.g. "150:data.seq_len=512 train.batch=128" (repeatable)')
@@ -79,6 +81,11 @@ def main(argv=None) -> int:
             stages.append((float(secs), shlex.split(rest)))
         except ValueError:
             p.error(f"--stage {item!r}: write SECONDS:OVERRIDES, e.g. \"150:data.seq_len=512 train.batch=128\"")
+    top_ks = [0]  # 0: the model's own top_k
+    if args.niah_top_k:
+        top_ks = [int(k) for k in args.niah_top_k.split(",") if k.isdigit() and int(k) > 0]
+        if len(top_ks) != len(args.niah_top_k.split(",")):
+            p.error(f"--niah-top-k {args.niah_top_k!r}: write retrieval counts >= 1, e.g. 8,2")
     if stages and args.bundle_in:
         p.error("--stage starts new runs from --init-bundle; it cannot resume a --bundle-in run")
 
@@ -128,11 +135,15 @@ def main(argv=None) -> int:
             _run([py, "-m", "drt_jax.train.bundle", "export", "--run-dir", str(run_dir), "--out", str(out / "bundle"),
                   "--max-files", "6"], log, timings)
             left = lambda: args.budget_s - (time.time() - start) - 10
-            if args.niah and left() > 20:
+            for k in top_ks:
+                if not args.niah or left() <= 20:
+                    break
+                pick = ["--top-k", str(k)] if k else []
                 _run([py, "eval.py", "niah", "--checkpoint", str(run_dir), "--task", "single", "--lengths", args.niah,
                       "--depths", args.depths, "--samples", str(args.samples), "--offload", args.niah_offload,
-                      "--data", run.data.corpus, "--split", "val",
-                      "--no-progress", "--out", str(eval_dir / "niah_single.json")], log, timings, timeout=left())
+                      "--data", run.data.corpus, "--split", "val", *pick, "--no-progress",
+                      "--out", str(eval_dir / (f"niah_single_k{k}.json" if k else "niah_single.json"))],
+                     log, timings, timeout=left())
             if args.ppl and left() > 20:
                 _run([py, "eval.py", "ppl", "--checkpoint", str(run_dir), "--data", run.data.corpus, "--split", "val",
                       "--lengths", args.ppl,

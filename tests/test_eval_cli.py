@@ -27,6 +27,7 @@ def _cli(*args):
         (["ppl", "--checkpoint", "random:tiny", "--lengths", "2Q"], "cannot parse length"),
         (["niah", "--checkpoint", "random:tiny", "--lengths", "40", "--data", "STORY"], "too short"),
         (["generate", "--checkpoint", "random:tiny", "--prompt", ""], "empty prompt"),
+        (["niah", "--checkpoint", "random:tiny", "--top-k", "0"], "--top-k 0 must be >= 1"),
         (["generate", "--checkpoint", "/nonexistent/run", "--prompt", "hi"], "does not exist"),
         (["generate", "--checkpoint", "PARTIAL", "--prompt", "hi"], "missing"),
     ],
@@ -83,6 +84,11 @@ def test_cli_happy_paths(tmp_path, capsys):
     assert set(res["needle_recall"]) == {"g0", "g1"} and res["answer_loss"]["150"]["0.0"] > 1.0
     rec = res["records"][0]
     assert {"answer_loss", "needle_chunks", "retrieved", "recall"} <= set(rec) and len(rec["retrieved"]["g0"]) == 4
+    # --top-k changes how many chunks are read, not the weights.
+    assert main(["niah", "--checkpoint", "random:tiny", "--task", "single", "--lengths", "150", "--depths", "0",
+                 "--samples", "1", "--top-k", "2", "--data", str(story), "--out", str(out / "k2.json")]) == 0
+    k2 = json.loads((out / "k2.json").read_text())
+    assert k2["top_k"] == 2 and len(k2["records"][0]["retrieved"]["g0"]) == 2
     assert main(["retrieval", "--checkpoint", "random:tiny", "--text", str(story), "--max-tokens", "120",
                  "--out", str(out / "ret.json")]) == 0
     ret = json.loads((out / "ret.json").read_text())

@@ -141,13 +141,16 @@ def test_segment_runs_a_curriculum_stage_then_the_run_then_the_probe(tmp_path):
     proc = _segment(["--config", "tiny", "--out", str(out), "--budget-s", "300", "--eval-s", "60",
                      "--set", "name=seg", f"train.run_dir={runs}/{{name}}", "train.steps=4", "train.progress_bar=false",
                      "data.seq_len=128", "train.batch=2",
-                     "--stage", "60:train.steps=3 data.seq_len=64", "--probe", "128"], tmp_path)
+                     "--stage", "60:train.steps=3 data.seq_len=64", "--probe", "128",
+                     "--niah", "256", "--depths", "0", "--samples", "1", "--niah-top-k", "2,1"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
         segment = json.load(tar.extractfile("seg/segment.json"))
         probe = json.load(tar.extractfile("seg/eval/gca_probe.json"))
         stage_config = json.load(tar.extractfile("seg/stages/seg-stage0/config.json"))
+        niah_k = {k: json.load(tar.extractfile(f"seg/eval/niah_single_k{k}.json"))["top_k"] for k in (1, 2)}
+    assert niah_k == {1: 1, 2: 2}
     assert "seg/stages/seg-stage0/metrics.jsonl" in names
     assert stage_config["data"]["seq_len"] == 64 and stage_config["train"]["steps"] == 3
     commands = [step["command"] for step in segment["steps"]]
@@ -163,6 +166,8 @@ def test_segment_rejects_a_malformed_stage(tmp_path):
     proc = _segment(["--config", "tiny", "--out", str(tmp_path / "out"), "--stage", "soon:train.steps=3"], tmp_path)
     assert proc.returncode == 2
     assert "SECONDS:OVERRIDES" in proc.stderr.strip().splitlines()[-1]
+    proc = _segment(["--config", "tiny", "--out", str(tmp_path / "out"), "--niah-top-k", "8,x"], tmp_path)
+    assert proc.returncode == 2 and "--niah-top-k" in proc.stderr.strip().splitlines()[-1]
     # A bad key in a stage is refused before anything trains.
     proc = _segment(["--config", "tiny", "--out", str(tmp_path / "out"), "--stage", "5:train.stepz=3"], tmp_path)
     assert proc.returncode == 2 and "train.stepz" in proc.stderr.strip().splitlines()[-1]

@@ -18,6 +18,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="run folder written by train.py, or random:PRESET[:SEED] (random weights, smoke tests)")
         sp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
         sp.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+        sp.add_argument("--top-k", type=int, default=None,
+                        help="retrieve this many chunks instead of the checkpoint's top_k (it holds no parameters)")
         sp.add_argument("--out", default=None, help="JSON results file (default: eval_results/<command>.json)")
         sp.add_argument("--no-progress", action="store_true")
 
@@ -102,9 +104,11 @@ def run(args) -> dict:
     if args.command == "retrieval" and not os.path.isfile(args.text):
         raise EvalError(f"text file {args.text} does not exist")
 
-    cfg, params, tok = load_model(args.checkpoint, args.step, dtype=args.dtype)
+    if args.top_k is not None and args.top_k < 1:
+        raise EvalError(f"--top-k {args.top_k} must be >= 1")
+    cfg, params, tok = load_model(args.checkpoint, args.step, dtype=args.dtype, top_k=args.top_k)
     started = time.time()
-    meta = {"command": args.command, "checkpoint": args.checkpoint, "model": cfg.name}
+    meta = {"command": args.command, "checkpoint": args.checkpoint, "model": cfg.name, "top_k": cfg.top_k}
 
     if args.command == "ppl":
         from drt_jax.evaluate.common import progress_bar

@@ -57,9 +57,10 @@ def _check_params(cfg, params) -> None:
             )
 
 
-def load_model(checkpoint: str, step: int | None = None, *, dtype: str | None = None):
+def load_model(checkpoint: str, step: int | None = None, *, dtype: str | None = None, top_k: int | None = None):
     """checkpoint: a run folder (train.py's), or "random:PRESET[:SEED]" for a randomly initialised
-    model (smoke tests; byte tokenizer when the vocabulary is 259). -> (cfg, params, tokenizer)."""
+    model (smoke tests; byte tokenizer when the vocabulary is 259). -> (cfg, params, tokenizer).
+    `dtype` and `top_k` override the checkpoint's config (neither changes the parameters)."""
     from drt_jax.config import ModelConfig
 
     if checkpoint.startswith("random:"):
@@ -83,6 +84,8 @@ def load_model(checkpoint: str, step: int | None = None, *, dtype: str | None = 
         _check_params(cfg, params)
     if dtype:
         cfg = cfg.replace(dtype=dtype)
+    if top_k is not None:
+        cfg = cfg.replace(top_k=top_k)
     from drt_jax.data.tokenizers import load_tokenizer
 
     return cfg, params, load_tokenizer(spec)
