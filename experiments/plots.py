@@ -2,10 +2,12 @@
 
     python experiments/plots.py curves RUN_DIR/metrics.jsonl --out docs/img/curves.png [--title T]
     python experiments/plots.py niah EVAL/niah_single.json [MORE.json ...] --out docs/img/niah.png [--labels A,B]
+    python experiments/plots.py merge EVAL/niah_4k_1m.json EVAL/niah_16m.json --out EVAL/niah_4k_16m.json
 
 curves: corpus loss, answer loss (with the chance level of the passkey alphabet) and needle-chunk
 recall per retrieval group against the step. niah: accuracy, answer loss and recall against the
 context length, one line per depth (and per file, e.g. DRT and its sliding-window baseline).
+merge: one eval.py niah result from several calls over different lengths (one model, task and depths).
 """
 
 from __future__ import annotations
@@ -83,6 +85,27 @@ def niah_curves(paths: list[str], out: str, labels: list[str] | None = None) -> 
     plt.close(fig)
 
 
+def merge_niah(paths: list[str]) -> dict:
+    """eval.py niah results of one checkpoint over disjoint lengths -> one result, lengths sorted."""
+    parts = [json.loads(pathlib.Path(path).read_text()) for path in paths]
+    first = parts[0]
+    for path, r in zip(paths, parts, strict=True):
+        for key in ("checkpoint", "task", "depths", "top_k"):
+            if r.get(key) != first.get(key):
+                raise ValueError(f"{path}: {key} is {r.get(key)!r}, not {first.get(key)!r} as in {paths[0]}; merge one model's runs")
+    lengths = [L for r in parts for L in r["lengths"]]
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(f"lengths {lengths} repeat across the files; merge runs over different lengths")
+    merged = {**first, "lengths": sorted(lengths), "records": [x for r in parts for x in r["records"]],
+              "seconds": round(sum(r.get("seconds", 0.0) for r in parts), 1), "merged_from": list(paths)}
+    merged["samples_per_cell"] = min(r["samples_per_cell"] for r in parts)
+    for key in ("accuracy", "answer_loss"):
+        merged[key] = {k: v for r in parts for k, v in r[key].items()}
+    merged["needle_recall"] = {g: {k: v for r in parts for k, v in r["needle_recall"][g].items()}
+                               for g in first.get("needle_recall", {})}
+    return merged
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="kind", required=True)
@@ -95,11 +118,20 @@ def main(argv=None) -> int:
     n.add_argument("results", nargs="+")
     n.add_argument("--out", required=True)
     n.add_argument("--labels", default="", help="comma-separated legend names, one per file (default: the model's name)")
+    m = sub.add_parser("merge")
+    m.add_argument("results", nargs="+")
+    m.add_argument("--out", required=True)
     args = p.parse_args(argv)
     labels = [x.strip() for x in args.labels.split(",")] if getattr(args, "labels", "") else None
     if labels and len(labels) != len(args.results):
         p.error(f"--labels names {len(labels)} files but {len(args.results)} were given")
-    if args.kind == "curves":
+    if args.kind == "merge":
+        try:
+            merged = merge_niah(args.results)
+        except (ValueError, KeyError, OSError) as err:
+            p.error(str(err))
+        pathlib.Path(args.out).write_text(json.dumps(merged, indent=1))
+    elif args.kind == "curves":
         training_curves(args.metrics, args.out, args.title, math.log(args.alphabet_size) if args.alphabet_size else None)
     else:
         niah_curves(args.results, args.out, labels)

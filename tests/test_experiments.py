@@ -254,3 +254,30 @@ def test_readout_refuses_bad_curriculum_flags(flags, capsys):
     with pytest.raises(SystemExit) as err:
         readout.main(["--steps", "1", *flags])
     assert err.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_plots_merge_joins_niah_results_over_lengths(tmp_path):
+    import json
+
+    plots = _load("plots")
+
+    def result(length, acc, depths=(0.0, 1.0)):
+        cell = {str(d): acc for d in depths}
+        return {"checkpoint": "runs/x", "task": "single", "depths": list(depths), "top_k": 8, "lengths": [length],
+                "samples_per_cell": 2, "accuracy": {str(length): cell}, "answer_loss": {str(length): cell},
+                "needle_recall": {"g0": {str(length): cell}}, "records": [{"length": length}], "seconds": 1.5}
+
+    paths = []
+    for name, r in (("long", result(1 << 24, 0.5)), ("short", result(4096, 1.0)), ("odd", result(8192, 1.0, (0.5,)))):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(r))
+    merged = plots.merge_niah([str(paths[0]), str(paths[1])])
+    assert merged["lengths"] == [4096, 1 << 24] and len(merged["records"]) == 2 and merged["seconds"] == 3.0
+    assert merged["accuracy"] == {"16777216": {"0.0": 0.5, "1.0": 0.5}, "4096": {"0.0": 1.0, "1.0": 1.0}}
+    assert set(merged["needle_recall"]["g0"]) == {"4096", "16777216"}
+    with pytest.raises(ValueError, match="depths"):
+        plots.merge_niah([str(paths[1]), str(paths[2])])
+    with pytest.raises(ValueError, match="repeat"):
+        plots.merge_niah([str(paths[1]), str(paths[1])])
+    assert plots.main(["merge", str(paths[0]), str(paths[1]), "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["merged_from"] == [str(paths[0]), str(paths[1])]
