@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=560.0, help="the whole segment ends within this many seconds")
     p.add_argument("--eval-s", type=float, default=150.0, help="seconds kept for the export and the evaluation")
     p.add_argument("--set", nargs="*", default=[], dest="overrides")
-    p.add_argument("--niah", default="", help="NIAH-single lengths, e.g. 4K,16K,64K (empty: none)")
+    p.add_argument("--niah", default="", help="NIAH lengths, e.g. 4K,16K,64K (empty: none)")
+    p.add_argument("--niah-task", default="single", choices=["single", "multi", "2hop"])
     p.add_argument("--depths", default="0,0.5,1")
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--niah-offload", default="none", choices=["none", "host"])
@@ -139,10 +140,10 @@ def main(argv=None) -> int:
                 if not args.niah or left() <= 20:
                     break
                 pick = ["--top-k", str(k)] if k else []
-                _run([py, "eval.py", "niah", "--checkpoint", str(run_dir), "--task", "single", "--lengths", args.niah,
+                _run([py, "eval.py", "niah", "--checkpoint", str(run_dir), "--task", args.niah_task, "--lengths", args.niah,
                       "--depths", args.depths, "--samples", str(args.samples), "--offload", args.niah_offload,
                       "--data", run.data.corpus, "--split", "val", *pick, "--no-progress",
-                      "--out", str(eval_dir / (f"niah_single_k{k}.json" if k else "niah_single.json"))],
+                      "--out", str(eval_dir / f"niah_{args.niah_task}{f'_k{k}' if k else ''}.json")],
                      log, timings, timeout=left())
             if args.ppl and left() > 20:
                 _run([py, "eval.py", "ppl", "--checkpoint", str(run_dir), "--data", run.data.corpus, "--split", "val",

@@ -142,15 +142,16 @@ def test_segment_runs_a_curriculum_stage_then_the_run_then_the_probe(tmp_path):
                      "--set", "name=seg", f"train.run_dir={runs}/{{name}}", "train.steps=4", "train.progress_bar=false",
                      "data.seq_len=128", "train.batch=2",
                      "--stage", "60:train.steps=3 data.seq_len=64", "--probe", "128",
-                     "--niah", "256", "--depths", "0", "--samples", "1", "--niah-top-k", "2,1"], tmp_path)
+                     "--niah", "512", "--niah-task", "2hop", "--depths", "0", "--samples", "1", "--niah-top-k", "2,1"],
+                    tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
         segment = json.load(tar.extractfile("seg/segment.json"))
         probe = json.load(tar.extractfile("seg/eval/gca_probe.json"))
         stage_config = json.load(tar.extractfile("seg/stages/seg-stage0/config.json"))
-        niah_k = {k: json.load(tar.extractfile(f"seg/eval/niah_single_k{k}.json"))["top_k"] for k in (1, 2)}
-    assert niah_k == {1: 1, 2: 2}
+        niah = {k: json.load(tar.extractfile(f"seg/eval/niah_2hop_k{k}.json")) for k in (1, 2)}
+    assert {k: (r["top_k"], r["task"]) for k, r in niah.items()} == {1: (1, "2hop"), 2: (2, "2hop")}
     assert "seg/stages/seg-stage0/metrics.jsonl" in names
     assert stage_config["data"]["seq_len"] == 64 and stage_config["train"]["steps"] == 3
     commands = [step["command"] for step in segment["steps"]]

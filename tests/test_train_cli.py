@@ -53,6 +53,7 @@ def test_overrides_are_type_checked():
         (["train.batch=6", "train.grad_accum=4"], "grad_accum"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "at most one -1"),
         (["data.seq_len=1"], "seq_len"),
+        (["train.stop_at_step=0"], "train.stop_at_step"),
     ]
     for overrides, needle in bad:
         with pytest.raises(ConfigError) as err:

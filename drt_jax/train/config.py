@@ -145,7 +145,10 @@ class TrainConfig:
       parameters start this run when it has no checkpoint of its own (fine-tuning a pretrained model,
       spec 7.4); optimizer, step and data start afresh. time_limit_s: stop with a checkpoint once
       the run has lasted this many seconds (0: no limit), so that a run on a machine lent for a few
-      minutes ends in a resumable state; the schedule still follows `steps`. resume_step: for one launch, resume from exactly this checkpoint (0: start
+      minutes ends in a resumable state; the schedule still follows `steps`. stop_at_step: stop
+      with a checkpoint at this step (none: at `steps`), the schedule still following `steps`, so
+      that another run can replay a time-limited run's exact steps (e.g. a baseline on the same
+      tokens). resume_step: for one launch, resume from exactly this checkpoint (0: start
       over) instead of the newest readable one; newer checkpoints are moved to checkpoints/unused-<step>.
     """
 
@@ -165,6 +168,7 @@ class TrainConfig:
     answer_loss_weight: float = 1.0
     init_from: str = ""
     time_limit_s: float = 0.0
+    stop_at_step: int | None = None
     resume_step: int | None = None
 
     def __post_init__(self):
@@ -178,6 +182,8 @@ class TrainConfig:
             raise ConfigError(f"train.time_limit_s={self.time_limit_s!r} must be >= 0 (0: no limit)")
         if not isinstance(self.answer_loss_weight, (int, float)) or not self.answer_loss_weight > 0:
             raise ConfigError(f"train.answer_loss_weight={self.answer_loss_weight!r} must be a number > 0")
+        if self.stop_at_step is not None and (not isinstance(self.stop_at_step, int) or self.stop_at_step < 1):
+            raise ConfigError(f"train.stop_at_step={self.stop_at_step!r} must be an integer >= 1 (none: train.steps)")
         if self.resume_step is not None and self.resume_step < 0:
             raise ConfigError(f"train.resume_step={self.resume_step} must be >= 0 (0: start over) or none (the newest readable checkpoint)")
         if self.batch % self.grad_accum:

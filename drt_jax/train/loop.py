@@ -137,7 +137,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
     """Trains `run` (resuming from its run folder if it holds checkpoints).
 
     stop_at: stop (with a checkpoint) once this step is reached, as a preemption would; the schedule
-    still follows train.steps. batch_hook(step, local_numpy_batch) sees every batch (tests).
+    still follows train.steps (default: train.stop_at_step). batch_hook(step, local_numpy_batch) sees every batch (tests).
     """
     t_start = time.time()
     from drt_jax.data import build_eval_iterator, build_train_iterator, load_tokenizer
@@ -147,6 +147,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
     tokenizer = load_tokenizer(run.data.tokenizer)
     run = resolve_run_config(run, tokenizer)
     tc = run.train
+    stop_at = tc.stop_at_step if stop_at is None else stop_at
     mesh = mesh_lib.make_mesh(run.mesh)
     rules = run.mesh.rules
     n_proc = jax.process_count()
@@ -293,7 +294,8 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
             if stopping:
                 signalled = stop.signum is not None
                 if is_main:
-                    why = " on SIGTERM" if signalled else (f" (train.time_limit_s={tc.time_limit_s:g} reached)" if out_of_time else "")
+                    why = " on SIGTERM" if signalled else (f" (train.time_limit_s={tc.time_limit_s:g} reached)" if out_of_time
+                                                           else f" (stop at step {stop_at})")
                     print_fn(f"stopping at step {step}{why}; checkpoint saved to {ckpt.directory}")
                 break
         if step >= tc.steps and step > start:
