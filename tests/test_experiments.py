@@ -1,5 +1,6 @@
 """experiments/: its configs load and validate, and gca_probe measures what it says it measures."""
 
+import dataclasses
 import importlib.util
 import pathlib
 import sys
@@ -282,3 +283,30 @@ def test_plots_merge_joins_niah_results_over_lengths(tmp_path):
         plots.merge_niah([str(paths[1]), str(paths[1])])
     assert plots.main(["merge", str(paths[0]), str(paths[1]), "--out", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["merged_from"] == [str(paths[0]), str(paths[1])]
+
+
+def test_swa_baseline_config_sees_the_drt_runs_batches(tmp_path):
+    """configs/swa-20m-niah.py with a DRT segment's overrides draws the same batches (NIAH and corpus)."""
+    from drt_jax.data import build_train_iterator, load_tokenizer
+    from drt_jax.train.loop import register_model_tasks
+
+    corpus = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n".join(" ".join(rng.choice(["alpha", "beta", "gamma", "delta", "x = 1", "def f():"], 12))
+                                for _ in range(3000)))
+    overrides = [f"data.corpus={corpus}", "data.seq_len=252", "train.batch=4", "data.num_workers=0",
+                 f"data.cache_dir={tmp_path / 'cache'}", "model.window=128", "model.top_k=2"]
+    batches = {}
+    for name in ("drt-20m-niah", "swa-20m-niah"):
+        run = load_run_config(str(EXPERIMENTS / "configs" / f"{name}.py"), overrides)
+        tok = load_tokenizer(run.data.tokenizer)
+        register_model_tasks(run, tok)
+        it = build_train_iterator(dataclasses.replace(run.data, batch_size=run.train.batch), tok, progress=False)
+        batches[run.model.arch] = [next(it) for _ in range(3)]
+    for a, b in zip(batches["drt"], batches["swa"], strict=True):
+        assert set(a) == set(b)
+        for key in a:
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+    # Both NIAH examples (answer tokens marked) and corpus rows were compared.
+    answers = np.concatenate([np.asarray(b["answer"]).any(axis=1) for b in batches["drt"]])
+    assert answers.any() and not answers.all()
