@@ -3,13 +3,16 @@
     python experiments/gca_readout.py --steps 800 --seeds 0,1,2 --wiring authors,standard
     python experiments/gca_readout.py --steps 800 --seeds 0,1,2 --wiring authors --window 64   # control
     python experiments/gca_readout.py --steps 1500 --seeds 0 --wiring standard --warmup 4:2:800  # curriculum
+    python experiments/gca_readout.py --chunks 4 --top-k 2 --pairs 2 --noise-filler --seeds 0  # content-matched
 
 Each sequence: a fresh random key of 4 letters at the start, constant filler, the key again at the end.
 The key lies far beyond the sliding window, and nothing else in the sequence varies, so the answer can
 come only through retrieval + GCA. Unlike tests/test_model.py's fixed batch, every step draws new keys,
 so the model cannot memorise them: it must read the key's tokens out of the retrieved chunk. Reports the
 answer loss (chance ln 26 = 3.26) every --log steps and the first step at which it falls below
---target, per wiring and seed; writes JSON with --out.
+--target, per wiring and seed; writes JSON with --out. With --pairs N the memory holds N key-value
+pairs and the row ends with one key and its value: the read-out must match the query's key, as
+multi-key and 2-hop NIAH need (the passkey task has a constant cue instead).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from drt_jax.losses import next_token_loss  # noqa: E402
 from drt_jax.model import DRT  # noqa: E402
 
 KEY_LEN = 4
+CHUNK_SIZE = 7
 
 
 def smeared_encoder_class():
@@ -58,13 +62,37 @@ def smeared_encoder_class():
 MARKER = 35  # '#'
 
 
-def batch(rng, B: int, T: int, random_offset: bool = False, marker: bool = False, noise: bool = False) -> np.ndarray:
+def pairs_batch(rng, B: int, T: int, pairs: int, noise: bool = False) -> np.ndarray:
+    """[B, T] int32, the content-matched read-out (what multi-key and 2-hop NIAH need): `pairs`
+    key-value pairs from slot 0, each a capital-letter key (distinct within a row) and a 4-letter
+    capital value; the row ends with one of the keys and its value. With more than one pair the
+    retrieved memory holds several values after a key, and only matching the query's key finds the
+    right one; with one pair any copy "after a key" works, as in the fixed-cue task."""
+    if pairs * (1 + KEY_LEN) > T // 2:
+        raise ValueError(f"{pairs} pairs do not fit in the first half of {T} tokens")
+    tokens = rng.integers(97, 123, size=(B, T)).astype(np.int32) if noise else np.full((B, T), 97, np.int32)
+    for b in range(B):
+        keys = rng.permutation(26)[:pairs] + 65
+        values = rng.integers(0, 26, size=(pairs, KEY_LEN)) + 65
+        for j in range(pairs):
+            tokens[b, j * (1 + KEY_LEN)] = keys[j]
+            tokens[b, j * (1 + KEY_LEN) + 1:(j + 1) * (1 + KEY_LEN)] = values[j]
+        q = rng.integers(pairs)
+        tokens[b, -KEY_LEN - 1] = keys[q]
+        tokens[b, -KEY_LEN:] = values[q]
+    return tokens
+
+
+def batch(rng, B: int, T: int, random_offset: bool = False, marker: bool = False, noise: bool = False,
+          pairs: int = 0) -> np.ndarray:
     """[B, T] int32: 'a' filler with a random capital-letter key at 1..4 (or, with random_offset, at a
     random place in the first half) and again in the last 4 slots. With `marker`, a '#' precedes both
     copies of the key, as "the pass key is" does in NIAH, so every answer token has a cue. With `noise`
     the filler is random lower-case letters instead of 'a': a constant filler lets the LM loss pull the
     tied embeddings of the unpredictable capitals together (pairwise cosine 0.7 after 400 steps at lr
-    3e-3), after which no memory key tells a key letter from the filler."""
+    3e-3), after which no memory key tells a key letter from the filler. pairs > 0: `pairs_batch`."""
+    if pairs:
+        return pairs_batch(rng, B, T, pairs, noise)
     tokens = rng.integers(97, 123, size=(B, T)).astype(np.int32) if noise else np.full((B, T), 97, np.int32)
     key = rng.integers(0, 26, size=(B, KEY_LEN)) + 65
     first = 1 + int(marker)
@@ -86,18 +114,20 @@ def answer_loss(logits, tokens):
 
 
 def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: float, seed: int, log: int, gumbel: bool,
-          random_offset: bool = False, marker: bool = False, noise: bool = False):
-    """stages: (model config, tokens per sequence, steps), trained in order with one set of parameters
-    and one optimizer state (a curriculum). Returns ([(global step, mean answer loss)] every `log`
+          random_offset: bool = False, marker: bool = False, noise: bool = False, pairs: int = 0):
+    """stages: (model config, tokens per sequence, steps[, pairs]), trained in order with one set of
+    parameters and one optimizer state (a curriculum); a stage's own `pairs` overrides the argument. Returns ([(global step, mean answer loss)] every `log`
     steps, the trained parameters)."""
     rng = np.random.default_rng(seed)
-    first_cfg, first_T, _ = stages[0]
-    params = DRT(first_cfg).init(jax.random.PRNGKey(seed), jnp.asarray(batch(rng, 1, first_T)))["params"]
+    first_cfg, first_T, _, *first_pairs = stages[0]
+    init_tokens = batch(rng, 1, first_T, pairs=first_pairs[0] if first_pairs else pairs)
+    params = DRT(first_cfg).init(jax.random.PRNGKey(seed), jnp.asarray(init_tokens))["params"]
     opt = optax.adam(lr)
     state = opt.init(params)
     curve, key, window, i = [], jax.random.PRNGKey(seed + 1000), [], 0
-    for cfg, T, steps in stages:
+    for cfg, T, steps, *stage_pairs in stages:
         model = DRT(cfg)
+        rows_pairs = stage_pairs[0] if stage_pairs else pairs
 
         def losses(p, tokens, key, model=model, cfg=cfg):
             logits = model.apply({"params": p}, tokens, deterministic=not gumbel, rngs={"gumbel": key} if gumbel else None)
@@ -113,7 +143,7 @@ def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: fl
         for _ in range(steps):
             i += 1
             key, sub = jax.random.split(key)
-            tokens = jnp.asarray(batch(rng, batch_size, T, random_offset, marker, noise))
+            tokens = jnp.asarray(batch(rng, batch_size, T, random_offset, marker, noise, rows_pairs))
             params, state, answer = step(params, state, tokens, sub)
             window.append(float(answer))
             if i % log == 0:
@@ -189,6 +219,10 @@ def main(argv=None) -> int:
                    help="put the key at a random place in the first half: no fixed offset for plain attention to use")
     p.add_argument("--marker", action="store_true", help="a '#' precedes the key and the answer (a cue for every answer token)")
     p.add_argument("--noise-filler", action="store_true", help="random lower-case filler instead of constant 'a'")
+    p.add_argument("--pairs", type=int, default=0,
+                   help="N > 0: N key-value pairs from slot 0, the row ending with one key and its value (content-matched read-out)")
+    p.add_argument("--warmup-pairs", type=int, default=None,
+                   help="key-value pairs in the --warmup stage (default: --pairs), e.g. 1 before --pairs 2")
     p.add_argument("--smeared-memory", action="store_true",
                    help="memory keys also see the previous slot (experiment-only encoder variant)")
     p.add_argument("--grad-norms", action="store_true",
@@ -210,12 +244,19 @@ def main(argv=None) -> int:
         p.error(f"--warmup {args.warmup!r}: want three positive integers CHUNKS:TOP_K:STEPS, e.g. 4:2:800")
     if any(c < 3 for c in eval_chunks):
         p.error(f"--eval-chunks {args.eval_chunks!r}: every length needs at least 3 chunks (key, filler, answer)")
+    warmup_pairs = args.pairs if args.warmup_pairs is None else args.warmup_pairs
+    if min(args.pairs, warmup_pairs) < 0 or (max(args.pairs, warmup_pairs) and (args.random_offset or args.marker or eval_chunks)):
+        p.error(f"--pairs {args.pairs} / --warmup-pairs {args.warmup_pairs}: give N >= 1, without --random-offset, --marker or --eval-chunks")
+    room = CHUNK_SIZE * min([args.chunks] + ([warmup[0]] if warmup else [])) // 2
+    if max(args.pairs, warmup_pairs) * (1 + KEY_LEN) > room:
+        p.error(f"--pairs {max(args.pairs, warmup_pairs)}: {1 + KEY_LEN} tokens each do not fit in the first half of the "
+                "sequence; raise --chunks (and the --warmup chunks)")
     if args.smeared_memory:
         import drt_jax.model as model_module
 
         model_module.ChunkEncoder = smeared_encoder_class()
     base = ModelConfig.from_preset("tiny").replace(d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=128, decoder_layers=(1, 1),
-                                                    chunk_size=7, window=args.window, top_k=args.top_k, gumbel_scale=args.gumbel_scale)
+                                                    chunk_size=CHUNK_SIZE, window=args.window, top_k=args.top_k, gumbel_scale=args.gumbel_scale)
     T = args.chunks * base.chunk_size
     if args.grad_norms:
         norms = answer_grad_norms(base.replace(gca_residual=args.wiring.split(",")[0]), batch_size=args.batch, T=T,
@@ -230,10 +271,10 @@ def main(argv=None) -> int:
             stages = [(cfg, T, args.steps)]
             if warmup:
                 chunks, top_k, steps = warmup
-                stages.insert(0, (cfg.replace(top_k=top_k), chunks * cfg.chunk_size, steps))
+                stages.insert(0, (cfg.replace(top_k=top_k), chunks * cfg.chunk_size, steps, warmup_pairs))
             curve, params = train(stages, batch_size=args.batch, lr=args.lr, seed=seed, log=args.log,
                                   gumbel=args.gumbel_scale > 0, random_offset=args.random_offset, marker=args.marker,
-                                  noise=args.noise_filler)
+                                  noise=args.noise_filler, pairs=args.pairs)
             reached = next((s for s, v in curve if v < args.target), None)
             results.append({"wiring": wiring, "seed": seed, "curve": curve, "first_below_target": reached})
             print(f"{wiring:>8} seed {seed}: answer loss {curve[0][1]:.2f} (step {curve[0][0]}) -> {curve[-1][1]:.2f} "

@@ -217,6 +217,34 @@ def test_readout_marker_and_noise_filler():
     assert np.all(fixed[:, 1] == readout.MARKER) and np.all(fixed[:, 0] == 97)
 
 
+def test_readout_pairs_task_needs_the_querys_key_matched():
+    readout = _load("gca_readout")
+    tokens = readout.pairs_batch(np.random.default_rng(0), 64, 28, pairs=2)
+    queried = []
+    for row in tokens:
+        keys = row[[0, 5]]
+        assert keys[0] != keys[1] and np.all((row[:10] >= 65) & (row[:10] < 91))
+        j = int(np.flatnonzero(keys == row[-5])[0])  # the query's key is one of the row's keys ...
+        np.testing.assert_array_equal(row[-4:], row[5 * j + 1:5 * j + 5])  # ... and the answer its value
+        queried.append(j)
+    assert 0 < sum(queried) < len(queried)  # either pair can be asked for
+    np.testing.assert_array_equal(readout.batch(np.random.default_rng(0), 64, 28, pairs=2), tokens)
+    with pytest.raises(ValueError, match="do not fit"):
+        readout.pairs_batch(np.random.default_rng(0), 1, 28, pairs=3)
+    # A stage's own pair count: one-pair warm-up, then two pairs.
+    cfg = ModelConfig.from_preset("tiny").replace(d_model=32, n_heads=2, mlp_dim=64, decoder_layers=(1, 1),
+                                                   chunk_size=7, window=8, top_k=2)
+    seen = []
+    real = readout.batch
+    try:
+        readout.batch = lambda *a, **k: seen.append(a[-1]) or real(*a, **k)
+        curve, _ = readout.train([(cfg, 28, 2, 1), (cfg, 28, 2)], batch_size=2, lr=1e-3, seed=0, log=1,
+                                 gumbel=False, noise=True, pairs=2)
+    finally:
+        readout.batch = real
+    assert seen[-4:] == [1, 1, 2, 2] and len(curve) == 4
+
+
 def test_readout_smeared_memory_keys_see_the_previous_slot(monkeypatch):
     readout = _load("gca_readout")
     import drt_jax.model as model_module
