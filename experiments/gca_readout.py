@@ -223,6 +223,8 @@ def main(argv=None) -> int:
                    help="N > 0: N key-value pairs from slot 0, the row ending with one key and its value (content-matched read-out)")
     p.add_argument("--warmup-pairs", type=int, default=None,
                    help="key-value pairs in the --warmup stage (default: --pairs), e.g. 1 before --pairs 2")
+    p.add_argument("--encoder-layers", type=int, default=1,
+                   help="chunk-encoder layers (drt-20m has 2; in-chunk attention can learn previous-token features)")
     p.add_argument("--smeared-memory", action="store_true",
                    help="memory keys also see the previous slot (experiment-only encoder variant)")
     p.add_argument("--grad-norms", action="store_true",
@@ -244,6 +246,10 @@ def main(argv=None) -> int:
         p.error(f"--warmup {args.warmup!r}: want three positive integers CHUNKS:TOP_K:STEPS, e.g. 4:2:800")
     if any(c < 3 for c in eval_chunks):
         p.error(f"--eval-chunks {args.eval_chunks!r}: every length needs at least 3 chunks (key, filler, answer)")
+    if args.log < 1 or args.steps + (warmup[2] if warmup else 0) < args.log:
+        p.error(f"--log {args.log}: the loss is averaged over --log steps; give 1 <= --log <= the steps trained")
+    if args.encoder_layers < 0:
+        p.error(f"--encoder-layers {args.encoder_layers} must be >= 0")
     warmup_pairs = args.pairs if args.warmup_pairs is None else args.warmup_pairs
     if min(args.pairs, warmup_pairs) < 0 or (max(args.pairs, warmup_pairs) and (args.random_offset or args.marker or eval_chunks)):
         p.error(f"--pairs {args.pairs} / --warmup-pairs {args.warmup_pairs}: give N >= 1, without --random-offset, --marker or --eval-chunks")
@@ -256,7 +262,7 @@ def main(argv=None) -> int:
 
         model_module.ChunkEncoder = smeared_encoder_class()
     base = ModelConfig.from_preset("tiny").replace(d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=128, decoder_layers=(1, 1),
-                                                    chunk_size=CHUNK_SIZE, window=args.window, top_k=args.top_k, gumbel_scale=args.gumbel_scale)
+                                                    encoder_layers=args.encoder_layers, chunk_size=CHUNK_SIZE, window=args.window, top_k=args.top_k, gumbel_scale=args.gumbel_scale)
     T = args.chunks * base.chunk_size
     if args.grad_norms:
         norms = answer_grad_norms(base.replace(gca_residual=args.wiring.split(",")[0]), batch_size=args.batch, T=T,

@@ -278,11 +278,13 @@ def test_probe_refuses_unknown_modes(capsys):
     assert err.value.code == 2 and "--modes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [["--warmup", "4:2"], ["--warmup", "a:b:c"], ["--eval-chunks", "8,x"], ["--eval-chunks", "2"]])
+@pytest.mark.parametrize("flags", [["--warmup", "4:2"], ["--warmup", "a:b:c"], ["--eval-chunks", "8,x"], ["--eval-chunks", "2"],
+                                   ["--pairs", "3", "--chunks", "4"], ["--warmup-pairs", "-1", "--pairs", "1"],
+                                   ["--log", "2"], ["--encoder-layers", "-1"]])
 def test_readout_refuses_bad_curriculum_flags(flags, capsys):
     readout = _load("gca_readout")
     with pytest.raises(SystemExit) as err:
-        readout.main(["--steps", "1", *flags])
+        readout.main(["--steps", "1", "--log", "1", *flags])
     assert err.value.code == 2 and flags[0] in capsys.readouterr().err
 
 
