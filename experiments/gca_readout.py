@@ -116,8 +116,8 @@ def answer_loss(logits, tokens):
 def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: float, seed: int, log: int, gumbel: bool,
           random_offset: bool = False, marker: bool = False, noise: bool = False, pairs: int = 0):
     """stages: (model config, tokens per sequence, steps[, pairs]), trained in order with one set of
-    parameters and one optimizer state (a curriculum); a stage's own `pairs` overrides the argument. Returns ([(global step, mean answer loss)] every `log`
-    steps, the trained parameters)."""
+    parameters and one optimizer state (a curriculum); a stage's own `pairs` overrides the argument.
+    Returns ([(global step, mean answer loss)] every `log` steps, the trained parameters)."""
     rng = np.random.default_rng(seed)
     first_cfg, first_T, _, *first_pairs = stages[0]
     init_tokens = batch(rng, 1, first_T, pairs=first_pairs[0] if first_pairs else pairs)
@@ -262,7 +262,8 @@ def main(argv=None) -> int:
 
         model_module.ChunkEncoder = smeared_encoder_class()
     base = ModelConfig.from_preset("tiny").replace(d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=128, decoder_layers=(1, 1),
-                                                    encoder_layers=args.encoder_layers, chunk_size=CHUNK_SIZE, window=args.window, top_k=args.top_k, gumbel_scale=args.gumbel_scale)
+                                                    encoder_layers=args.encoder_layers, chunk_size=CHUNK_SIZE,
+                                                    window=args.window, top_k=args.top_k, gumbel_scale=args.gumbel_scale)
     T = args.chunks * base.chunk_size
     if args.grad_norms:
         norms = answer_grad_norms(base.replace(gca_residual=args.wiring.split(",")[0]), batch_size=args.batch, T=T,
