@@ -62,13 +62,18 @@ def smeared_encoder_class():
 MARKER = 35  # '#'
 
 
+def max_pairs(T: int) -> int:
+    """How many key-value pairs (1 + KEY_LEN tokens each) fit in the first half of T tokens."""
+    return T // 2 // (1 + KEY_LEN)
+
+
 def pairs_batch(rng, B: int, T: int, pairs: int, noise: bool = False) -> np.ndarray:
     """[B, T] int32, the content-matched read-out (what multi-key and 2-hop NIAH need): `pairs`
     key-value pairs from slot 0, each a capital-letter key (distinct within a row) and a 4-letter
     capital value; the row ends with one of the keys and its value. With more than one pair the
     retrieved memory holds several values after a key, and only matching the query's key finds the
     right one; with one pair any copy "after a key" works, as in the fixed-cue task."""
-    if pairs * (1 + KEY_LEN) > T // 2:
+    if pairs > max_pairs(T):
         raise ValueError(f"{pairs} pairs do not fit in the first half of {T} tokens")
     tokens = rng.integers(97, 123, size=(B, T)).astype(np.int32) if noise else np.full((B, T), 97, np.int32)
     for b in range(B):
@@ -253,8 +258,7 @@ def main(argv=None) -> int:
     warmup_pairs = args.pairs if args.warmup_pairs is None else args.warmup_pairs
     if min(args.pairs, warmup_pairs) < 0 or (max(args.pairs, warmup_pairs) and (args.random_offset or args.marker or eval_chunks)):
         p.error(f"--pairs {args.pairs} / --warmup-pairs {args.warmup_pairs}: give N >= 1, without --random-offset, --marker or --eval-chunks")
-    room = CHUNK_SIZE * min([args.chunks] + ([warmup[0]] if warmup else [])) // 2
-    if max(args.pairs, warmup_pairs) * (1 + KEY_LEN) > room:
+    if max(args.pairs, warmup_pairs) > max_pairs(CHUNK_SIZE * min([args.chunks] + ([warmup[0]] if warmup else []))):
         p.error(f"--pairs {max(args.pairs, warmup_pairs)}: {1 + KEY_LEN} tokens each do not fit in the first half of the "
                 "sequence; raise --chunks (and the --warmup chunks)")
     if args.smeared_memory:
