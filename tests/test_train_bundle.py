@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import zlib
 
 import numpy as np
 import pytest
@@ -119,3 +120,66 @@ def test_layout_and_packing():
     assert max(len(f) for f in files) <= 16 and sum(len(f) for f in files) == 68
     for (_, _, a), entry in zip(arrays, entries, strict=True):
         np.testing.assert_array_equal(bundle_lib.unpack(entry, files), a)
+
+
+def test_regroup_names():
+    names = bundle_lib.regroup_names((4, 4), (4, 2, 2))
+    assert names["['group0_layer_1']"] == "['group0_layer_1']"
+    assert names["['group1_layer_0']"] == "['group0_layer_2']" and names["['group1_layer_1']"] == "['group0_layer_3']"
+    assert names["['landmark_norm_g1']"] == "['landmark_norm_g0']"
+    back = bundle_lib.regroup_names((2, 1, 1), (2, 2))
+    assert back["['group0_layer_1']"] == "['group1_layer_0']" and back["['landmark_norm_g0']"] == "['landmark_norm_g0']"
+    for new in ((4, 3, 2), (3, 3, 2), (4,)):
+        with pytest.raises(bundle_lib.BundleError, match="not a regrouping"):
+            bundle_lib.regroup_names((4, 4), new)
+
+
+def _hand_bundle(run, out: pathlib.Path) -> dict:
+    """A bundle of `run`'s freshly initialised parameters (fp32, no optimizer state), by hand."""
+    import flax.linen as nn
+    import jax
+
+    from drt_jax.model import DRT
+
+    tokens = np.zeros((1, 2 * run.model.slots_per_chunk), np.int32)
+    params = nn.unbox(DRT(run.model).init(jax.random.PRNGKey(3), tokens)["params"])
+    flat = bundle_lib.flatten(jax.tree.map(np.asarray, params))
+    files, entries = bundle_lib.pack([("params", k, v) for k, v in flat.items()], 1 << 20)
+    out.mkdir()
+    for i, f in enumerate(files):
+        (out / f"arrays-{i}.bin").write_bytes(f)
+    (out / "config.json").write_text(run.to_json())
+    (out / "manifest.json").write_text(json.dumps({
+        "format": bundle_lib.FORMAT, "step": 5, "rng": [0, 1], "data_iterator": "{}", "commit": "test", "source_run": "-",
+        "params_dtype": "float32", "optimizer_dtype": None, "tensors": entries,
+        "files": {f"arrays-{i}.bin": {"bytes": len(f), "crc32": zlib.crc32(f)} for i, f in enumerate(files)}}))
+    return flat
+
+
+def test_regroup_bundle_recuts_the_upper_layers(straight, capsys, tmp_path):
+    _, _, run, _ = straight
+    two = run.replace(model=run.model.replace(decoder_layers=(1, 2)))
+    old = _hand_bundle(two, tmp_path / "b12")
+    cfg = tmp_path / "target.py"
+    cfg.write_text("from drt_jax.train.config import RunConfig\nimport json\n"
+                   f"RUN = RunConfig.from_dict(json.loads({two.to_json()!r}))\n")
+    out = tmp_path / "b111"
+    assert bundle_lib.main(["regroup", "--bundle", str(tmp_path / "b12"), "--config", str(cfg),
+                            "--set", "model.decoder_layers=(1,1,1)", "--out", str(out)]) == 0
+    assert "(1, 2) -> (1, 1, 1)" in capsys.readouterr().out
+    manifest, target, files = bundle_lib.read_bundle(out)
+    assert target.model.decoder_layers == (1, 1, 1) and manifest["optimizer_dtype"] is None
+    new = {e["name"]: bundle_lib.unpack(e, files) for e in manifest["tensors"]}
+    for name, array in new.items():
+        source = (name.replace("['group1_layer_0']", "['group0_layer_1']")
+                  .replace("['landmark_norm_g1']", "['landmark_norm_g0']"))
+        np.testing.assert_array_equal(array, old[source], err_msg=name)
+    assert any("group1_layer_0" in n for n in new) and any("landmark_norm_g1" in n for n in new)
+    # The result imports into a run of the new layout (every parameter present, every shape right).
+    assert bundle_lib.main(["import", "--bundle", str(out), "--run-dir", str(tmp_path / "r111")]) == 0
+    capsys.readouterr()
+    _one_line_error(capsys, ["regroup", "--bundle", str(tmp_path / "b12"), "--config", str(cfg), "--set",
+                             "model.decoder_layers=(1,1)", "--out", str(tmp_path / "x")], "not a regrouping")
+    _one_line_error(capsys, ["regroup", "--bundle", str(tmp_path / "b12"), "--config", str(cfg), "--set",
+                             "model.decoder_layers=(1,1,1)", "model.d_model=64", "--out", str(tmp_path / "y")],
+                    "beyond decoder_layers", "model.d_model")

@@ -5,6 +5,12 @@ For machines that keep no files between segments and return only a few files of 
     python -m drt_jax.train.bundle export --run-dir R [--step N] --out B [--max-files 8 --max-file-mib 16]
     python -m drt_jax.train.bundle import --bundle B --run-dir R [--set KEY=VALUE ...]
     python train.py --config ... --set train.run_dir=R      # resumes at the bundle's step
+    python -m drt_jax.train.bundle regroup --bundle B --config C [--set ...] --out B2   # new retrieval groups
+
+`regroup` re-cuts a DRT's upper layers into other retrieval groups (e.g. decoder (4, 4) -> (4, 2, 2)):
+the same layers in the same order, each new group's landmark norm copied from the old group that held
+its first layer; the bundle starts a run of the new layout through `train.init_from` (segment.py
+--init-bundle), with a fresh optimizer and data stream.
 
 A bundle folder holds
   config.json      the run's RunConfig, as train.py wrote it
@@ -354,6 +360,70 @@ def import_note(run_dir, step: int) -> str | None:
             "the optimizer restarts here (Adam moments zero)")
 
 
+# --- regroup --------------------------------------------------------------------------------------
+
+
+def regroup_names(old: tuple[int, ...], new: tuple[int, ...]) -> dict[str, str]:
+    """Parameter-path prefixes of the new layout -> those of the old one, for decoder_layers `old` and
+    `new` with the same lower layers and the same number of upper layers. Upper layer j (counted across
+    groups) keeps its weights; group g's landmark norm comes from the old group of its first layer."""
+    if old[0] != new[0] or sum(old[1:]) != sum(new[1:]) or len(old) < 2 or len(new) < 2:
+        raise BundleError(f"decoder_layers {tuple(new)} is not a regrouping of {tuple(old)}: keep the lower layers "
+                          "and the number of upper layers")
+    place = [(g, i) for g, n in enumerate(old[1:]) for i in range(n)]
+    mapping, j = {}, 0
+    for g, n in enumerate(new[1:]):
+        mapping[f"['landmark_norm_g{g}']"] = f"['landmark_norm_g{place[j][0]}']" if n else None
+        for i in range(n):
+            og, oi = place[j]
+            mapping[f"['group{g}_layer_{i}']"] = f"['group{og}_layer_{oi}']"
+            j += 1
+    return {k: v for k, v in mapping.items() if v is not None}
+
+
+def regroup_bundle(bundle, target: RunConfig, out) -> str:
+    """Writes to `out` the bundle's parameters re-cut into target.model's retrieval groups (a bundle of
+    `target`, without optimizer state). Returns a one-line summary."""
+    manifest, run, files = read_bundle(bundle)
+    old, new = tuple(run.model.decoder_layers), tuple(target.model.decoder_layers)
+    problem = model_mismatch({**dataclasses.asdict(run.model), "decoder_layers": new, "name": target.model.name},
+                             target.model)
+    if problem:
+        raise BundleError(f"the target differs from the bundle's model beyond decoder_layers ({problem}); "
+                          "set it to the bundle's value")
+    prefixes = regroup_names(old, new)
+    params = {e["name"]: unpack(e, files) for e in manifest["tensors"] if e["group"] == "params"}
+    arrays = []
+    for name in _param_names(target):
+        source = name
+        for new_prefix, old_prefix in prefixes.items():
+            if name.startswith(new_prefix):
+                source = name.replace(new_prefix, old_prefix, 1)
+                break
+        if source not in params:
+            raise BundleError(f"the bundle has no parameter {source} for {name}; regroup a bundle of the same model")
+        arrays.append(("params", name, params[source]))
+    packed, entries = pack(arrays, max(len(f) for f in files))
+    out = _abs(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise BundleError(f"{out} is not empty; pass a new or empty --out folder")
+    for i, f in enumerate(packed):
+        (out / _file_name(i)).write_bytes(f)
+    (out / CONFIG).write_text(target.to_json())
+    (out / MANIFEST).write_text(json.dumps({
+        **manifest, "optimizer_dtype": None, "tensors": entries, "regrouped_from": [str(_abs(bundle)), list(old)],
+        "files": {_file_name(i): {"bytes": len(f), "crc32": zlib.crc32(f)} for i, f in enumerate(packed)},
+    }, indent=1))
+    return (f"bundle {out}: the parameters of {_abs(bundle)} (step {manifest['step']}) with decoder_layers {old} -> {new}; "
+            "no optimizer state; start a run from it with train.init_from (segment.py --init-bundle)")
+
+
+def _param_names(run: RunConfig) -> list[str]:
+    abstract, _ = _abstract_state(run)
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]]
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 
@@ -371,10 +441,18 @@ def main(argv=None) -> int:
     im.add_argument("--bundle", required=True)
     im.add_argument("--run-dir", required=True)
     im.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (not the model)")
+    rg = sub.add_parser("regroup", help="a DRT bundle -> a bundle of the same layers in other retrieval groups")
+    rg.add_argument("--bundle", required=True)
+    rg.add_argument("--config", required=True, help="the target run config (its model.decoder_layers is the new layout)")
+    rg.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the target config")
+    rg.add_argument("--out", required=True, help="a new or empty folder")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
             print(export_bundle(args.run_dir, args.out, step=args.step, max_files=args.max_files, max_file_mib=args.max_file_mib))
+        elif args.command == "regroup":
+            from drt_jax.train.config import load_run_config
+            print(regroup_bundle(args.bundle, load_run_config(args.config, args.set), args.out))
         else:
             import_bundle(args.bundle, args.run_dir, args.set)
     except (BundleError, CheckpointError, ConfigError) as err:
