@@ -29,24 +29,36 @@ import shlex
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(cmd: list[str], log, timings: list, timeout: float | None = None) -> int:
+    """Runs cmd, echoing its output to stdout and the log; kills it after `timeout` seconds (rc -9),
+    also while it is still printing or silent, so that the segment ends in time and its logs come back."""
     print("+ " + " ".join(cmd), flush=True)
     log.write("+ " + " ".join(cmd) + "\n")
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+
+    def echo():
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+    try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
         rc = -9
+        print(f"killed after {timeout:.0f} s (the segment's time budget)", flush=True)
+        log.write(f"killed after {timeout:.0f} s (the segment's time budget)\n")
+    reader.join(timeout=5)
     timings.append({"command": " ".join(cmd), "seconds": round(time.time() - t0, 1), "rc": rc})
     log.flush()
     return rc

@@ -164,6 +164,27 @@ def test_segment_runs_a_curriculum_stage_then_the_run_then_the_probe(tmp_path):
     assert (out / "bundle" / "manifest.json").is_file()
 
 
+def test_segment_kills_a_command_at_its_timeout_even_while_it_prints(tmp_path, capsys):
+    """A command past its time is killed on time (the eval at 1M that ran past the machine's limit and
+    took the segment's logs with it), whether it prints or is silent."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("segment", EXPERIMENTS / "segment.py")
+    segment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(segment)
+    timings = []
+    for body in ("import time\nfor _ in range(200): print('x', flush=True); time.sleep(0.1)", "import time; time.sleep(20)"):
+        with open(tmp_path / "log", "w") as log:
+            t0 = time.time()
+            rc = segment._run([sys.executable, "-c", body], log, timings, timeout=2)
+        assert rc == -9 and time.time() - t0 < 10, (rc, time.time() - t0)
+    assert "killed after 2 s" in (tmp_path / "log").read_text()
+    with open(tmp_path / "log", "w") as log:
+        assert segment._run([sys.executable, "-c", "print('done')"], log, timings, timeout=30) == 0
+    assert "done" in capsys.readouterr().out and [t["rc"] for t in timings] == [-9, -9, 0]
+
+
 def test_segment_rejects_a_malformed_stage(tmp_path):
     proc = _segment(["--config", "tiny", "--out", str(tmp_path / "out"), "--stage", "soon:train.steps=3"], tmp_path)
     assert proc.returncode == 2
