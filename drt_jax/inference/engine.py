@@ -22,7 +22,9 @@ computes each group's *new* retrieval from the landmark slot of the hidden state
 Prefill runs whole chunks in segments of `segment_chunks` chunks (bounded device memory): each segment
 attends to the previous W slots through the ring, retrieves over all earlier chunks (global chunk ids),
 and its first chunk reads the previous segment's last retrieval (the authors' code gives it none).
-A partial last chunk of the prompt is fed through decode steps.
+A partial last chunk of the prompt is fed through decode steps. The swa baseline prefills in segments
+of the same number of tokens (segment_chunks * chunk_size); its tail shorter than that is one more
+segment, not decode steps.
 
 Shapes are fixed per (batch, capacity), so decoding does not recompile as the context grows; the memory
 capacity grows in blocks of `memory_block` chunks (one recompile per block) unless `max_chunks` is set
@@ -452,7 +454,8 @@ class InferenceEngine:
       `memory_block` chunks when needed (one recompile per growth).
     offload: "host" keeps chunk K/V in host memory (numpy); only landmark keys stay on the device and
       only the top-k chunks per group are copied over at each retrieval. None keeps all on the device.
-    segment_chunks: chunks per prefill segment (device memory of prefill is bounded by it).
+    segment_chunks: chunks per prefill segment (device memory of prefill is bounded by it); the swa
+      baseline's segments hold as many tokens (segment_chunks * chunk_size).
     max_len: for arch="full", the KV-cache capacity in tokens (required there).
     """
 
@@ -473,12 +476,8 @@ class InferenceEngine:
             if max_len is None:
                 raise InferenceError("arch='full' needs max_len (the KV-cache capacity in tokens)")
             self.R = max_len
-            self.segment_slots = None
         else:
             self.R = cfg.window + 2
-            self.segment_slots = segment_chunks * (cfg.slots_per_chunk if cfg.uses_retrieval else 1)
-            if cfg.uses_retrieval:
-                self.segment_slots = segment_chunks * cfg.slots_per_chunk
         self.segment_chunks = segment_chunks
         self.dtype = jnp.dtype(cfg.dtype)
         self.donate = donate
@@ -584,7 +583,8 @@ class InferenceEngine:
             if state.pos:
                 raise InferenceError("arch='full' prefills a fresh state only")
         else:
-            seg_tokens = self.segment_chunks * unit
+            # Not 1-token units for swa: 256-token segments made its 1M-token prefill 4,096 calls.
+            seg_tokens = self.segment_chunks * cfg.chunk_size
         while T - t >= unit:
             n = min(seg_tokens, ((T - t) // unit) * unit)
             lg, state = self._segment(state, tokens[:, t : t + n], all_logits)
