@@ -48,7 +48,7 @@ def training_curves(metrics_path: str, out: str, title: str = "", chance: float 
         pts = [(s, r[key]) for s, r in zip(steps, rows, strict=True) if key in r]
         axes[2].plot(*zip(*pts, strict=True), label=key.split("/")[1])
     axes[2].set_title("needle-chunk recall@k (training batches)")
-    axes[2].set_ylim(0, 1)
+    axes[2].set_ylim(-0.02, 1.04)  # recall of exactly 1 stays visible
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
