@@ -1,14 +1,16 @@
 """drt-20m-2hop: the 2-hop NIAH model of issue 9 (spec 7.3): drt-20m with two retrieval groups.
 
 decoder (4, 2, 2): 4 lower layers, then two groups of 2 upper layers, each group with its own
-retrieval. The second group's query has passed through the first group, so it can ask for the chunk
-that the first hop's answer points to. The parameter count equals drt-20m's (the same 8 decoder
+retrieval. The second group's query has passed through the first group. In segment 10 that did
+not matter: both groups fetched both needle chunks at top-8 (recall 1.00). The question chunk's
+landmark reads only the retrieval made by the chunk before it, so it cannot yet know the first hop's
+answer. The parameter count equals drt-20m's (the same 8 decoder
 layers, plus one landmark norm). Fine-tuned like drt-20m-niah (75% NIAH, 25% python-all, answer
-tokens weighted 20) on `niah_2hop` examples, from a drt-20m-2hop pretraining bundle
-(`segment.py --init-bundle`). Not run yet. The read-out curriculum of experiments/README.md applies
-here too. The 2-hop task needs at least 315 tokens (5 chunks), so a first stage would use
-`data.seq_len=315 model.window=128 model.top_k=3`, retrieving every chunk that the answer's chunk
-cannot see.
+tokens weighted 20) on `niah_2hop` examples. It does not learn 2-hop from random weights (segment
+9). It does learn it from segment 8's single-passkey model, re-cut into these groups by `python -m
+drt_jax.train.bundle regroup` and started with `segment.py --init-bundle`. Segment 10 did that: 315
+tokens, window 128, top-3 (every chunk the answer chunk cannot see is retrieved) for 1,500 steps,
+then 4K, top-8. It answered 70% at 1M (experiments/README.md, docs/results.md).
 """
 
 import dataclasses
