@@ -2,7 +2,7 @@
 
     python experiments/gca_probe.py --checkpoint runs/drt-20m-niah2k --length 512 --samples 48
 
-On NIAH-single samples (held-out haystacks, uniform depth) the checkpoint runs three times, eagerly:
+On NIAH-single samples (or 2-hop with --task 2hop; held-out haystacks, uniform depth) the checkpoint runs three times, eagerly:
   normal        the model as trained (no Gumbel noise);
   gca-off       every GCA block outputs zero (the chunk memory is never read);
   random-ret    each chunk's retrieval is k visible chunks drawn at random, weighted uniformly.
@@ -113,12 +113,22 @@ def chunk_attention(q, keys, off_by_one: bool):
     return e / (e.sum(axis=1, keepdims=True) + (np.exp(-m) if off_by_one else 0.0))
 
 
+def copy_sources(sample) -> list[tuple[int, int]]:
+    """(answer index, needle token position) for every answer token copied from a needle. Single: the
+    passkey's tokens in order. 2-hop: v1's tokens, then (after the two "->" tokens of the answer) v2's."""
+    keys = sample.key_positions
+    if len(keys) == len(sample.answer):
+        return list(enumerate(keys))
+    half = len(keys) // 2
+    return [(j if j < half else j + len(sample.answer) - len(keys), pos) for j, pos in enumerate(keys)]
+
+
 def gca_stats(records, samples, S: int):
     """Retrieval weight on the needle's chunk and the best head's GCA attention on the passkey slot, at
     the positions predicting each answer token, for each upper layer."""
     w_needle, w_uniform, mass = [], [], {i: [] for i in range(len(records))}
     for b, s in enumerate(samples):
-        for i, key_pos in enumerate(s.key_positions):
+        for i, key_pos in copy_sources(s):
             pred = s.prompt_len - 1 + i  # the position whose next token is answer token i
             c, slot = divmod(pred, S)
             kc, kslot = divmod(key_pos, S)
@@ -145,7 +155,7 @@ def needle_share(records, samples, S: int) -> dict:
     w_needle: every chunk's output equally strong)."""
     share = {i: [] for i in range(len(records))}
     for b, s in enumerate(samples):
-        for i, key_pos in enumerate(s.key_positions):
+        for i, key_pos in copy_sources(s):
             c, slot = divmod(s.prompt_len - 1 + i, S)
             kc, kslot = divmod(key_pos, S)
             for li, rec in enumerate(records):
@@ -206,6 +216,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="run folder")
     p.add_argument("--length", type=int, default=512)
+    p.add_argument("--task", default="single", choices=["single", "2hop"],
+                   help="NIAH kind; 2hop scores all 12 answer tokens and reads group 0's retrieval for w_needle")
     p.add_argument("--samples", type=int, default=48)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--data", default=None, help="haystack corpus (default: the run's)")
@@ -225,13 +237,13 @@ def main(argv=None) -> int:
     model = DRT(cfg)
     S = cfg.chunk_size
     hay = split_tokens(data, tok, "val", 1 << 21)
-    task = NiahTask("single", tok, hay, S, seed=12345)
+    task = NiahTask(args.task, tok, hay, S, seed=12345)
     samples = [task.sample(args.length, float(d), i)
                for i, d in enumerate(np.random.default_rng(0).random(args.samples))]
     in_window = np.array([s.prompt_len - 1 - min(s.key_positions) < cfg.window - cfg.window // S for s in samples])
-    result = {"checkpoint": args.checkpoint, "length": args.length, "samples": args.samples,
+    result = {"checkpoint": args.checkpoint, "task": args.task, "length": args.length, "samples": args.samples,
               "in_window_samples": int(in_window.sum()), "chance": float(np.log(len(task.alphabet)))}
-    A = task.answer_len
+    A = len(samples[0].answer)  # single: the passkey; 2hop: v1 "->" v2
     for mode in modes:
         records, losses = [], []
         for start in range(0, len(samples), args.batch):

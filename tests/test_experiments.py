@@ -104,6 +104,20 @@ def test_probe_gca_mass_is_the_attention_probability_on_the_key_slot():
     assert w_needle == 0.0 and mass["layer0"] == 0.0
 
 
+@pytest.mark.parametrize("kind", ["single", "2hop"])
+def test_probe_copy_sources_pair_each_answer_token_with_its_needle_token(kind):
+    """gca_probe --task 2hop: v1's tokens are answer tokens 0-4 and v2's are 7-11 (after "->")."""
+    hay = np.arange(97, 123, dtype=np.int32).repeat(40)
+    for i in range(3):
+        s = NiahTask(kind, ByteTokenizer(), hay, 15, seed=i).sample(900, 0.4, i)
+        pairs = _probe().copy_sources(s)
+        assert len(pairs) == (5 if kind == "single" else 10)
+        for a, pos in pairs:
+            assert s.answer[a] == s.tokens[pos] and s.tokens[s.prompt_len + a] == s.answer[a]
+        if kind == "2hop":
+            assert [a for a, _ in pairs] == [0, 1, 2, 3, 4, 7, 8, 9, 10, 11]
+
+
 def test_probe_retrieval_reach_counts_distances_back():
     probe = _probe()
     cfg = ModelConfig.from_preset("tiny")
