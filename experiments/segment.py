@@ -6,7 +6,9 @@
         [--niah 4K,16K,64K --depths 0,0.5,1 --samples 4] [--ppl 2K,8K] [--probe 512]
 
 1. With --bundle-in, the previous segment's bundle is imported into runs/<name> (the run then resumes
-   from its step; without optimizer state in the bundle the optimizer restarts, and says so).
+   from its step; without optimizer state in the bundle the optimizer restarts, and says so). On a
+   machine that still holds runs/<name> at or past the bundle's step, the run resumes from there
+   (optimizer state included) and the bundle is not imported.
 2. train.py runs with train.time_limit_s set so that training, the export and the evaluation all end
    within --budget-s of this script's start (the machine's per-command limit is 600 s).
    With --stage (a curriculum), each "SECONDS:OVERRIDES" stage first trains for SECONDS as its own run
@@ -62,6 +64,22 @@ def _run(cmd: list[str], log, timings: list, timeout: float | None = None) -> in
     timings.append({"command": " ".join(cmd), "seconds": round(time.time() - t0, 1), "rc": rc})
     log.flush()
     return rc
+
+
+def kept_step(run_dir: pathlib.Path, bundle) -> int | None:
+    """The newest checkpoint step of run_dir if it is at least the bundle's step (a warm machine kept
+    the run since the bundle was written: resume there, do not import), else None."""
+    from drt_jax.train.checkpoints import read_only_checkpointer
+
+    manifest = pathlib.Path(bundle) / "manifest.json"
+    if not (run_dir / "checkpoints").is_dir() or not manifest.is_file():
+        return None
+    try:
+        want = int(json.loads(manifest.read_text())["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # the import names what is wrong with the bundle
+    steps = read_only_checkpointer(run_dir).all_steps()
+    return max(steps) if steps and max(steps) >= want else None
 
 
 def main(argv=None) -> int:
@@ -123,7 +141,13 @@ def main(argv=None) -> int:
     stage_dirs: list[pathlib.Path] = []
     py = sys.executable
     with open(run_dir / "segment.log", "a") as log:
-        if args.bundle_in:
+        kept = kept_step(run_dir, args.bundle_in) if args.bundle_in else None
+        if kept is not None:
+            say = (f"{run_dir} already holds step {kept}, at or past the bundle's step (this machine kept the run): "
+                   "resuming from it, not importing the bundle")
+            print(say, flush=True)
+            log.write(say + "\n")
+        elif args.bundle_in:
             if _run([py, "-m", "drt_jax.train.bundle", "import", "--bundle", args.bundle_in, "--run-dir", str(run_dir)], log, timings):
                 return 2
         init = []
