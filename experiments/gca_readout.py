@@ -67,6 +67,11 @@ def max_pairs(T: int) -> int:
     return T // 2 // (1 + KEY_LEN)
 
 
+def filler(rng, B: int, T: int, noise: bool) -> np.ndarray:
+    """[B, T] int32 filler: constant 'a', or random lower-case letters with `noise`."""
+    return rng.integers(97, 123, size=(B, T)).astype(np.int32) if noise else np.full((B, T), 97, np.int32)
+
+
 def pairs_batch(rng, B: int, T: int, pairs: int, noise: bool = False) -> np.ndarray:
     """[B, T] int32, the content-matched read-out (what multi-key and 2-hop NIAH need): `pairs`
     key-value pairs from slot 0, each a capital-letter key (distinct within a row) and a 4-letter
@@ -75,7 +80,7 @@ def pairs_batch(rng, B: int, T: int, pairs: int, noise: bool = False) -> np.ndar
     right one; with one pair any copy "after a key" works, as in the fixed-cue task."""
     if pairs > max_pairs(T):
         raise ValueError(f"{pairs} pairs do not fit in the first half of {T} tokens")
-    tokens = rng.integers(97, 123, size=(B, T)).astype(np.int32) if noise else np.full((B, T), 97, np.int32)
+    tokens = filler(rng, B, T, noise)
     for b in range(B):
         keys = rng.permutation(26)[:pairs] + 65
         values = rng.integers(0, 26, size=(pairs, KEY_LEN)) + 65
@@ -98,7 +103,7 @@ def batch(rng, B: int, T: int, random_offset: bool = False, marker: bool = False
     3e-3), after which no memory key tells a key letter from the filler. pairs > 0: `pairs_batch`."""
     if pairs:
         return pairs_batch(rng, B, T, pairs, noise)
-    tokens = rng.integers(97, 123, size=(B, T)).astype(np.int32) if noise else np.full((B, T), 97, np.int32)
+    tokens = filler(rng, B, T, noise)
     key = rng.integers(0, 26, size=(B, KEY_LEN)) + 65
     first = 1 + int(marker)
     starts = rng.integers(first, T // 2 - KEY_LEN, size=B) if random_offset else np.full(B, first)

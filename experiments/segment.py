@@ -37,11 +37,15 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _say(log, text: str) -> None:
+    print(text, flush=True)
+    log.write(text + "\n")
+
+
 def _run(cmd: list[str], log, timings: list, timeout: float | None = None) -> int:
     """Runs cmd, echoing its output to stdout and the log; kills it after `timeout` seconds (rc -9),
     also while it is still printing or silent, so that the segment ends in time and its logs come back."""
-    print("+ " + " ".join(cmd), flush=True)
-    log.write("+ " + " ".join(cmd) + "\n")
+    _say(log, "+ " + " ".join(cmd))
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -58,8 +62,7 @@ def _run(cmd: list[str], log, timings: list, timeout: float | None = None) -> in
         proc.kill()
         proc.wait()
         rc = -9
-        print(f"killed after {timeout:.0f} s (the segment's time budget)", flush=True)
-        log.write(f"killed after {timeout:.0f} s (the segment's time budget)\n")
+        _say(log, f"killed after {timeout:.0f} s (the segment's time budget)")
     reader.join(timeout=5)
     timings.append({"command": " ".join(cmd), "seconds": round(time.time() - t0, 1), "rc": rc})
     log.flush()
@@ -143,10 +146,8 @@ def main(argv=None) -> int:
     with open(run_dir / "segment.log", "a") as log:
         kept = kept_step(run_dir, args.bundle_in) if args.bundle_in else None
         if kept is not None:
-            say = (f"{run_dir} already holds step {kept}, at or past the bundle's step (this machine kept the run): "
-                   "resuming from it, not importing the bundle")
-            print(say, flush=True)
-            log.write(say + "\n")
+            _say(log, f"{run_dir} already holds step {kept}, at or past the bundle's step (this machine kept the run): "
+                      "resuming from it, not importing the bundle")
         elif args.bundle_in:
             if _run([py, "-m", "drt_jax.train.bundle", "import", "--bundle", args.bundle_in, "--run-dir", str(run_dir)], log, timings):
                 return 2

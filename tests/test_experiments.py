@@ -181,12 +181,9 @@ def test_segment_runs_a_curriculum_stage_then_the_run_then_the_probe(tmp_path):
 def test_segment_kills_a_command_at_its_timeout_even_while_it_prints(tmp_path, capsys):
     """A command past its time is killed on time (the eval at 1M that ran past the machine's limit and
     took the segment's logs with it), whether it prints or is silent."""
-    import importlib.util
     import time
 
-    spec = importlib.util.spec_from_file_location("segment", EXPERIMENTS / "segment.py")
-    segment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(segment)
+    segment = _load("segment")
     timings = []
     for body in ("import time\nfor _ in range(200): print('x', flush=True); time.sleep(0.1)", "import time; time.sleep(20)"):
         with open(tmp_path / "log", "w") as log:

@@ -188,12 +188,10 @@ def test_regroup_bundle_recuts_the_upper_layers(straight, capsys, tmp_path):
 def test_segment_resumes_a_kept_run_instead_of_importing(straight, capsys, tmp_path):
     """segment.py --bundle-in on a warm machine that still holds the run at or past the bundle's step
     resumes there (the import would refuse: segment 10's second call lost a try to that)."""
-    import importlib.util
+    from tests.test_experiments import _load
 
     tmp, _, run, _ = straight
-    spec = importlib.util.spec_from_file_location("segment", pathlib.Path(__file__).parents[1] / "experiments" / "segment.py")
-    segment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(segment)
+    segment = _load("segment")
     out = tmp_path / "b4"
     _export(run, out, max_files=10, capsys=capsys)
     assert segment.kept_step(run.run_dir, out) == 8  # checkpoints 4 and 8; the bundle is step 4

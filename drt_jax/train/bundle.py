@@ -373,12 +373,13 @@ def regroup_names(old: tuple[int, ...], new: tuple[int, ...]) -> dict[str, str]:
     place = [(g, i) for g, n in enumerate(old[1:]) for i in range(n)]
     mapping, j = {}, 0
     for g, n in enumerate(new[1:]):
-        mapping[f"['landmark_norm_g{g}']"] = f"['landmark_norm_g{place[j][0]}']" if n else None
+        if n:
+            mapping[f"['landmark_norm_g{g}']"] = f"['landmark_norm_g{place[j][0]}']"
         for i in range(n):
             og, oi = place[j]
             mapping[f"['group{g}_layer_{i}']"] = f"['group{og}_layer_{oi}']"
             j += 1
-    return {k: v for k, v in mapping.items() if v is not None}
+    return mapping
 
 
 def regroup_bundle(bundle, target: RunConfig, out) -> str:
