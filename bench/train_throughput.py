@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Training throughput: tokens/s, MFU and peak device memory of one training step.
 
-Models drt-133m, swa-133m, full-133m at 4K/16K/32K/64K tokens per sequence, batch 1, bf16 compute
-over fp32 master weights, per-layer remat, blocked cross-entropy, AdamW; synthetic random tokens.
+Models drt-133m, swa-133m, full-133m at 4K/16K/32K/64K tokens per sequence, batch 1 (--batch), bf16
+compute over fp32 master weights, per-layer remat, blocked cross-entropy, AdamW; synthetic random tokens.
+A model is a preset name or a file with MODEL (e.g. experiments/configs/swa-20m.py).
 The step is the trainer's own (drt_jax.train.step.make_train_step on a 1-device mesh). Each case:
 one compile+warm-up step, then --steps timed steps. An out-of-memory failure is recorded as a miss.
 
     PYTHONPATH=. python bench/train_throughput.py                      # the full table
     PYTHONPATH=. python bench/train_throughput.py --models drt-133m --lengths 4096 --steps 2
+    PYTHONPATH=. python bench/train_throughput.py --models experiments/configs/drt-20m.py \
+        experiments/configs/swa-20m.py --lengths 4096 --batch 16 --remat none   # issue 9's trainer shapes
 
 Writes bench/results/train_throughput.json (or --out) after every case and prints a table.
 Imports neither grain nor tensorboardX (the GPU image has neither).
@@ -41,7 +44,7 @@ def commit() -> str:
         return "unknown"
 
 
-def run_case(name: str, seq_len: int, steps: int, remat: str):
+def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1):
     import jax
     import numpy as np
 
@@ -63,10 +66,11 @@ def run_case(name: str, seq_len: int, steps: int, remat: str):
     rng = np.random.RandomState(seq_len)
     batches = [
         mesh_lib.global_batch(
-            {"tokens": rng.randint(0, min(cfg.vocab_size, 50257), (1, seq_len)).astype(np.int32),
-             "mask": np.ones((1, seq_len), np.int32)}, bsh, 1)
+            {"tokens": rng.randint(0, min(cfg.vocab_size, 50257), (batch, seq_len)).astype(np.int32),
+             "mask": np.ones((batch, seq_len), np.int32)}, bsh, batch)
         for _ in range(2)
     ]
+    tokens_per_step = int(batches[0]["tokens"].size)
     t0 = time.perf_counter()
     lowered = step.lower(state, batches[0])
     compiled = lowered.compile()
@@ -83,15 +87,17 @@ def run_case(name: str, seq_len: int, steps: int, remat: str):
         state, m = compiled(state, batches[i % 2])
     jax.block_until_ready((state, m))
     dt = (time.perf_counter() - t0) / steps
-    flops = train_flops_per_sequence(cfg, seq_len)
+    flops_seq = train_flops_per_sequence(cfg, seq_len)
+    flops = batch * flops_seq
     peak = peak_flops_per_device(device)
     stats = device.memory_stats() or {}
     del state, batches
     return {
-        "status": "ok", "step_s": dt, "tokens_per_s": seq_len / dt, "model_tflops_per_s": flops / dt / 1e12,
+        "status": "ok", "step_s": dt, "tokens_per_s": tokens_per_step / dt, "tokens_per_step": tokens_per_step,
+        "model_tflops_per_s": flops / dt / 1e12,
         "mfu": (flops / dt / peak) if peak else None, "compile_s": compile_s, "loss": loss0,
         "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "compiled_bytes_estimate": est,
-        "train_flops_per_seq": flops,
+        "train_flops_per_seq": flops_seq,
     }
 
 
@@ -101,6 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", nargs="*", type=int, default=None)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the compile/warm-up step")
     parser.add_argument("--remat", default="full")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining cases after this many seconds")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_throughput.json"))
     args = parser.parse_args(argv)
@@ -114,7 +121,7 @@ def main(argv=None) -> int:
     result = {
         "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__, "date": datetime.date.today().isoformat(),
         "commit": commit(), "command": "PYTHONPATH=. python bench/train_throughput.py " + " ".join(argv or sys.argv[1:]),
-        "settings": {"batch": 1, "dtype": "bfloat16 compute, float32 params", "remat": args.remat, "timed_steps": args.steps,
+        "settings": {"batch": args.batch, "dtype": "bfloat16 compute, float32 params", "remat": args.remat, "timed_steps": args.steps,
                      "loss": "blocked cross-entropy (1024-token blocks)", "optimizer": "AdamW + clip"},
         "cases": [],
     }
@@ -128,7 +135,7 @@ def main(argv=None) -> int:
         else:
             t0 = time.time()
             try:
-                row.update(run_case(name, seq_len, args.steps, args.remat))
+                row.update(run_case(name, seq_len, args.steps, args.remat, args.batch))
             except Exception as err:  # noqa: BLE001 - record and continue
                 text = " ".join(str(err).split())
                 oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text
@@ -149,10 +156,10 @@ def print_table(result: dict) -> None:
         if r.get("status") == "ok":
             mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             peak = r.get("compiled_bytes_estimate") or r.get("peak_bytes_in_use") or 0
-            print(f"{r['model']:<10} {r['seq_len']:>6} {'ok':<10} {r['tokens_per_s']:>10.0f} {r['step_s']:>8.3f} {mfu:>6} "
+            print(f"{pathlib.Path(r['model']).stem:<10} {r['seq_len']:>6} {'ok':<10} {r['tokens_per_s']:>10.0f} {r['step_s']:>8.3f} {mfu:>6} "
                   f"{peak / 2**30:>8.1f} {r['compile_s']:>9.1f}")
         else:
-            print(f"{r['model']:<10} {r['seq_len']:>6} {r['status']}")
+            print(f"{pathlib.Path(r['model']).stem:<10} {r['seq_len']:>6} {r['status']}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python experiments/segment.py --config experiments/configs/drt-20m.py --out $OUT \
         [--bundle-in DIR | --init-bundle DIR] [--budget-s 560] [--eval-s 150] [--set train.steps=3000 ...] \
         [--stage "150:data.seq_len=512 train.batch=128" ...] \
-        [--niah 4K,16K,64K --depths 0,0.5,1 --samples 4] [--ppl 2K,8K] [--probe 512]
+        [--niah 4K,16K,64K --depths 0,0.5,1 --samples 4] [--ppl 2K,8K [--ppl-windows 32]] [--probe 512]
 
 1. With --bundle-in, the previous segment's bundle is imported into runs/<name> (the run then resumes
    from its step; without optimizer state in the bundle the optimizer restarts, and says so). On a
@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--niah-top-k", default="", metavar="K,K",
                    help="evaluate NIAH once per retrieval count (eval.py --top-k), e.g. 8,2 (empty: the model's)")
     p.add_argument("--ppl", default="", help="held-out perplexity lengths, e.g. 2K,8K (empty: none)")
+    p.add_argument("--ppl-windows", type=int, default=32,
+                   help="windows per perplexity length (eval.py ppl --max-windows; 32 is docs/results.md's protocol)")
     p.add_argument("--stage", action="append", default=[], dest="stages", metavar="SECONDS:OVERRIDES",
                    help='a curriculum stage before the main run, e.g. "150:data.seq_len=512 train.batch=128" (repeatable)')
     p.add_argument("--probe", type=int, default=0, metavar="LENGTH",
@@ -184,7 +186,7 @@ def main(argv=None) -> int:
                      log, timings, timeout=left())
             if args.ppl and left() > 20:
                 _run([py, "eval.py", "ppl", "--checkpoint", str(run_dir), "--data", run.data.corpus, "--split", "val",
-                      "--lengths", args.ppl,
+                      "--lengths", args.ppl, "--max-windows", str(args.ppl_windows),
                       "--no-progress", "--out", str(eval_dir / "ppl.json")], log, timings, timeout=left())
             if args.probe and left() > 20:
                 _run([py, str(ROOT / "experiments" / "gca_probe.py"), "--checkpoint", str(run_dir),

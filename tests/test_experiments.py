@@ -157,7 +157,8 @@ def test_segment_runs_a_curriculum_stage_then_the_run_then_the_probe(tmp_path):
                      "--set", "name=seg", f"train.run_dir={runs}/{{name}}", "train.steps=4", "train.progress_bar=false",
                      "data.seq_len=128", "train.batch=2",
                      "--stage", "60:train.steps=3 data.seq_len=64", "--probe", "128",
-                     "--niah", "512", "--niah-task", "2hop", "--depths", "0", "--samples", "1", "--niah-top-k", "2,1"],
+                     "--niah", "512", "--niah-task", "2hop", "--depths", "0", "--samples", "1", "--niah-top-k", "2,1",
+                     "--ppl", "128", "--ppl-windows", "2"],
                     tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with tarfile.open(out / "logs.tar.gz") as tar:
@@ -166,6 +167,8 @@ def test_segment_runs_a_curriculum_stage_then_the_run_then_the_probe(tmp_path):
         probe = json.load(tar.extractfile("seg/eval/gca_probe.json"))
         stage_config = json.load(tar.extractfile("seg/stages/seg-stage0/config.json"))
         niah = {k: json.load(tar.extractfile(f"seg/eval/niah_2hop_k{k}.json")) for k in (1, 2)}
+        ppl = json.load(tar.extractfile("seg/eval/ppl.json"))
+    assert [(r["length"], r["windows"]) for r in ppl["results"]] == [(128, 2)]
     assert {k: (r["top_k"], r["task"]) for k, r in niah.items()} == {1: (1, "2hop"), 2: (2, "2hop")}
     assert "seg/stages/seg-stage0/metrics.jsonl" in names
     assert stage_config["data"]["seq_len"] == 64 and stage_config["train"]["steps"] == 3
@@ -347,8 +350,10 @@ def test_plots_merge_joins_niah_results_over_lengths(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["merged_from"] == [str(paths[0]), str(paths[1])]
 
 
-def test_swa_baseline_config_sees_the_drt_runs_batches(tmp_path):
-    """configs/swa-20m-niah.py with a DRT segment's overrides draws the same batches (NIAH and corpus)."""
+@pytest.mark.parametrize("pair", [("drt-20m-niah", "swa-20m-niah"), ("drt-20m-lm", "swa-20m-lm")], ids=["niah", "lm"])
+def test_swa_baseline_config_sees_the_drt_runs_batches(tmp_path, pair):
+    """The baseline configs with a DRT segment's overrides draw the DRT's batches (NIAH and corpus rows
+    for the -niah pair, corpus rows only for the -lm pair)."""
     from drt_jax.data import build_train_iterator, load_tokenizer
     from drt_jax.train.loop import register_model_tasks
 
@@ -359,7 +364,7 @@ def test_swa_baseline_config_sees_the_drt_runs_batches(tmp_path):
     overrides = [f"data.corpus={corpus}", "data.seq_len=252", "train.batch=4", "data.num_workers=0",
                  f"data.cache_dir={tmp_path / 'cache'}", "model.window=128", "model.top_k=2"]
     batches = {}
-    for name in ("drt-20m-niah", "swa-20m-niah"):
+    for name in pair:
         run = load_run_config(str(EXPERIMENTS / "configs" / f"{name}.py"), overrides)
         tok = load_tokenizer(run.data.tokenizer)
         register_model_tasks(run, tok)
@@ -369,6 +374,8 @@ def test_swa_baseline_config_sees_the_drt_runs_batches(tmp_path):
         assert set(a) == set(b)
         for key in a:
             np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
-    # Both NIAH examples (answer tokens marked) and corpus rows were compared.
-    answers = np.concatenate([np.asarray(b["answer"]).any(axis=1) for b in batches["drt"]])
-    assert answers.any() and not answers.all()
+    if pair[0].endswith("-niah"):  # both NIAH examples (answer tokens marked) and corpus rows were compared
+        answers = np.concatenate([np.asarray(b["answer"]).any(axis=1) for b in batches["drt"]])
+        assert answers.any() and not answers.all()
+    else:  # language modelling alone: no task rows, so no answer marks
+        assert "answer" not in batches["drt"][0]
