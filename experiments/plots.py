@@ -44,14 +44,18 @@ def training_curves(metrics_path: str, out: str, title: str = "", chance: float 
     if chance:
         axes[1].axhline(chance, color="gray", ls="--", label=f"chance {chance:.2f}")
     axes[1].set_title("answer loss (nats/token)")
-    for key in sorted({k for r in rows for k in r if k.startswith("train/recall_")}):
+    recall_keys = sorted({k for r in rows for k in r if k.startswith("train/recall_")})
+    for key in recall_keys:
         pts = [(s, r[key]) for s, r in zip(steps, rows, strict=True) if key in r]
         axes[2].plot(*zip(*pts, strict=True), label=key.split("/")[1])
+    if not recall_keys:  # a baseline (swa, full) retrieves nothing
+        axes[2].text(0.5, 0.5, "no retrieval in this model", ha="center", va="center", transform=axes[2].transAxes)
     axes[2].set_title("needle-chunk recall@k (training batches)")
     axes[2].set_ylim(-0.02, 1.04)  # recall of exactly 1 stays visible
     for ax in axes:
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -379,3 +379,28 @@ def test_swa_baseline_config_sees_the_drt_runs_batches(tmp_path, pair):
         assert answers.any() and not answers.all()
     else:  # language modelling alone: no task rows, so no answer marks
         assert "answer" not in batches["drt"][0]
+
+
+def test_plots_curves_of_a_baseline_say_it_has_no_retrieval(tmp_path, monkeypatch):
+    """A sliding-window run logs no recall: its curves still plot, with no empty legend, and say so."""
+    import json
+    import warnings
+
+    plots = _load("plots")
+    axes_cls = plots._plt().Axes
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps({"step": s, "train/loss": 1.0 / s, "train/corpus_loss": 1.2 / s,
+                                             "train/answer_loss": 4.1}) for s in (1, 25, 50)))
+    texts = []
+    real_text = axes_cls.text
+
+    def spy(ax, x, y, s, *args, **kwargs):
+        texts.append(s)
+        return real_text(ax, x, y, s, *args, **kwargs)
+
+    monkeypatch.setattr(axes_cls, "text", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when a legend has nothing to show
+        plots.training_curves(str(metrics), str(tmp_path / "c.png"), title="swa")
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert texts == ["no retrieval in this model"]
