@@ -180,16 +180,25 @@ def needle_share(records, samples, S: int) -> dict:
 
 def retrieval_reach(records, cfg) -> dict:
     """Distance (in chunks) from each consuming chunk back to the chunks it reads through GCA, and the
-    fraction of them the sliding window already covers (distance <= W / (S + 1) chunks)."""
-    dist = []
+    fraction of them the sliding window already covers (distance <= W / (S + 1) chunks). With the
+    records' weights, also how the retrieval weight spreads over the K chunks: the mean of each row's
+    weights sorted high to low, over rows that read K chunks (uniform: 1 / K in every place)."""
+    dist, spread = [], []
     for rec in records:
         idx = rec["indices"]  # [B, C, K]: row c is what chunk c reads
         c = np.arange(idx.shape[1])[None, :, None]
         dist.append((c - idx)[idx >= 0])
+        if "weights" in rec:
+            full = (idx >= 0).all(axis=-1)
+            spread.append(-np.sort(-np.asarray(rec["weights"], np.float32)[full], axis=-1))
     dist = np.concatenate(dist)
     reach = cfg.window // cfg.slots_per_chunk
-    return {"mean_distance": float(dist.mean()), "median_distance": float(np.median(dist)),
-            "frac_within_window": float(np.mean(dist <= reach)), "window_chunks": int(reach)}
+    out = {"mean_distance": float(dist.mean()), "median_distance": float(np.median(dist)),
+           "frac_within_window": float(np.mean(dist <= reach)), "window_chunks": int(reach)}
+    if spread and sum(len(x) for x in spread):
+        out["weights_sorted_mean"] = [float(w) for w in np.concatenate(spread).mean(axis=0)]
+        out["weight_uniform"] = 1.0 / idx.shape[-1]
+    return out
 
 
 def noise_against_scores(score_mats, k: int, scale: float, draws: int = 20, seed: int = 0) -> dict:

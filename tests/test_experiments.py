@@ -122,10 +122,15 @@ def test_probe_retrieval_reach_counts_distances_back():
     probe = _probe()
     cfg = ModelConfig.from_preset("tiny")
     idx = np.array([[[-1, -1], [0, -1], [1, 0], [0, 2]]], np.int32)  # row c is what chunk c reads
-    reach = probe.retrieval_reach([{"indices": idx}], cfg)
+    weights = np.array([[[0, 0], [1, 0], [0.25, 0.75], [0.6, 0.4]]], np.float32)
+    reach = probe.retrieval_reach([{"indices": idx, "weights": weights}], cfg)
     # distances: 1; 1, 2; 3, 1
     assert reach["mean_distance"] == pytest.approx(8 / 5)
     assert reach["frac_within_window"] == pytest.approx(np.mean(np.array([1, 1, 2, 3, 1]) <= cfg.window // cfg.slots_per_chunk))
+    # rows 2 and 3 read both chunks: sorted (0.75, 0.25) and (0.6, 0.4)
+    assert reach["weights_sorted_mean"] == pytest.approx([0.675, 0.325])
+    assert reach["weight_uniform"] == 0.5
+    assert "weights_sorted_mean" not in probe.retrieval_reach([{"indices": idx}], cfg)
 
 
 def test_probe_noise_against_scores_spans_clean_to_random():
