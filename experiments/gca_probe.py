@@ -20,7 +20,8 @@ token on), what the chunk memory offers the copy:
 A model that copies through GCA needs gca_mass near 1 in some layer and w_needle well above uniform;
 a gca-off answer loss equal to the normal one says the memory contributes nothing to the answer.
 With --lm-windows N it also compares held-out language-model loss (N windows of --lm-length tokens) for
-the three runs: how much the trained model uses its memory at all; how far back the retrievals reach;
+the three runs: how much the trained model uses its memory at all; how far back the retrievals reach
+and how evenly their weight spreads over the K chunks;
 and how much of evaluation's clean top-k the training-time Gumbel-top-k selection shares
 (`training_noise`: the scores' spread against the noise's).
 """
