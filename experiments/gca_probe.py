@@ -196,9 +196,10 @@ def retrieval_reach(records, cfg) -> dict:
     reach = cfg.window // cfg.slots_per_chunk
     out = {"mean_distance": float(dist.mean()), "median_distance": float(np.median(dist)),
            "frac_within_window": float(np.mean(dist <= reach)), "window_chunks": int(reach)}
-    if spread and sum(len(x) for x in spread):
-        out["weights_sorted_mean"] = [float(w) for w in np.concatenate(spread).mean(axis=0)]
-        out["weight_uniform"] = 1.0 / idx.shape[-1]
+    rows = np.concatenate(spread) if spread else np.empty((0, 0))
+    if len(rows):
+        out["weights_sorted_mean"] = [float(w) for w in rows.mean(axis=0)]
+        out["weight_uniform"] = 1.0 / rows.shape[-1]
     return out
 
 
