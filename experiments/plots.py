@@ -3,11 +3,14 @@
     python experiments/plots.py curves RUN_DIR/metrics.jsonl --out docs/img/curves.png [--title T]
     python experiments/plots.py niah EVAL/niah_single.json [MORE.json ...] --out docs/img/niah.png [--labels A,B]
     python experiments/plots.py merge EVAL/niah_4k_1m.json EVAL/niah_16m.json --out EVAL/niah_4k_16m.json
+    python experiments/plots.py ppl SWA/eval/ppl.json DRT/eval/ppl.json --labels swa,DRT --out docs/img/ppl.png
 
 curves: corpus loss, answer loss (with the chance level of the passkey alphabet) and needle-chunk
 recall per retrieval group against the step. niah: accuracy, answer loss and recall against the
 context length, one line per depth (and per file, e.g. DRT and its sliding-window baseline).
 merge: one eval.py niah result from several calls over different lengths (one model, task and depths).
+ppl: eval.py ppl results, perplexity against the context length, and each file's perplexity relative to the
+first file's (the baseline) at the lengths they share.
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ def _plt():
     return plt
 
 
+def _run_kind(metrics_path: str) -> tuple[str | None, list | None]:
+    """The model's arch and the data mixture from the run's config.json beside metrics.jsonl (None: unknown)."""
+    path = pathlib.Path(metrics_path).with_name("config.json")
+    try:
+        config = json.loads(path.read_text())
+        return config["model"]["arch"], list(config["data"]["mixture"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+
+
 def training_curves(metrics_path: str, out: str, title: str = "", chance: float | None = None) -> None:
     rows = [json.loads(line) for line in pathlib.Path(metrics_path).read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "train/loss" in r]
@@ -38,9 +51,9 @@ def training_curves(metrics_path: str, out: str, title: str = "", chance: float 
         if pts:
             axes[0].plot(*zip(*pts, strict=True), label=label)
     axes[0].set_title("loss (nats/token)")
-    pts = [(s, r["train/answer_loss"]) for s, r in zip(steps, rows, strict=True) if "train/answer_loss" in r]
-    if pts:
-        axes[1].plot(*zip(*pts, strict=True), label="answer tokens")
+    pts_answer = [(s, r["train/answer_loss"]) for s, r in zip(steps, rows, strict=True) if "train/answer_loss" in r]
+    if pts_answer:
+        axes[1].plot(*zip(*pts_answer, strict=True), label="answer tokens")
     if chance:
         axes[1].axhline(chance, color="gray", ls="--", label=f"chance {chance:.2f}")
     axes[1].set_title("answer loss (nats/token)")
@@ -48,8 +61,13 @@ def training_curves(metrics_path: str, out: str, title: str = "", chance: float 
     for key in recall_keys:
         pts = [(s, r[key]) for s, r in zip(steps, rows, strict=True) if key in r]
         axes[2].plot(*zip(*pts, strict=True), label=key.split("/")[1])
-    if not recall_keys:  # a baseline (swa, full) retrieves nothing
-        axes[2].text(0.5, 0.5, "no retrieval in this model", ha="center", va="center", transform=axes[2].transAxes)
+    arch, mixture = _run_kind(metrics_path)
+    if not pts_answer and mixture == []:
+        axes[1].text(0.5, 0.5, "no task examples in this run", ha="center", va="center", transform=axes[1].transAxes)
+    if not recall_keys:
+        why = ("no retrieval in this model" if arch not in (None, "drt") else "no task examples in this run"
+               if mixture == [] else "no needle recall logged")
+        axes[2].text(0.5, 0.5, why, ha="center", va="center", transform=axes[2].transAxes)
     axes[2].set_title("needle-chunk recall@k (training batches)")
     axes[2].set_ylim(-0.02, 1.04)  # recall of exactly 1 stays visible
     for ax in axes:
@@ -83,6 +101,43 @@ def niah_curves(paths: list[str], out: str, labels: list[str] | None = None) -> 
         ax.legend(fontsize=6)
     axes[0].set_ylim(-0.02, 1.02)
     axes[2].set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def ppl_by_length(path: str) -> dict[int, float]:
+    """eval.py ppl's JSON -> {length: perplexity}."""
+    r = json.loads(pathlib.Path(path).read_text())
+    if r.get("command") != "ppl" or not r.get("results"):
+        raise ValueError(f"{path} is not an eval.py ppl result (no 'results'); pass the JSON that eval.py ppl --out wrote")
+    return {int(x["length"]): float(x["ppl"]) for x in r["results"]}
+
+
+def ppl_curves(paths: list[str], out: str, labels: list[str] | None = None) -> None:
+    """Left: perplexity against length per file. Right: each file's perplexity over the first file's."""
+    tables = [ppl_by_length(path) for path in paths]
+    names = labels or [json.loads(pathlib.Path(path).read_text()).get("model", pathlib.Path(path).stem) for path in paths]
+    base = tables[0]
+    shared = sorted(set(base).intersection(*tables[1:]))
+    if len(paths) > 1 and not shared:
+        raise ValueError(f"the files share no context length ({paths[0]}: {sorted(base)}); evaluate them at the same lengths")
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for i, (name, table) in enumerate(zip(names, tables, strict=True)):
+        lengths = sorted(table)
+        line = axes[0].plot(lengths, [table[L] for L in lengths], marker="o", label=name)[0]
+        if i:
+            axes[1].plot(shared, [table[L] / base[L] for L in shared], marker="o", color=line.get_color(),
+                         label=f"{name} / {names[0]}")
+    axes[0].set_title("held-out perplexity")
+    axes[1].set_title("perplexity / baseline's (below 1: better)")
+    axes[1].axhline(1.0, color="gray", ls="--", lw=0.8, label=names[0])
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
@@ -125,6 +180,10 @@ def main(argv=None) -> int:
     m = sub.add_parser("merge")
     m.add_argument("results", nargs="+")
     m.add_argument("--out", required=True)
+    q = sub.add_parser("ppl")
+    q.add_argument("results", nargs="+", help="eval.py ppl JSON files, the baseline first")
+    q.add_argument("--out", required=True)
+    q.add_argument("--labels", default="", help="comma-separated legend names, one per file (default: the model's name)")
     args = p.parse_args(argv)
     labels = [x.strip() for x in args.labels.split(",")] if getattr(args, "labels", "") else None
     if labels and len(labels) != len(args.results):
@@ -135,6 +194,11 @@ def main(argv=None) -> int:
         except (ValueError, KeyError, OSError) as err:
             p.error(str(err))
         pathlib.Path(args.out).write_text(json.dumps(merged, indent=1))
+    elif args.kind == "ppl":
+        try:
+            ppl_curves(args.results, args.out, labels)
+        except (ValueError, KeyError, OSError) as err:
+            p.error(str(err))
     elif args.kind == "curves":
         training_curves(args.metrics, args.out, args.title, math.log(args.alphabet_size) if args.alphabet_size else None)
     else:

@@ -386,8 +386,14 @@ def test_swa_baseline_config_sees_the_drt_runs_batches(tmp_path, pair):
         assert "answer" not in batches["drt"][0]
 
 
-def test_plots_curves_of_a_baseline_say_it_has_no_retrieval(tmp_path, monkeypatch):
-    """A sliding-window run logs no recall: its curves still plot, with no empty legend, and say so."""
+@pytest.mark.parametrize("arch,mixture,answer,says", [
+    ("swa", [["niah_single", 0.5]], True, ["no retrieval in this model"]),
+    ("drt", [], False, ["no task examples in this run", "no task examples in this run"]),
+    (None, None, True, ["no needle recall logged"]),
+], ids=["baseline", "drt-lm", "no-config"])
+def test_plots_curves_say_why_a_panel_is_empty(tmp_path, monkeypatch, arch, mixture, answer, says):
+    """A run without recall (a baseline, or a DRT trained on text alone) still plots, with no empty legend,
+    and its empty panels say which of the two it is (from the run's config.json)."""
     import json
     import warnings
 
@@ -395,7 +401,9 @@ def test_plots_curves_of_a_baseline_say_it_has_no_retrieval(tmp_path, monkeypatc
     axes_cls = plots._plt().Axes
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps({"step": s, "train/loss": 1.0 / s, "train/corpus_loss": 1.2 / s,
-                                             "train/answer_loss": 4.1}) for s in (1, 25, 50)))
+                                             **({"train/answer_loss": 4.1} if answer else {})}) for s in (1, 25, 50)))
+    if arch is not None:
+        (tmp_path / "config.json").write_text(json.dumps({"model": {"arch": arch}, "data": {"mixture": mixture}}))
     texts = []
     real_text = axes_cls.text
 
@@ -406,6 +414,39 @@ def test_plots_curves_of_a_baseline_say_it_has_no_retrieval(tmp_path, monkeypatc
     monkeypatch.setattr(axes_cls, "text", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib warns when a legend has nothing to show
-        plots.training_curves(str(metrics), str(tmp_path / "c.png"), title="swa")
+        plots.training_curves(str(metrics), str(tmp_path / "c.png"), title=str(arch))
     assert (tmp_path / "c.png").stat().st_size > 0
-    assert texts == ["no retrieval in this model"]
+    assert texts == says
+
+
+def test_plots_ppl_compares_files_at_their_shared_lengths(tmp_path, monkeypatch, capsys):
+    """The right panel is each file's perplexity over the baseline's (the first file), at shared lengths."""
+    import json
+
+    plots = _load("plots")
+
+    def result(table):
+        return {"command": "ppl", "model": "m", "results": [{"length": L, "ppl": v} for L, v in table.items()]}
+
+    base, drt, other = tmp_path / "swa.json", tmp_path / "drt.json", tmp_path / "other.json"
+    base.write_text(json.dumps(result({2048: 2.0, 16384: 2.5, 32768: 3.0})))
+    drt.write_text(json.dumps(result({2048: 2.2, 16384: 2.0})))
+    other.write_text(json.dumps(result({4096: 1.0})))
+    lines = []
+    real_plot = plots._plt().Axes.plot
+
+    def spy(ax, x, y, *args, **kwargs):
+        lines.append((kwargs.get("label"), list(x), [round(v, 6) for v in y]))
+        return real_plot(ax, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(plots._plt().Axes, "plot", spy)
+    assert plots.main(["ppl", str(base), str(drt), "--labels", "swa,DRT", "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert ("DRT / swa", [2048, 16384], [1.1, 0.8]) in lines
+    assert ("swa", [2048, 16384, 32768], [2.0, 2.5, 3.0]) in lines
+    assert not any(label == "swa / swa" for label, _, _ in lines)  # the baseline is the reference line
+    with pytest.raises(SystemExit):
+        plots.main(["ppl", str(base), str(other), "--out", str(tmp_path / "q.png")])
+    assert "share no context length" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plots.main(["ppl", str(tmp_path / "p.png"), "--out", str(tmp_path / "q.png")])
