@@ -65,8 +65,12 @@ def training_curves(metrics_path: str, out: str, title: str = "", chance: float 
     if not pts_answer and mixture == []:
         axes[1].text(0.5, 0.5, "no task examples in this run", ha="center", va="center", transform=axes[1].transAxes)
     if not recall_keys:
-        why = ("no retrieval in this model" if arch not in (None, "drt") else "no task examples in this run"
-               if mixture == [] else "no needle recall logged")
+        if arch not in (None, "drt"):
+            why = "no retrieval in this model"
+        elif mixture == []:
+            why = "no task examples in this run"
+        else:
+            why = "no needle recall logged"
         axes[2].text(0.5, 0.5, why, ha="center", va="center", transform=axes[2].transAxes)
     axes[2].set_title("needle-chunk recall@k (training batches)")
     axes[2].set_ylim(-0.02, 1.04)  # recall of exactly 1 stays visible
