@@ -111,18 +111,18 @@ def niah_curves(paths: list[str], out: str, labels: list[str] | None = None) -> 
     plt.close(fig)
 
 
-def ppl_by_length(path: str) -> dict[int, float]:
-    """eval.py ppl's JSON -> {length: perplexity}."""
+def ppl_by_length(path: str) -> tuple[str, dict[int, float]]:
+    """eval.py ppl's JSON -> (the model's name, {length: perplexity})."""
     r = json.loads(pathlib.Path(path).read_text())
     if r.get("command") != "ppl" or not r.get("results"):
         raise ValueError(f"{path} is not an eval.py ppl result (no 'results'); pass the JSON that eval.py ppl --out wrote")
-    return {int(x["length"]): float(x["ppl"]) for x in r["results"]}
+    return r.get("model", pathlib.Path(path).stem), {int(x["length"]): float(x["ppl"]) for x in r["results"]}
 
 
 def ppl_curves(paths: list[str], out: str, labels: list[str] | None = None) -> None:
     """Left: perplexity against length per file. Right: each file's perplexity over the first file's."""
-    tables = [ppl_by_length(path) for path in paths]
-    names = labels or [json.loads(pathlib.Path(path).read_text()).get("model", pathlib.Path(path).stem) for path in paths]
+    models, tables = zip(*(ppl_by_length(path) for path in paths), strict=True)
+    names = labels or list(models)
     base = tables[0]
     shared = sorted(set(base).intersection(*tables[1:]))
     if len(paths) > 1 and not shared:

@@ -17,6 +17,5 @@ RUN = dataclasses.replace(
     name="drt-20m-lm",
     model=_BASE.model.replace(gca_residual="standard", gumbel_scale=0.5),
     data=dataclasses.replace(_BASE.data, mixture=(), corpus_weight=1.0, num_workers=8),
-    optim=dataclasses.replace(_BASE.optim, peak_lr=1e-3, end_lr=1e-4, warmup_fraction=0.02),
     train=dataclasses.replace(_BASE.train, steps=3000, checkpoint_every=250),
 )
