@@ -3,7 +3,7 @@
 For each GPU count n (1, 2, 4, 8 up to what the host has) and layout (data: mesh data=n; fsdp: mesh
 fsdp=n), trains `--preset` (default drt-355m) at `--seq-len` tokens per sequence with one sequence
 per GPU (weak scaling) for a fixed number of steps, and reports tokens/s per GPU, scaling efficiency
-against 1 GPU, the step-time breakdown (device time in NCCL collectives vs other kernels, from a
+against 1 GPU, the step-time breakdown (GPU time in NCCL collectives vs other kernels, from a
 jax.profiler trace of the timed steps) and peak memory per GPU. Prints a table and writes
 bench/results/scaling.json (or --out).
 
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on the lent machines
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast (NVLS) off unless set: NCCL_NVLS_ENABLE=1 turns it on
 
 import jax
 import numpy as np
@@ -43,7 +43,7 @@ def peak_memory_per_device(devices) -> float | None:
 
 
 def profile_breakdown(trace_dir: str, n_steps: int) -> dict | None:
-    """Per-step device time in NCCL kernels vs other kernels, averaged over the GPUs."""
+    """Per-step GPU time in NCCL kernels vs other kernels, averaged over the GPUs."""
     files = list(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
     if not files:
         return None

@@ -1,21 +1,27 @@
-"""One segment of an experiment on a machine lent for a few minutes: import -> train -> export -> evaluate.
+"""One segment of a run as a time-limited job that keeps no local disk: import -> train -> export -> evaluate.
 
-    python experiments/segment.py --config experiments/configs/drt-20m.py --out $OUT \
+A segment is one job of a run that is longer than a job may last: a spot or preemptible instance, or a
+cluster queue's wall-time limit. Nothing on the machine outlives the job, so the run travels between
+segments as a bundle (drt_jax/train/bundle.py) in --out, an ordinary output folder that the job copies
+back (to shared storage or a bucket) when it ends; the next segment starts from it with --bundle-in.
+
+    python experiments/segment.py --config experiments/configs/drt-20m.py --out out/seg1 \
         [--bundle-in DIR | --init-bundle DIR] [--budget-s 560] [--eval-s 150] [--set train.steps=3000 ...] \
         [--stage "150:data.seq_len=512 train.batch=128" ...] \
         [--niah 4K,16K,64K --depths 0,0.5,1 --samples 4] [--ppl 2K,8K [--ppl-windows 32]] [--probe 512]
 
 1. With --bundle-in, the previous segment's bundle is imported into runs/<name> (the run then resumes
-   from its step; without optimizer state in the bundle the optimizer restarts, and says so). On a
-   machine that still holds runs/<name> at or past the bundle's step, the run resumes from there
-   (optimizer state included) and the bundle is not imported.
+   from its step; without optimizer state in the bundle the optimizer restarts, and says so). Where
+   runs/<name> is still there at or past the bundle's step (the next job landed on the same machine,
+   or the runs folder is on shared storage), the run resumes from there (optimizer state included)
+   and the bundle is not imported.
 2. train.py runs with train.time_limit_s set so that training, the export and the evaluation all end
-   within --budget-s of this script's start (the machine's per-command limit is 600 s).
+   within --budget-s of this script's start (set it a little below the job's wall-time limit).
    With --stage (a curriculum), each "SECONDS:OVERRIDES" stage first trains for SECONDS as its own run
    (runs/<name>-stage<i>, the overrides added to --set), starting from the previous stage (the first
    from --init-bundle, if given); the main run then starts from the last stage.
-3. The newest checkpoint is exported as a bundle to OUT/bundle (at most 6 files, so that the logs fit
-   in the 8 files that come back), before evaluating, so a slow evaluation never loses the training.
+3. The newest checkpoint is exported as a bundle to OUT/bundle (at most 6 files of 16 MiB, so that the
+   bundle and the logs fit in 8 files), before evaluating, so a slow evaluation never loses the training.
 4. eval.py niah / ppl and experiments/gca_probe.py (--probe) run on the checkpoint; their JSON and PNGs,
    metrics.jsonl (the stages' too), the TensorBoard events, config.json and this segment's log go to
    OUT/logs.tar.gz.
@@ -70,8 +76,9 @@ def _run(cmd: list[str], log, timings: list, timeout: float | None = None) -> in
 
 
 def kept_step(run_dir: pathlib.Path, bundle) -> int | None:
-    """The newest checkpoint step of run_dir if it is at least the bundle's step (a warm machine kept
-    the run since the bundle was written: resume there, do not import), else None."""
+    """The newest checkpoint step of run_dir if it is at least the bundle's step (the run folder survived
+    since the bundle was written, e.g. the job ran on the same machine again: resume there, do not
+    import), else None."""
     from drt_jax.train.checkpoints import read_only_checkpointer
 
     manifest = pathlib.Path(bundle) / "manifest.json"
@@ -88,7 +95,7 @@ def kept_step(run_dir: pathlib.Path, bundle) -> int | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--out", required=True, help="folder that comes back (the device's $OUT)")
+    p.add_argument("--out", required=True, help="output folder for the bundle and logs.tar.gz (copy it to lasting storage when the job ends)")
     p.add_argument("--bundle-in", default=None, help="bundle of the previous segment to resume from")
     p.add_argument("--init-bundle", default=None,
                    help="bundle of another run (e.g. pretraining) whose parameters start this one (train.init_from)")
@@ -148,7 +155,7 @@ def main(argv=None) -> int:
     with open(run_dir / "segment.log", "a") as log:
         kept = kept_step(run_dir, args.bundle_in) if args.bundle_in else None
         if kept is not None:
-            _say(log, f"{run_dir} already holds step {kept}, at or past the bundle's step (this machine kept the run): "
+            _say(log, f"{run_dir} already holds step {kept}, at or past the bundle's step (the run folder outlived the last job): "
                       "resuming from it, not importing the bundle")
         elif args.bundle_in:
             if _run([py, "-m", "drt_jax.train.bundle", "import", "--bundle", args.bundle_in, "--run-dir", str(run_dir)], log, timings):

@@ -1,6 +1,8 @@
 """Portable checkpoint bundles: a run's checkpoint as a few bounded files, and back into a run folder.
 
-For machines that keep no files between segments and return only a few files of bounded size:
+For runs split into segments, each a time-limited job (a spot or preemptible instance, a cluster queue's
+wall-time limit) on a machine that keeps no local disk after the job, where the output kept from a job
+is a few files of bounded size (e.g. the object-size or file-count limits of the storage it is copied to):
 
     python -m drt_jax.train.bundle export --run-dir R [--step N] --out B [--max-files 8 --max-file-mib 16]
     python -m drt_jax.train.bundle import --bundle B --run-dir R [--set KEY=VALUE ...]
