@@ -144,8 +144,8 @@ class TrainConfig:
       loss over the whole example (spec 7.4). init_from: a run folder whose latest checkpoint's
       parameters start this run when it has no checkpoint of its own (fine-tuning a pretrained model,
       spec 7.4); optimizer, step and data start afresh. time_limit_s: stop with a checkpoint once
-      the run has lasted this many seconds (0: no limit), so that a run on a machine lent for a few
-      minutes ends in a resumable state; the schedule still follows `steps`. stop_at_step: stop
+      the run has lasted this many seconds (0: no limit), so that a run in a time-limited job (spot
+      instances, a cluster's wall-time limit) ends resumable; the schedule still follows `steps`. stop_at_step: stop
       with a checkpoint at this step (none: at `steps`), the schedule still following `steps`, so
       that another run can replay a time-limited run's exact steps (e.g. a baseline on the same
       tokens). resume_step: for one launch, resume from exactly this checkpoint (0: start
