@@ -102,3 +102,81 @@ def test_cli_happy_paths(tmp_path, capsys):
     assert ppl["windows"] == 2 and ppl["tokens_scored"] == 64 + 32 and 100 < ppl["ppl"] < 600
     printed = capsys.readouterr().out
     assert "ppl" in printed and "heatmap" in printed
+
+
+@pytest.fixture(scope="module")
+def marked_run(tmp_path_factory):
+    """A run folder (2 training steps) whose corpus has one marked document per file, so the text an
+    evaluation read shows which split it came from."""
+    from drt_jax.train.loop import train
+    from tests.train_fixtures import enable_compilation_cache, small_run
+
+    enable_compilation_cache()
+    tmp = tmp_path_factory.mktemp("eval_run")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i:02d}.txt").write_text(f"MARKER{i:02d} " * 60)
+    run = small_run(tmp, corpus, name="run")
+    train(run, stop_at=2, print_fn=lambda *a: None)
+    return run
+
+
+def _markers(tokens) -> set[str]:
+    import re
+
+    return set(re.findall(r"MARKER\d\d", bytes(int(t) for t in tokens if t < 256).decode("latin-1")))
+
+
+def test_eval_on_a_run_folder_reads_its_held_out_split_unless_told(marked_run, tmp_path, monkeypatch):
+    from drt_jax.data import ByteTokenizer, prepare_shards
+    from drt_jax.evaluate import niah, perplexity
+
+    shards = prepare_shards(marked_run.data.corpus, ByteTokenizer(), marked_run.data.cache_dir, progress=False)
+    train_ids, val_ids = shards.split(marked_run.data.val_fraction)
+    marker = lambda d: _markers(shards.document(int(d)))
+    held_out = set().union(*(marker(d) for d in val_ids))
+    trained_on = set().union(*(marker(d) for d in train_ids))
+    assert held_out and trained_on and not held_out & trained_on
+
+    read = {}
+
+    def spy(name, real, position):
+        def wrapped(*args, **kwargs):
+            read[name] = args[position]
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(perplexity, "perplexity", spy("ppl", perplexity.perplexity, 2))
+    monkeypatch.setattr(niah, "niah_sweep", spy("niah", niah.niah_sweep, 3))
+    ppl_args = ["ppl", "--checkpoint", str(marked_run.run_dir), "--lengths", "64", "--max-windows", "2"]
+    niah_args = ["niah", "--checkpoint", str(marked_run.run_dir), "--lengths", "150", "--depths", "0.5", "--samples", "1"]
+    for split, want in [(None, held_out), ("val", held_out), ("train", trained_on), ("all", held_out | trained_on)]:
+        extra = [] if split is None else ["--split", split]
+        out = tmp_path / f"{split}"
+        assert main([*ppl_args, *extra, "--out", str(out / "ppl.json")]) == 0
+        assert main([*niah_args, *extra, "--out", str(out / "niah.json")]) == 0
+        for name in ("ppl", "niah"):
+            got = json.loads((out / f"{name}.json").read_text())
+            assert got["split"] == (split or "val") and got["data"] == marked_run.data.corpus, got
+            seen = _markers(read[name])
+            assert seen and seen <= want, (split, name, seen, want)
+        if split == "all":
+            assert _markers(read["niah"]) == held_out | trained_on
+
+
+def test_a_run_that_held_out_nothing_is_a_one_line_error(marked_run, tmp_path):
+    import dataclasses
+    import shutil
+
+    from drt_jax.train.checkpoints import read_run_config
+
+    run_dir = tmp_path / "no_val"
+    shutil.copytree(marked_run.run_dir, run_dir)
+    cfg = read_run_config(run_dir)
+    cfg = cfg.replace(data=dataclasses.replace(cfg.data, val_fraction=0.0))
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    r = _cli("ppl", "--checkpoint", str(run_dir), "--lengths", "64")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+    assert len(lines) == 1 and "held out no text" in lines[0] and "--split" in lines[0], r.stderr

@@ -25,9 +25,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("ppl", help="perplexity by context length (sliding windows)")
     common(sp)
-    sp.add_argument("--data", default="default", help="text/jsonl/parquet file or folder, or a built-in corpus (default, python-all)")
-    sp.add_argument("--split", choices=["all", "train", "val"], default="all",
-                    help="all: the corpus from its start; train/val: that split of the run's token shards (val = held out)")
+    sp.add_argument("--data", default=None, help="text/jsonl/parquet file or folder, or a built-in corpus (default, python-all); "
+                    "default: the run's own corpus (`default` for random:PRESET)")
+    sp.add_argument("--split", choices=["all", "train", "val"], default=None,
+                    help="val: the run's held-out split (the default for a run folder); train: its training split; "
+                         "all: the corpus from its start (the default for random:PRESET)")
     sp.add_argument("--lengths", default="2K")
     sp.add_argument("--stride", type=int, default=-1, help="window stride in tokens (<=0: non-overlapping)")
     sp.add_argument("--max-windows", type=int, default=8)
@@ -40,9 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, default=10)
     sp.add_argument("--batch-size", type=int, default=1)
     sp.add_argument("--offload", choices=["none", "host"], default="none")
-    sp.add_argument("--data", default="default", help="haystack corpus (file/folder, or default / python-all)")
-    sp.add_argument("--split", choices=["all", "train", "val"], default="all",
-                    help="all: the corpus from its start; train/val: that split of the run's token shards (val = held out)")
+    sp.add_argument("--data", default=None, help="haystack corpus (file/folder, or default / python-all); "
+                    "default: the run's own corpus (`default` for random:PRESET)")
+    sp.add_argument("--split", choices=["all", "train", "val"], default=None,
+                    help="val: the run's held-out split (the default for a run folder); train: its training split; "
+                         "all: the corpus from its start (the default for random:PRESET)")
     sp.add_argument("--plot", default=None, help="heatmap PNG (default: next to the JSON)")
     sp.add_argument("--seed", type=int, default=0)
 
@@ -65,6 +69,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def _out(args, default_name: str) -> str:
     return args.out or os.path.join("eval_results", default_name)
+
+
+def _resolve_text(args) -> None:
+    """Fills in --data and --split where they were left out: a run folder is measured on the held-out
+    split of its own corpus, since the rest of that corpus is text the model trained on."""
+    run_folder = not args.checkpoint.startswith("random:")
+    if args.data is None or args.split is None:
+        corpus = "default"
+        if run_folder:
+            from drt_jax.train.checkpoints import read_run_config
+
+            corpus = read_run_config(args.checkpoint).data.corpus
+        args.data = corpus if args.data is None else args.data
+        args.split = ("val" if run_folder else "all") if args.split is None else args.split
 
 
 def _tokens(args, tok, max_tokens: int):
@@ -107,6 +125,8 @@ def run(args) -> dict:
     if args.top_k is not None and args.top_k < 1:
         raise EvalError(f"--top-k {args.top_k} must be >= 1")
     cfg, params, tok = load_model(args.checkpoint, args.step, dtype=args.dtype, top_k=args.top_k)
+    if args.command in ("ppl", "niah"):
+        _resolve_text(args)
     started = time.time()
     meta = {"command": args.command, "checkpoint": args.checkpoint, "model": cfg.name, "top_k": cfg.top_k}
 
@@ -115,6 +135,7 @@ def run(args) -> dict:
         from drt_jax.evaluate.perplexity import perplexity
 
         tokens = _tokens(args, tok, max(lengths) * (args.max_windows + 1) + 1)
+        print(f"text: {args.data}, {args.split} split")
         results = []
         for L in lengths:
             with progress_bar(args.max_windows, f"ppl {L}", show) as bar:
@@ -122,19 +143,20 @@ def run(args) -> dict:
             results.append(r)
             print(f"length {L:>8d}  windows {r['windows']:>4d}  tokens {r['tokens_scored']:>9d}  "
                   f"ppl {r['ppl']:.4f}  (window-mean {r['ppl_window_mean']:.4f})")
-        payload = {**meta, "data": args.data, "results": results}
+        payload = {**meta, "data": args.data, "split": args.split, "results": results}
     elif args.command == "niah":
         from drt_jax.evaluate.common import progress_bar
         from drt_jax.evaluate.niah import niah_sweep, plot_heatmap, summary_lines
 
         hay = _tokens(args, tok, 1 << 20)
+        print(f"haystacks: {args.data}, {args.split} split")
         total = len(lengths) * len(depths) * args.samples
         with progress_bar(total, f"niah {args.task}", show) as bar:
             r = niah_sweep(cfg, params, tok, hay, task=args.task, lengths=lengths, depths=depths,
                            samples=args.samples, offload=None if args.offload == "none" else "host",
                            batch_size=args.batch_size, seed=args.seed, progress=bar.update)
         print("\n".join(summary_lines(r)))
-        payload = {**meta, **r}
+        payload = {**meta, "data": args.data, "split": args.split, **r}
         out = _out(args, f"niah_{args.task}.json")
         plot = _plot_path(args, out)
         plot_heatmap(r, plot)

@@ -104,6 +104,8 @@ def read_split_tokens(data: str, tokenizer, max_tokens: int, split: str, checkpo
         from drt_jax.train.checkpoints import read_run_config
 
         base = read_run_config(checkpoint).data
+        if split == "val" and not base.val_fraction:
+            raise EvalError(f"the run {checkpoint} held out no text (data.val_fraction=0); pass --split train or --split all")
     tokens = split_tokens(dataclasses.replace(base, corpus=data), tokenizer, split, max_tokens)
     if tokens.size == 0:
         raise EvalError(f"no text found in the {split} split of {data}")
