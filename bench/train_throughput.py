@@ -12,13 +12,23 @@ one compile+warm-up step, then --steps timed steps. An out-of-memory failure is 
     PYTHONPATH=. python bench/train_throughput.py --models experiments/configs/drt-20m.py \
         experiments/configs/swa-20m.py --lengths 4096 --batch 16 --remat none   # issue 9's trainer shapes
 
+Loop mode (--run CONFIG [--set ...]): the trainer's loop against its own step. For one run config (with
+its data, task mixture and grain settings) it times (1) the step alone, jitted exactly as train.py
+does, on two real batches of the run already on the device, and (2) train.py's loop (drt_jax.train.loop
+.train) for --loop-steps steps after --warmup steps, read from the run's metrics.jsonl, and prints both
+and their ratio:
+
+    PYTHONPATH=. python bench/train_throughput.py --run experiments/configs/drt-20m-niah.py \
+        --set data.num_workers=8 model.gca_residual=standard model.gumbel_scale=0.5 --loop-steps 200
+
 Writes bench/results/train_throughput.json (or --out) after every case and prints a table.
-Imports neither grain nor tensorboardX (the GPU image has neither).
+The step-only mode imports neither grain nor tensorboardX.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -44,7 +54,7 @@ def commit() -> str:
         return "unknown"
 
 
-def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1):
+def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, profile: bool = False):
     import jax
     import numpy as np
 
@@ -82,11 +92,27 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1):
     state, m = compiled(state, batches[0])
     jax.block_until_ready(m)
     loss0 = float(m["loss"])
+    trace_dir = None
+    if profile:
+        import tempfile
+
+        trace_dir = tempfile.mkdtemp(prefix="drt-bench-step-")
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     t0 = time.perf_counter()
     for i in range(steps):
-        state, m = compiled(state, batches[i % 2])
+        with jax.profiler.StepTraceAnnotation("train", step_num=i):
+            state, m = compiled(state, batches[i % 2])
     jax.block_until_ready((state, m))
     dt = (time.perf_counter() - t0) / steps
+    summary = None
+    if trace_dir:
+        import shutil
+
+        from drt_jax.train.profiling import summarize
+
+        jax.profiler.stop_trace()
+        summary = summarize(trace_dir, top=25)
+        shutil.rmtree(trace_dir, ignore_errors=True)
     flops_seq = train_flops_per_sequence(cfg, seq_len)
     flops = batch * flops_seq
     peak = peak_flops_per_device(device)
@@ -97,8 +123,98 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1):
         "model_tflops_per_s": flops / dt / 1e12,
         "mfu": (flops / dt / peak) if peak else None, "compile_s": compile_s, "loss": loss0,
         "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "compiled_bytes_estimate": est,
-        "train_flops_per_seq": flops_seq,
+        "train_flops_per_seq": flops_seq, **({"profile": summary} if summary else {}),
     }
+
+
+def _loop_overrides(run_dir: str, steps: int, log_every: int) -> list[str]:
+    return [f"train.run_dir={run_dir}", f"train.steps={steps}", f"train.log_every={log_every}", "train.eval_every=0",
+            "train.eval_steps=1", f"train.checkpoint_every={steps}", "train.progress_bar=false", "train.time_limit_s=0",
+            "train.stop_at_step=none"]
+
+
+def run_loop_case(config: str, overrides: list[str], warmup: int, loop_steps: int, step_repeats: int, profile: int = 0):
+    """Step alone vs the trainer's loop, on the run config `config` with `overrides`."""
+    import shutil
+    import tempfile
+
+    import jax
+
+    from drt_jax.data import build_train_iterator, load_tokenizer
+    from drt_jax.data.config import TASK_FIELDS
+    from drt_jax.train import mesh as mesh_lib
+    from drt_jax.train.config import load_run_config, resolve_run_config
+    from drt_jax.train.loop import _batch_fields, register_model_tasks, train
+    from drt_jax.train.metrics import peak_flops_per_device, train_flops_per_sequence
+    from drt_jax.train.optim import make_optimizer
+    from drt_jax.train.step import init_state, make_train_step, state_spec
+
+    run = load_run_config(config, overrides)
+    tokenizer = load_tokenizer(run.data.tokenizer)
+    run = resolve_run_config(run, tokenizer)
+    tc = run.train
+    tokens_per_step = tc.batch * run.data.seq_len
+    flops = train_flops_per_sequence(run.model, run.data.seq_len) * tc.batch
+    peak = peak_flops_per_device()
+    peak_total = peak * jax.device_count() if peak else None
+    row = {"run": config, "overrides": overrides, "seq_len": run.data.seq_len, "batch": tc.batch,
+           "tokens_per_step": tokens_per_step, "train_flops_per_step": flops}
+
+    # (1) the step alone, built as the loop builds it, on real batches of the run
+    register_model_tasks(run, tokenizer)
+    keys = ("tokens", "mask") + (TASK_FIELDS if run.data.mixture else ())
+    mesh = mesh_lib.make_mesh(run.mesh)
+    bsh = mesh_lib.batch_sharding(mesh, run.mesh.rules)
+    it = build_train_iterator(dataclasses.replace(run.data, batch_size=tc.batch), tokenizer, progress=False)
+    batches = [mesh_lib.global_batch(_batch_fields(next(it), keys), bsh, tc.batch) for _ in range(2)]
+    del it
+    tx, schedule = make_optimizer(run.optim, tc.steps)
+    spec = state_spec(run.model, tx, mesh, run.mesh.rules)
+    step = make_train_step(run.model, tx, schedule, spec, bsh, grad_accum=tc.grad_accum, block_size=tc.loss_block_size,
+                           batch_keys=keys, answer_weight=tc.answer_loss_weight)
+    state = init_state(run.model, tx, spec, tc.seed)
+    for i in range(3):
+        state, m = step(state, batches[i % 2])
+    jax.block_until_ready((state, m))
+    t0 = time.perf_counter()
+    for i in range(step_repeats):
+        state, m = step(state, batches[i % 2])
+    jax.block_until_ready((state, m))
+    step_s = (time.perf_counter() - t0) / step_repeats
+    row.update(step_s=step_s, step_tokens_per_s=tokens_per_step / step_s,
+               step_mfu=flops / step_s / peak_total if peak_total else None)
+    del state, m, batches, step
+    jax.clear_caches()
+
+    # (2) the loop, timed between its metric rows once compiled and warm
+    run_dir = tempfile.mkdtemp(prefix="drt-bench-loop-")
+    log_every = max(1, min(25, loop_steps // 4))
+    total = warmup + loop_steps
+    extra = _loop_overrides(run_dir, total, log_every)
+    if profile:
+        extra += [f"train.profile_start={warmup}", f"train.profile_steps={profile}"]
+    loop_run = load_run_config(config, overrides + extra)
+    try:
+        t0 = time.perf_counter()
+        train(loop_run, print_fn=lambda *a: None)
+        row["loop_wall_s"] = time.perf_counter() - t0
+        rows = [json.loads(line) for line in open(pathlib.Path(run_dir) / "metrics.jsonl")]
+        rows = [r for r in rows if "train/loss" in r and r["step"] >= warmup]
+        first, last = rows[0], rows[-1]
+        if profile:
+            from drt_jax.train.profiling import summarize
+
+            row["profile"] = summarize(pathlib.Path(run_dir) / "profile")
+            # Profiled steps are slower; time only the steps after the trace.
+            after = [r for r in rows if r["step"] >= warmup + profile + log_every]
+            if len(after) >= 2:
+                first, last = after[0], after[-1]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    loop_dt = (last["time"] - first["time"]) / (last["step"] - first["step"])
+    row.update(loop_steps_timed=last["step"] - first["step"], loop_step_s=loop_dt, loop_tokens_per_s=tokens_per_step / loop_dt,
+               loop_mfu=flops / loop_dt / peak_total if peak_total else None, ratio=step_s / loop_dt, status="ok")
+    return row
 
 
 def main(argv=None) -> int:
@@ -110,9 +226,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="sequences per step")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining cases after this many seconds")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_throughput.json"))
+    parser.add_argument("--run", help="loop mode: a run config (configs/<name> or a .py path)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="loop mode: overrides of the run config")
+    parser.add_argument("--warmup", type=int, default=30, help="loop mode: loop steps before timing (compile, warm-up)")
+    parser.add_argument("--loop-steps", type=int, default=200, help="loop mode: timed loop steps")
+    parser.add_argument("--step-repeats", type=int, default=20, help="loop mode: timed steps of the step alone")
+    parser.add_argument("--profile", type=int, default=0, help="trace this many loop steps (loop mode) or the timed steps (any value > 0, step mode) and summarize them")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     import jax
+
+    if args.run:
+        return loop_main(args, argv)
 
     cases = [(m, t) for m, t in ORDER_DEFAULT if (args.models is None or m in args.models) and (args.lengths is None or t in args.lengths)]
     if args.models and not cases:  # other presets (e.g. tiny for a CPU smoke test)
@@ -135,7 +260,7 @@ def main(argv=None) -> int:
         else:
             t0 = time.time()
             try:
-                row.update(run_case(name, seq_len, args.steps, args.remat, args.batch))
+                row.update(run_case(name, seq_len, args.steps, args.remat, args.batch, profile=args.profile > 0))
             except Exception as err:  # noqa: BLE001 - record and continue
                 text = " ".join(str(err).split())
                 oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text
@@ -146,6 +271,38 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         out.write_text(json.dumps(result, indent=2))
     print_table(result)
+    return 0
+
+
+def loop_main(args, argv) -> int:
+    import jax
+
+    from drt_jax.config import ConfigError
+    from drt_jax.data.config import DataError
+
+    dev = jax.devices()[0]
+    result = {
+        "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+        "commit": commit(), "command": "PYTHONPATH=. python bench/train_throughput.py " + " ".join(argv or sys.argv[1:]),
+        "mode": "loop", "cases": [],
+    }
+    try:
+        row = run_loop_case(args.run, list(args.set), args.warmup, args.loop_steps, args.step_repeats, args.profile)
+    except (ConfigError, DataError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    result["cases"].append(row)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+    if "profile" in row:
+        print(json.dumps(row["profile"], indent=1), flush=True)
+    print(f"\n{result['device']}  jax {result['jax']}  {result['date']}  commit {result['commit']}")
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    print(f"{'run':<22} {'shape':>10} {'step tok/s':>11} {'step MFU':>8} {'loop tok/s':>11} {'loop MFU':>8} {'loop/step':>9}")
+    print(f"{pathlib.Path(args.run).stem:<22} {row['seq_len']:>5}x{row['batch']:<4} {row['step_tokens_per_s']:>11,.0f} "
+          f"{pct(row['step_mfu']):>8} {row['loop_tokens_per_s']:>11,.0f} {pct(row['loop_mfu']):>8} {row['ratio']:>9.2f}")
     return 0
 
 

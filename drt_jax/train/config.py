@@ -150,6 +150,9 @@ class TrainConfig:
       that another run can replay a time-limited run's exact steps (e.g. a baseline on the same
       tokens). resume_step: for one launch, resume from exactly this checkpoint (0: start
       over) instead of the newest readable one; newer checkpoints are moved to checkpoints/unused-<step>.
+      profile_steps: record a jax.profiler trace of this many steps (0: none), starting profile_start
+      steps after the launch's first step, into <run_dir>/profile (summary: python -m
+      drt_jax.train.profiling <run_dir>/profile).
     """
 
     steps: int = 1000
@@ -170,6 +173,8 @@ class TrainConfig:
     time_limit_s: float = 0.0
     stop_at_step: int | None = None
     resume_step: int | None = None
+    profile_start: int = 10
+    profile_steps: int = 0
 
     def __post_init__(self):
         for field in ("steps", "batch", "grad_accum", "eval_steps", "checkpoint_every", "keep_checkpoints", "log_every", "loss_block_size"):
@@ -186,6 +191,10 @@ class TrainConfig:
             raise ConfigError(f"train.stop_at_step={self.stop_at_step!r} must be an integer >= 1 (none: train.steps)")
         if self.resume_step is not None and self.resume_step < 0:
             raise ConfigError(f"train.resume_step={self.resume_step} must be >= 0 (0: start over) or none (the newest readable checkpoint)")
+        for field in ("profile_start", "profile_steps"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"train.{field}={value!r} must be an integer >= 0")
         if self.batch % self.grad_accum:
             raise ConfigError(f"train.batch={self.batch} is not a multiple of train.grad_accum={self.grad_accum}")
 

@@ -21,6 +21,7 @@ from drt_jax.train.config import ConfigError, RunConfig, resolve_run_config
 from drt_jax.train.finite import FiniteWatch
 from drt_jax.train.metrics import MetricWriter, peak_flops_per_device, train_flops_per_sequence
 from drt_jax.train.optim import make_optimizer
+from drt_jax.train.profiling import StepProfiler
 from drt_jax.train.step import diagnostic_means, init_state, make_eval_step, make_train_step, state_spec
 
 log = logging.getLogger(__name__)
@@ -235,25 +236,34 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
     signalled = False
     step = start
     watch = FiniteWatch()
+    profiler = StepProfiler(run_dir / "profile", start + tc.profile_start, tc.profile_steps)
     t_last, steps_since = None, 0
     diag_sums = None
     try:
         if start >= tc.steps and is_main:
             print_fn(f"nothing to do: {run_dir} is at step {start} >= train.steps={tc.steps}")
         while step < tc.steps:
-            local = _batch_fields(next(train_iter), train_keys)
+            profiler.before(step)
+            annotation = jax.profiler.StepTraceAnnotation("train", step_num=step)
+            annotation.__enter__()
+            with jax.profiler.TraceAnnotation("next_batch"):
+                local = _batch_fields(next(train_iter), train_keys)
             if batch_hook is not None:
                 batch_hook(step, local)
-            batch = mesh_lib.global_batch(local, batch_sh, tc.batch)
-            state, metrics = step_fn(state, batch)
+            with jax.profiler.TraceAnnotation("to_device"):
+                batch = mesh_lib.global_batch(local, batch_sh, tc.batch)
+            with jax.profiler.TraceAnnotation("dispatch"):
+                state, metrics = step_fn(state, batch)
             # Diagnostics are summed on the device over the logging interval (no host sync per step).
             diag = metrics.pop("diagnostics", None)
             if diag is not None:
                 diag_sums = diag if diag_sums is None else jax.tree.map(jnp.add, diag_sums, diag)
             step += 1
-            watch.push(step, metrics, last_saved)
+            with jax.profiler.TraceAnnotation("finite_check"):
+                watch.push(step, metrics, last_saved)
             steps_since += 1
             if step == start + 1 or step % tc.log_every == 0 or step == tc.steps:
+              with jax.profiler.TraceAnnotation("metrics"):
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if diag_sums is not None:
                     m.update(diagnostic_means(jax.device_get(diag_sums)))
@@ -285,12 +295,16 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
                 eval_loss = evaluate(state["params"])
                 if eval_loss is not None:
                     writer.write(step, {"loss": eval_loss}, prefix="eval")
-            out_of_time = bool(tc.time_limit_s) and time.time() - t_start >= tc.time_limit_s
-            stopping = _sync_stop(stop.signum is not None or out_of_time) or (stop_at is not None and step >= stop_at)
+            with jax.profiler.TraceAnnotation("stop_check"):
+                out_of_time = bool(tc.time_limit_s) and time.time() - t_start >= tc.time_limit_s
+                stopping = _sync_stop(stop.signum is not None or out_of_time) or (stop_at is not None and step >= stop_at)
             if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
+              with jax.profiler.TraceAnnotation("checkpoint"):
                 watch.flush()
                 ckpt.save(step, state, model=run.model, data_iter=train_iter, force=True)
                 last_saved = step
+            annotation.__exit__(None, None, None)
+            profiler.after(step, state)
             if stopping:
                 signalled = stop.signum is not None
                 if is_main:
@@ -306,6 +320,7 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
             watch.flush()
             ckpt.save(step, state, model=run.model, data_iter=train_iter, force=True)
     finally:
+        profiler.stop()
         if pbar is not None:
             pbar.close()
         ckpt.close()

@@ -1,0 +1,129 @@
+"""Step traces of a training run, and their summary: where the wall time of a step goes.
+
+The trainer records a `jax.profiler` trace of train.profile_steps steps (from train.profile_start
+steps after the run's first step) into <run_dir>/profile/, with the host phases of every step named
+by TraceAnnotations (`PHASES`). `summarize` reads the Perfetto JSON of such a trace and returns:
+
+  host:   for each phase, its total and per-step milliseconds on the main Python thread;
+  device: the wall span of the traced steps, the time at least one GPU kernel was running (busy), and
+          the busiest kernels by total time (what the step spends its time on).
+
+    python -m drt_jax.train.profiling runs/<name>/profile          # prints the summary as JSON
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import pathlib
+import sys
+
+import jax
+
+# Host phases of a training step, as annotated in drt_jax.train.loop.
+PHASES = ("next_batch", "to_device", "dispatch", "finite_check", "metrics", "stop_check", "checkpoint", "eval")
+
+
+class StepProfiler:
+    """Starts a trace before step `first` and stops it after `count` steps (0 steps: never)."""
+
+    def __init__(self, directory: pathlib.Path, first: int, count: int):
+        self.directory, self.first, self.last = directory, first, first + count
+        self.active = False
+        self.enabled = count > 0 and jax.process_index() == 0
+
+    def before(self, step: int) -> None:
+        if self.enabled and not self.active and step == self.first:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        """Stops once `step` (the number of steps done) reaches the last traced step."""
+        if self.active and step >= self.last:
+            jax.block_until_ready(outputs)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            self.enabled = False
+
+
+def newest_trace(directory: str | pathlib.Path) -> pathlib.Path:
+    traces = sorted(pathlib.Path(directory).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not traces:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {directory}; record one with train.profile_steps=N")
+    return traces[-1]
+
+
+def _union_us(intervals) -> float:
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def summarize(directory: str | pathlib.Path, top: int = 15) -> dict:
+    """The summary of the newest trace under `directory` (see the module docstring)."""
+    path = newest_trace(directory)
+    data = json.load(gzip.open(path))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
+            names[(e["name"], e["pid"], e.get("tid"))] = e["args"]["name"]
+    gpu_pids = {pid for (kind, pid, _), n in names.items() if kind == "process_name" and "/device:GPU" in n}
+    main = [tid for (kind, _, tid), n in names.items() if kind == "thread_name" and n == "python"]
+    spans = [e for e in events if e.get("ph") == "X"]
+    steps = [e for e in spans if e["name"].startswith("train") and e.get("tid") in main and "step_num" in e.get("args", {})]
+    phase_ms = collections.defaultdict(float)
+    for e in spans:
+        if e.get("tid") in main and e["name"] in PHASES:
+            phase_ms[e["name"]] += e["dur"] / 1e3
+    n_steps = max(len(steps), 1)
+    out = {"trace": str(path), "steps": len(steps)}
+    if steps:
+        t0 = min(e["ts"] for e in steps)
+        t1 = max(e["ts"] + e["dur"] for e in steps)
+        out["wall_ms_per_step"] = (t1 - t0) / 1e3 / n_steps
+    out["host_ms_per_step"] = {k: round(v / n_steps, 3) for k, v in sorted(phase_ms.items(), key=lambda kv: -kv[1])}
+    kernels = [e for e in spans if e.get("pid") in gpu_pids and e.get("dur", 0) > 0]
+    if kernels:
+        lo = min(e["ts"] for e in steps) if steps else min(e["ts"] for e in kernels)
+        hi = max(e["ts"] + e["dur"] for e in steps) if steps else max(e["ts"] + e["dur"] for e in kernels)
+        inside = [(max(e["ts"], lo), min(e["ts"] + e["dur"], hi)) for e in kernels if e["ts"] < hi and e["ts"] + e["dur"] > lo]
+        busy = _union_us(inside)
+        by_name = collections.Counter()
+        for e in kernels:
+            by_name[e["name"]] += e["dur"]
+        total = sum(by_name.values())
+        out["device"] = {
+            "span_ms": (hi - lo) / 1e3, "busy_ms": busy / 1e3, "busy_fraction": busy / max(hi - lo, 1e-9),
+            "busy_ms_per_step": busy / 1e3 / n_steps,
+            "top_kernels": [{"name": k[:120], "ms_per_step": v / 1e3 / n_steps, "share": v / total}
+                            for k, v in by_name.most_common(top)],
+        }
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m drt_jax.train.profiling RUN_DIR/profile", file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(summarize(argv[0]), indent=2))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
