@@ -175,12 +175,26 @@ def test_remat_policies_give_the_same_loss_and_gradients():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+def _scale_gca_outputs(params, factor):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x * factor if "gca" in jax.tree_util.keystr(path) and "'o'" in jax.tree_util.keystr(path) else x,
+        params,
+    )
+
+
 def test_bfloat16_compute_keeps_float32_params_and_retrieval():
     cfg = small_config(dtype="bfloat16")
     tokens, params = _init(cfg, T=24)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(nn.unbox(params)))
+    # At initialisation GCA's output projection is small enough that its share of the logits sits near
+    # bf16 rounding; scaled up, a bf16 path that lost retrieval is far outside the tolerance below.
+    params = _scale_gca_outputs(nn.unbox(params), 10.0)
     logits, state = DRT(cfg).apply({"params": params}, tokens, mutable=["intermediates"])
     assert logits.dtype == jnp.bfloat16
     assert state["intermediates"]["retrieval_weights_g0"][0].dtype == jnp.float32
     ref = DRT(small_config()).apply({"params": params}, tokens)
-    assert float(jnp.abs(logits.astype(jnp.float32) - ref).max()) < 0.1
+    no_gca = DRT(small_config()).apply({"params": _scale_gca_outputs(params, 0.0)}, tokens)
+    err = logits.astype(jnp.float32) - ref
+    assert float(jnp.abs(err).max()) < 0.01  # bf16 rounding: about 0.003
+    # GCA moves the logits about 12x more than bf16 rounding does.
+    assert float(jnp.linalg.norm(err)) < 0.25 * float(jnp.linalg.norm(ref - no_gca))

@@ -32,8 +32,11 @@ def test_layout_and_alignment(kind, S):
             assert first == 0
         needle = {"single": b"|The passkey is:", "multi": b"|One of the special magic", "2hop": b"|DEF "}[kind]
         assert text[first : first + len(needle)] == needle
-        # The answer appears in the haystack only inside needles.
-        assert text.count(bytes(s.answer[:5].tolist())) >= 1
+        # The answer's value appears in the prompt only inside needles: once, or twice for 2hop, where
+        # the first hop's value also opens the second hop's needle.
+        value = bytes(s.answer[:5].tolist())
+        found = [i for i in range(len(text)) if text.startswith(value, i)]
+        assert s.key_positions[0] in found and len(found) == {"single": 1, "multi": 1, "2hop": 2}[kind], found
     # Deterministic per (seed, length, depth, index); different indices differ.
     a, b, c = task.sample(T, 0.5, 2), task.sample(T, 0.5, 2), task.sample(T, 0.5, 3)
     np.testing.assert_array_equal(a.tokens, b.tokens)

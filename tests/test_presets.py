@@ -1,5 +1,8 @@
 """Parameter counts of the presets (printed with `pytest -s tests/test_presets.py`)."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from drt_jax import ModelConfig, parameter_count
@@ -15,6 +18,24 @@ def test_print_parameter_counts(capsys):
     with capsys.disabled():
         print("\n" + out)
     assert all(name in out for name in PRESETS)
+
+
+def _readme_counts() -> dict[str, tuple[str, str | None]]:
+    """The README's preset table: name -> (total, non-embedding or None), in millions as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| ([\w-]+) \| ([\d.]+)M(?: \(([\d.]+)M non-embedding\))? \|", readme, re.M)
+    return {name: (total, non_emb or None) for name, total, non_emb in rows}
+
+
+def test_readme_parameter_counts_are_the_models():
+    table = _readme_counts()
+    assert set(table) == set(PRESETS), table
+    for name, (total, non_emb) in table.items():
+        counts = parameter_count(ModelConfig.from_preset(name))
+        decimals = len(total.split(".")[1])  # compare at the precision the README prints
+        assert f"{counts['total'] / 1e6:.{decimals}f}" == total, (name, counts)
+        if non_emb is not None:
+            assert f"{counts['non_embedding'] / 1e6:.{len(non_emb.split('.')[1])}f}" == non_emb, (name, counts)
 
 
 def test_drt_133m_matches_the_authors_configuration():
