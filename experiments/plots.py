@@ -4,13 +4,17 @@
     python experiments/plots.py niah EVAL/niah_single.json [MORE.json ...] --out docs/img/niah.png [--labels A,B]
     python experiments/plots.py merge EVAL/niah_4k_1m.json EVAL/niah_16m.json --out EVAL/niah_4k_16m.json
     python experiments/plots.py ppl SWA/eval/ppl.json DRT/eval/ppl.json --labels swa,DRT --out docs/img/ppl.png
+    python experiments/plots.py bench [--results bench/results] [--out-dir docs/img]
 
 curves: corpus loss, answer loss (with the chance level of the passkey alphabet) and needle-chunk
 recall per retrieval group against the step. niah: accuracy, answer loss and recall against the
 context length, one line per depth (and per file, e.g. DRT and its sliding-window baseline).
-merge: one eval.py niah result from several calls over different lengths (one model, task and depths).
+merge: one eval.py niah result from several eval.py runs over different lengths (one model, task and depths).
 ppl: eval.py ppl results, perplexity against the context length, and each file's perplexity relative to the
 first file's (the baseline) at the lengths they share.
+bench: the benchmark JSON of bench/results as docs/results.md's plots: GCA kernel times by shape
+(bench-gca-kernels.png), training tokens/s and memory by length (bench-train-throughput.png) and decode
+time and device state by context (bench-inference.png).
 """
 
 from __future__ import annotations
@@ -148,6 +152,91 @@ def ppl_curves(paths: list[str], out: str, labels: list[str] | None = None) -> N
     plt.close(fig)
 
 
+def _save(fig, out: pathlib.Path) -> None:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+
+
+def train_throughput_table(runs: list[dict]) -> dict[tuple[str, int], dict]:
+    """(model, tokens per sequence) -> the newest measured case. A run labelled superseded counts only
+    for models without retrieval (its DRT rows used the jnp reference GCA)."""
+    table = {}
+    for run in runs:
+        old = "superseded" in run.get("label", "")
+        for case in run["cases"]:
+            if case.get("status") == "ok" and not (old and case["model"].startswith("drt")):
+                table[(case["model"], int(case["seq_len"]))] = case
+    return table
+
+
+def bench_plots(results: str, out_dir: str) -> list[pathlib.Path]:
+    """bench/results/{gca_kernels,train_throughput,inference}.json -> three PNGs in out_dir."""
+    plt = _plt()
+    results, out_dir = pathlib.Path(results), pathlib.Path(out_dir)
+    written = []
+
+    gca = json.loads((results / "gca_kernels.json").read_text())
+    shapes = sorted({(t["B"], t["tokens"]) for t in gca["timings"]})
+    impls = list(dict.fromkeys(t["impl"] for t in gca["timings"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        by_shape = {(t["B"], t["tokens"]): t for t in gca["timings"] if t["impl"] == impl}
+        for ax, key in zip(axes, ("fwd", "fwdbwd"), strict=True):
+            xs = [j + i * width for j, s in enumerate(shapes) if s in by_shape]
+            ax.bar(xs, [by_shape[s][key]["ms"] for s in shapes if s in by_shape], width, label=impl)
+    for ax, title in zip(axes, ("GCA forward (ms)", "GCA forward + backward (ms)"), strict=True):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
+        ax.set_xticklabels([f"B={b}, {n // 1024}K" for b, n in shapes])
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{gca.get('device', '')}, bf16, K=8, H=12, D=64", fontsize=9)
+    _save(fig, out_dir / "bench-gca-kernels.png")
+    plt.close(fig)
+    written.append(out_dir / "bench-gca-kernels.png")
+
+    train = json.loads((results / "train_throughput.json").read_text())
+    table = train_throughput_table(train["runs"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for model in sorted({m for m, _ in table}):
+        lengths = sorted(L for m, L in table if m == model)
+        cases = [table[(model, L)] for L in lengths]
+        axes[0].plot(lengths, [c["tokens_per_s"] / 1e3 for c in cases], marker="o", label=model)
+        axes[1].plot(lengths, [c["compiled_bytes_estimate"] / 2**30 for c in cases], marker="o", label=model)
+    for ax, title in zip(axes, ("training tokens/s (thousands), batch 1", "step memory (GB as in the table: GiB)"),
+                         strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per sequence")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(train["runs"][-1].get("device", "").removeprefix("gpu:"), fontsize=9)
+    _save(fig, out_dir / "bench-train-throughput.png")
+    plt.close(fig)
+    written.append(out_dir / "bench-train-throughput.png")
+
+    inf = json.loads((results / "inference.json").read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for key in dict.fromkeys((r["model"], r["memory"]) for r in inf["decode"]):
+        rows = sorted((r for r in inf["decode"] if (r["model"], r["memory"]) == key), key=lambda r: r["context"])
+        label = f"{key[0]}, {key[1]} memory" if key[0].startswith("drt") else f"{key[0]}, KV cache"
+        contexts = [r["context"] + 1 for r in rows]
+        axes[0].plot(contexts, [r["ms_per_token"] for r in rows], marker="o", label=label)
+        axes[1].plot(contexts, [r["state_device_bytes_at_context"] / 2**20 for r in rows], marker="o", label=label)
+    for ax, title in zip(axes, ("decode ms/token, batch 1", "state on the device at that context (MiB)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(inf.get("device", ""), fontsize=9)
+    _save(fig, out_dir / "bench-inference.png")
+    plt.close(fig)
+    written.append(out_dir / "bench-inference.png")
+    return written
+
+
 def merge_niah(paths: list[str]) -> dict:
     """eval.py niah results of one checkpoint over disjoint lengths -> one result, lengths sorted."""
     parts = [json.loads(pathlib.Path(path).read_text()) for path in paths]
@@ -188,7 +277,14 @@ def main(argv=None) -> int:
     q.add_argument("results", nargs="+", help="eval.py ppl JSON files, the baseline first")
     q.add_argument("--out", required=True)
     q.add_argument("--labels", default="", help="comma-separated legend names, one per file (default: the model's name)")
+    b = sub.add_parser("bench")
+    b.add_argument("--results", default=str(pathlib.Path(__file__).resolve().parents[1] / "bench" / "results"))
+    b.add_argument("--out-dir", default="docs/img")
     args = p.parse_args(argv)
+    if args.kind == "bench":
+        for path in bench_plots(args.results, args.out_dir):
+            print(f"wrote {path}")
+        return 0
     labels = [x.strip() for x in args.labels.split(",")] if getattr(args, "labels", "") else None
     if labels and len(labels) != len(args.results):
         p.error(f"--labels names {len(labels)} files but {len(args.results)} were given")
