@@ -96,8 +96,66 @@ def test_eval_answer_loss_and_recall_match_the_full_forward():
     logp = jax.nn.log_softmax(logits[:, P - 1 : P + A - 1].astype(jnp.float32), -1)
     want = -np.take_along_axis(np.asarray(logp), answers[..., None], -1)[..., 0].mean(1)
     np.testing.assert_allclose(loss, want, rtol=1e-4)
-    np.testing.assert_array_equal(generated[:, 0], np.argmax(np.asarray(logits[:, P - 1]), -1))
+    # Greedy decoding by full forward passes: each step feeds back the model's own previous token. The
+    # sequence is padded to one length (the model is causal), so this compiles once.
+    greedy = np.zeros_like(answers)
+    forward = jax.jit(lambda t: model.apply({"params": params}, t))
+    for i in range(A):
+        seq = np.concatenate([prompts, greedy[:, :i], np.zeros((2, A - i), np.int32)], axis=1)
+        greedy[:, i] = np.argmax(np.asarray(forward(jnp.asarray(seq))[:, P - 1 + i]), -1)
+    np.testing.assert_array_equal(generated, greedy)
+    # Fed the true answer instead, the loop would produce these: they differ, so the check above can tell.
+    teacher_forced = np.argmax(np.asarray(logits[:, P - 1 : P + A - 1]), -1)
+    assert np.any(teacher_forced[:, 1:] != greedy[:, 1:])
     row = (P - 1) // cfg.chunk_size - 1
     for g in range(len(cfg.groups)):
         full_idx = np.asarray(state["intermediates"][f"retrieval_indices_g{g}"][0])[:, row]
         np.testing.assert_array_equal(retrieved[g], full_idx)
+
+
+def test_train_step_recall_is_the_retrieval_of_the_answers_chunk():
+    """The train step's recall sums equal needle-chunk recall recomputed from a forward pass of the same
+    parameters: per example, the chunks holding needle tokens that the retrieval row serving the first
+    answer token's chunk selected. No dropout or Gumbel noise, so the step retrieves what that pass does."""
+    from drt_jax.config import ModelConfig
+    from drt_jax.data import ByteTokenizer
+    from drt_jax.model import DRT
+    from drt_jax.tasks.niah import NiahTask
+    from drt_jax.train import mesh as mesh_lib
+    from drt_jax.train import step as step_lib
+    from drt_jax.train.config import DEFAULT_RULES, MeshConfig, OptimConfig
+    from drt_jax.train.optim import make_optimizer
+    from tests.train_fixtures import SMALL_MODEL
+
+    cfg = ModelConfig(**{**SMALL_MODEL, "decoder_layers": (1, 1, 1), "dropout_rate": 0.0, "gumbel_noise": False})
+    S, T = cfg.chunk_size, 448
+    hay = np.random.default_rng(0).integers(97, 123, 5000).astype(np.int32)
+    task = NiahTask("multi", ByteTokenizer(), hay, S, seed=1)
+    rows = [task.example(T, i) for i in range(4)]
+    batch = {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in ("tokens", "mask", "answer", "needle")}
+
+    tx, sched = make_optimizer(OptimConfig(peak_lr=1e-3, warmup_steps=1), 4)
+    mesh = mesh_lib.make_mesh(MeshConfig(), jax.devices()[:1])
+    spec = step_lib.state_spec(cfg, tx, mesh, DEFAULT_RULES)
+    state = step_lib.init_state(cfg, tx, spec, seed=0)
+    params = jax.device_get(state["params"])
+    bsh = mesh_lib.batch_sharding(mesh, DEFAULT_RULES)
+    step = step_lib.make_train_step(cfg, tx, sched, spec, bsh, grad_accum=1, block_size=64, batch_keys=tuple(batch))
+    _, metrics = step(state, mesh_lib.global_batch(batch, bsh, len(rows)))
+    diag = jax.device_get(metrics["diagnostics"])
+
+    _, inter = DRT(cfg).apply({"params": params}, jnp.asarray(batch["tokens"]), mutable=["intermediates"])
+    recalls = []
+    for g in range(len(cfg.groups)):
+        indices = np.asarray(inter["intermediates"][f"retrieval_indices_g{g}"][0])
+        per_example = []
+        for b in range(len(rows)):
+            first_answer = int(np.flatnonzero(batch["answer"][b])[0])
+            row = (first_answer - 1) // S - 1
+            needle_chunks = np.unique(np.flatnonzero(batch["needle"][b]) // S)
+            per_example.append(np.isin(needle_chunks, indices[b, row]).mean())
+        assert diag[f"recall_g{g}_count"] == len(rows)
+        np.testing.assert_allclose(diag[f"recall_g{g}_sum"], np.sum(per_example), rtol=1e-6)
+        recalls.append(per_example)
+    # Partial recalls that differ between groups: a wrong row or a wrong group would show.
+    assert any(0 < r < 1 for r in np.ravel(recalls)) and recalls[0] != recalls[1], recalls
