@@ -71,7 +71,8 @@ SCRIPT = textwrap.dedent(
     cfg = ModelConfig(**SMALL_MODEL)
     tx, sched = make_optimizer(OptimConfig(peak_lr=3e-3, warmup_steps=1, end_lr=1e-3), 10)
     rng = np.random.RandomState(0)
-    batches = [rng.randint(0, 256, (8, 64)).astype(np.int32) for _ in range(2)]
+    # Three steps: the first has learning rate 0 (warm-up), so parameters reflect two updates.
+    batches = [rng.randint(0, 256, (8, 64)).astype(np.int32) for _ in range(3)]
 
     init = None
 
@@ -87,18 +88,21 @@ SCRIPT = textwrap.dedent(
         state = jax.device_put(init, spec.shardings)
         bsh = M.batch_sharding(mesh, DEFAULT_RULES)
         step = S.make_train_step(cfg, tx, sched, spec, bsh, grad_accum=1, block_size=32)
-        losses = []
+        losses, grad_norms = [], []
         for b in batches:
             state, m = step(state, M.global_batch({"tokens": b, "mask": np.ones_like(b)}, bsh, 8))
             losses.append(float(m["loss"]))
-        return jax.device_get(state["params"]), losses
+            grad_norms.append(float(m["grad_norm"]))
+        return jax.device_get(state["params"]), losses, grad_norms
 
-    p1, l1 = run(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    p1, l1, g1 = run(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     out = {"one": l1}
     for name, mc in {"fsdp": MeshConfig(data=1, fsdp=8, tensor=1), "data_fsdp": MeshConfig(data=2, fsdp=4, tensor=1),
                      "data_tensor": MeshConfig(data=4, fsdp=1, tensor=2)}.items():
-        p, l = run(mc, jax.devices())
+        p, l, g = run(mc, jax.devices())
         np.testing.assert_allclose(l, l1, rtol=1e-5, err_msg=name)
+        # Clipped AdamW updates do not change with a uniform gradient scale; the gradient norm does.
+        np.testing.assert_allclose(g, g1, rtol=1e-5, err_msg=name)
         for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
         out[name] = l
