@@ -10,7 +10,10 @@ import subprocess
 import sys
 import textwrap
 
-from tests.train_fixtures import REPO, cli_env, config_file, write_corpus
+import jax
+import numpy as np
+
+from tests.train_fixtures import REPO, cli_env, config_file, logged_losses, run_cli, write_corpus
 
 EIGHT_DEVICES = textwrap.dedent(
     """
@@ -93,11 +96,16 @@ def _free_port() -> int:
 
 
 def test_two_process_run_trains_and_checkpoints(tmp_path):
+    """Two processes, each with half of every batch, train as one process does: the same losses and the
+    same parameters (no dropout or Gumbel noise, which depend on a row's place in the global batch)."""
     from drt_jax.data import load_tokenizer, prepare_shards
+    from drt_jax.train.checkpoints import load_for_eval
 
     corpus = write_corpus(tmp_path / "corpus")
     # Build the token shards once up front so the two processes only read them.
     prepare_shards(str(corpus), load_tokenizer("byte"), str(tmp_path / "cache"), progress=False)
+    overrides = ["train.grad_accum=1", "train.log_every=1", "data.val_fraction=0.0", "model.dropout_rate=0.0",
+                 "model.gumbel_noise=False"]
     cfg = config_file(tmp_path, corpus, steps=4, checkpoint_every=4, eval_every=0, name="mp")
     port = _free_port()
     env = cli_env()
@@ -105,7 +113,7 @@ def test_two_process_run_trains_and_checkpoints(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, str(REPO / "train.py"), "--config", str(cfg), "--coordinator", f"127.0.0.1:{port}",
-             "--num-processes", "2", "--process-id", str(i), "--set", "train.grad_accum=1", "data.val_fraction=0.0"],
+             "--num-processes", "2", "--process-id", str(i), "--set", *overrides],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO),
         )
         for i in range(2)
@@ -127,3 +135,14 @@ def test_two_process_run_trains_and_checkpoints(tmp_path):
     assert [p.name for p in (tmp_path / "mp" / "checkpoints").iterdir() if p.name.isdigit()] == ["4"]
     cfg_json = json.loads((tmp_path / "mp" / "config.json").read_text())
     assert cfg_json["mesh"]["num_processes"] == 2
+
+    one = run_cli(["--config", str(config_file(tmp_path, corpus, steps=4, checkpoint_every=4, eval_every=0, name="one")),
+                   "--set", *overrides], timeout=400)
+    assert one.returncode == 0, one.stderr[-4000:]
+    two_losses, one_losses = logged_losses(tmp_path / "mp"), logged_losses(tmp_path / "one")
+    assert [s for s, _ in two_losses] == [s for s, _ in one_losses] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in two_losses], [v for _, v in one_losses], rtol=1e-5)
+    _, two_params, _ = load_for_eval(tmp_path / "mp")
+    _, one_params, _ = load_for_eval(tmp_path / "one")
+    for a, b in zip(jax.tree.leaves(two_params), jax.tree.leaves(one_params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
