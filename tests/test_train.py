@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pathlib
 
 import jax
 import numpy as np
@@ -38,7 +39,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     extra = {"bad_bytes.txt": b"caf\xe9 \xff\xfe broken " * 20, "short1.txt": b"ab", "short2.txt": b"xyz\n"}
     corpus = write_corpus(tmp / "corpus", extra=extra)
-    run = small_run(tmp, corpus)
+    run = _run(tmp, corpus)
     records = logging.getLogger("drt_jax")
     handler = _ListHandler()
     records.addHandler(handler)
@@ -48,6 +49,14 @@ def trained(tmp_path_factory):
     finally:
         records.removeHandler(handler)
     return tmp, corpus, run, summary, handler.messages, seen
+
+
+MIN_DOC_TOKENS = 8  # more than the short documents' 2 and 4 bytes
+
+
+def _run(tmp, corpus, **kw):
+    run = small_run(tmp, corpus, **kw)
+    return run.replace(data=dataclasses.replace(run.data, min_doc_tokens=MIN_DOC_TOKENS))
 
 
 class _ListHandler(logging.Handler):
@@ -67,10 +76,15 @@ def test_loss_falls(trained):
 
 
 def test_bad_documents_are_logged_not_fatal(trained):
-    _, _, _, summary, messages, _ = trained
+    _, _, run, summary, messages, _ = trained
     assert summary.end_step == 30
     text = " ".join(messages)
-    assert "non-UTF-8" in text or "UTF-8" in text or "utf" in text.lower(), messages
+    assert "non-UTF-8" in text, messages
+    assert f"skipped 2 documents shorter than min_doc_tokens={MIN_DOC_TOKENS}" in text, messages
+    (manifest,) = pathlib.Path(run.data.cache_dir).glob("*/manifest.json")
+    shards = json.loads(manifest.read_text())
+    # 24 prose documents and the non-UTF-8 one are kept; the two short ones are not.
+    assert (shards["documents_read"], shards["skipped_short"], shards["num_docs"], shards["non_utf8"]) == (27, 2, 25, 1), shards
 
 
 def test_run_folder_and_load_for_eval(trained):
@@ -122,7 +136,7 @@ def test_resume_is_equivalent_to_a_straight_run(trained):
     """2N straight steps == N steps, stop (checkpoint), resume, N steps: same batches, same params."""
     tmp, corpus, straight, _, _, seen_a = trained
     n = STEPS // 2
-    resumed = small_run(tmp, corpus, name="resumed")
+    resumed = _run(tmp, corpus, name="resumed")
     seen_b = []
     # train.stop_at_step stops the first launch at n (the schedule still runs to train.steps).
     first = dataclasses.replace(resumed, train=dataclasses.replace(resumed.train, stop_at_step=n))
