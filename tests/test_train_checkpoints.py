@@ -296,6 +296,23 @@ def test_resume_step_picks_an_older_checkpoint(straight):
     assert "unused-8" in names and "8" not in names, names
 
 
+def test_resume_step_0_starts_over_and_moves_every_checkpoint_aside(straight):
+    """The README's way out when no checkpoint reads: train.resume_step=0 trains from step 0 in the same
+    folder, with the old checkpoints under checkpoints/unused-<step>/ (kept, not read)."""
+    tmp, _, run, losses = straight
+    copy = _copy_run(tmp, run, "start-over")
+    ckpts = copy.run_dir / "checkpoints"
+    for step in (4, 6, 8):
+        _damage(ckpts / str(step), "truncated arrays")
+    printed = []
+    summary = train(copy.replace(train=dataclasses.replace(copy.train, resume_step=0)), stop_at=2, print_fn=printed.append)
+    assert (summary.start_step, summary.end_step) == (0, 2)
+    assert logged_losses(copy.run_dir)[len(losses):] == [(s, v) for s, v in losses if s <= 2]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2", "unused-4", "unused-6", "unused-8"]
+    assert (ckpts / "unused-8" / "params").is_dir()
+    assert sum("unused-" in line for line in printed) == 3, printed
+
+
 def test_non_finite_step_stops_without_saving_it(straight, monkeypatch):
     """A NaN at step 7 (not a logging step, every step saved) stops the run naming step 7; the
     newest checkpoint is step 6 and holds finite parameters."""
