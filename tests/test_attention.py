@@ -95,6 +95,35 @@ def test_explicit_fast_impl_off_its_backend_falls_back_with_a_logged_reason(capl
     np.testing.assert_array_equal(out, attention_reference(q, q, q, window=4))
 
 
+@pytest.mark.parametrize("window", [5, 8, None])
+def test_cudnn_call_keeps_the_window_convention_on_cpu(window, monkeypatch):
+    """The GPU default path's call, on CPU: the same jax.nn.dot_product_attention call the cuDNN path makes,
+    run by its XLA implementation, equals the reference (query i sees keys i - window .. i)."""
+    from drt_jax import attention
+
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def as_xla(*args, implementation=None, **kwargs):
+        calls.append((implementation, kwargs["is_causal"], kwargs["local_window_size"]))
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+    monkeypatch.setattr(attention, "_cudnn_unsupported", lambda q, slopes: None)
+    T, H, Hkv, D = 29, 4, 2, 16
+    keys = jax.random.split(jax.random.PRNGKey(window or 0), 4)
+    q, k, v = (jax.random.normal(kk, (2, T, h, D)) for kk, h in zip(keys, (H, Hkv, Hkv), strict=False))
+    cot = jax.random.normal(keys[3], q.shape)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)
+    cudnn = lambda q, k, v: causal_attention(q, k, v, window=window, impl="cudnn")
+    reference = lambda q, k, v: attention_reference(q, k, v, window=window)
+    np.testing.assert_allclose(cudnn(q, k, v), reference(q, k, v), atol=1e-5, rtol=1e-5)
+    grads = [jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v) for f in (cudnn, reference)]
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert calls and set(calls) == {("cudnn", True, None if window is None else (window, 0))}, calls
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a CUDA GPU")
 @pytest.mark.parametrize("window", [64, None])
