@@ -3,7 +3,8 @@
 On CPU: pallas_gpu under the generic Pallas interpreter (outputs poisoned with NaN through aliased
 buffers), pallas_tpu under the TPU interpreter (uninitialised memory = NaN) plus a real Mosaic TPU
 lowering, and the dispatcher's logged fallback. The Triton kernel (and the compiled pallas_gpu) run
-only where a GPU and jax_triton are present. Shapes are tiny: the interpreters are slow.
+only where a GPU and jax_triton are present; on CPU the Triton wrapper runs against NumPy stand-ins of
+its kernels (tests/triton_emulation.py). Shapes are tiny: the interpreters are slow.
 """
 
 from __future__ import annotations
@@ -167,3 +168,26 @@ def test_triton(case, poison):
 
     errs, tol, seed = check_against_reference(gca_triton, case)
     _assert_close(errs, max(tol, 2e-5), case, seed)
+
+
+# Non-power-of-two chunks (padded tiles), GQA, empty slots, off-by-one on and off.
+EMULATED_CASES = [
+    Case(B=2, C=3, Sq=7, H=4, D=16, M=4, Sm=5, Hkv=2, K=3, obo=True),
+    Case(B=1, C=4, Sq=16, H=2, D=16, M=3, Sm=17, Hkv=1, K=2, obo=False),
+]
+
+
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=str)
+def test_triton_wrapper_with_emulated_launches_matches_reference(case, monkeypatch):
+    """triton and jax_triton are GPU-only (and not in the CPU install), so the Triton path's JAX side runs
+    here against NumPy kernels that follow the Triton programs over flat buffers (tests/triton_emulation.py):
+    the layouts, grids, padding masks, metaparameters, base-2 scale, inverse index and dweights reduction.
+    The Triton programs themselves compile and run only in test_triton on a GPU."""
+    from pallas_kernels.gca import triton_gpu
+    from tests.triton_emulation import emulated_launch
+
+    monkeypatch.setattr(triton_gpu, "_IMPORT_ERROR", None)
+    monkeypatch.setattr(triton_gpu, "_launch", emulated_launch)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    errs, tol, seed = check_against_reference(triton_gpu.gca_triton, case)
+    _assert_close(errs, tol, case, seed)
