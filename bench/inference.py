@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 from drt_jax.config import ModelConfig  # noqa: E402
-from drt_jax.inference.engine import InferenceEngine, InferenceState  # noqa: E402
+from drt_jax.inference import InferenceEngine, InferenceState  # noqa: E402
 from drt_jax.model import DRT  # noqa: E402
 
 T0 = time.time()

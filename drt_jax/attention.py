@@ -15,6 +15,7 @@ Implementations:
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -154,16 +155,17 @@ def _pick(q, slopes, *, window, scale, impl):
     return lambda q, k, v, slopes: attention_reference(q, k, v, window=window, slopes=slopes, scale=scale)
 
 
-def causal_attention(q, k, v, *, window: int | None, slopes=None, scale: float | None = None, impl: str = "auto"):
+def causal_attention(q, k, v, *, window: int | None, slopes=None, scale: float | None = None, impl: str = "auto",
+                     kernel_mesh: per_shard.KernelMesh | None = None):
     """Sliding-window (or full) causal self-attention; see the module docstring.
 
-    Under a declared kernel mesh (pallas_kernels.per_shard) every implementation runs per shard: batch
-    rows over the batch axes, query and key/value heads (and ALiBi slopes) over the head axes.
+    With a `kernel_mesh` (pallas_kernels.per_shard) every implementation runs per shard: batch rows over
+    the batch axes, query and key/value heads (and ALiBi slopes) over the head axes.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
     kernel = _pick(q, slopes, window=window, scale=scale, impl=impl)
-    return per_shard.run(kernel, (q, k, v, slopes), _LAYOUTS, _BTHD)
+    return per_shard.run(kernel, (q, k, v, slopes), _LAYOUTS, _BTHD, kernel_mesh)
 
 
 def bidirectional_attention(q, k, v, *, scale: float | None = None):
@@ -177,3 +179,76 @@ def bidirectional_attention(q, k, v, *, scale: float | None = None):
     p = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("nhgqk,nkhd->nqhgd", p.astype(v.dtype), v, preferred_element_type=acc)
     return out.reshape(N, S, H, D).astype(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Incremental attention over a ring of cached slots (inference)
+#
+# A ring of R rows holds the keys/values of the last R slots, slot p at row p % R. R = window + 2 keeps
+# the whole window of both slots of a decode step that closes a chunk (its token and its landmark).
+# --------------------------------------------------------------------------------------------------
+
+
+def ring_write(ring, x, positions):
+    """ring [B, R, ...], x [B, n, ...] at absolute slots positions [n] (n <= R) -> the ring holding them."""
+    return ring.at[:, jnp.mod(positions, ring.shape[1])].set(x.astype(ring.dtype))
+
+
+def ring_positions(last, R: int):
+    """[R]: the absolute slot each ring row holds once slots up to `last` are written (negative: empty)."""
+    r = jnp.arange(R)
+    return last - jnp.mod(last - r, R)
+
+
+def ring_attention(q, ring_k, ring_v, q_pos, k_pos, *, window: int | None, slopes=None):
+    """q [B, n, H, D] at absolute slots q_pos [n] over ring keys/values [B, R, Hkv, D] at slots k_pos [R].
+
+    The mask and the ALiBi distances come from absolute positions, so query i sees i - window .. i as in
+    the full forward. A few query slots against R keys: plain jnp, no kernel.
+    """
+    B, n, H, D = q.shape
+    Hkv = ring_k.shape[2]
+    G = H // Hkv
+    dist = q_pos[:, None] - k_pos[None, :]
+    mask = (k_pos[None, :] >= 0) & (dist >= 0)
+    if window is not None:
+        mask = mask & (dist <= window)
+    qg = q.reshape(B, n, Hkv, G, D)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, ring_k, preferred_element_type=jnp.float32) * (D**-0.5)
+    if slopes is not None:
+        logits = logits - slopes.reshape(Hkv, G)[:, :, None, None] * dist.astype(jnp.float32)
+    logits = jnp.where(mask[None, None, None], logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(ring_v.dtype), ring_v, preferred_element_type=jnp.float32)
+    return out.reshape(B, n, H, D).astype(q.dtype)
+
+
+def cached_attention(q, k, v, ring_k, ring_v, positions, *, window: int | None, slopes=None,
+                     prefix: int | None, impl: str = "auto", kernel_mesh: per_shard.KernelMesh | None = None):
+    """Causal self-attention of new slots that follow the slots cached in a ring -> (out, ring_k, ring_v).
+
+    q [B, n, H, D], k/v [B, n, Hkv, D] at absolute slots positions [n] (consecutive); ring_k/ring_v
+    [B, R, Hkv, D]. prefix None: a decode step (n <= 2), written into the ring first and attending over
+    it. prefix P: a prefill segment, attending causally over the P cached slots before it and itself
+    (P = min(position, window), static), through `causal_attention`; its last R slots are then cached.
+    """
+    R = ring_k.shape[1]
+    if prefix is None:
+        ring_k, ring_v = ring_write(ring_k, k, positions), ring_write(ring_v, v, positions)
+        out = ring_attention(q, ring_k, ring_v, positions, ring_positions(positions[-1], R), window=window,
+                             slopes=slopes)
+        return out, ring_k, ring_v
+    attend = functools.partial(causal_attention, window=window, slopes=slopes, impl=impl, kernel_mesh=kernel_mesh)
+    if prefix:
+        rows = jnp.mod(positions[0] - prefix + jnp.arange(prefix), R)
+        k_all = jnp.concatenate([ring_k[:, rows].astype(k.dtype), k], axis=1)
+        v_all = jnp.concatenate([ring_v[:, rows].astype(v.dtype), v], axis=1)
+        # The cached slots need no outputs: zero queries stand in for them and are cut off.
+        q_all = jnp.concatenate([jnp.zeros((q.shape[0], prefix) + q.shape[2:], q.dtype), q], axis=1)
+        out = attend(q_all, k_all, v_all)[:, prefix:]
+    else:
+        out = attend(q, k, v)
+    keep = min(q.shape[1], R)
+    ring_k = ring_write(ring_k, k[:, -keep:], positions[-keep:])
+    ring_v = ring_write(ring_v, v[:, -keep:], positions[-keep:])
+    return out, ring_k, ring_v

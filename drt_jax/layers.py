@@ -3,18 +3,26 @@
 Every parameter carries logical axis names (embed, heads, kv_heads, head_dim, mlp, vocab, norm) so
 the trainer can shard it through a rules table. Shapes: B batch, L slots, d model width,
 H / Hkv query / key-value heads, Dh head dim, C chunks, S tokens per chunk, M memory chunks.
+
+The decoder layers also run incrementally (inference): given `cache=Incremental(...)`, self-attention
+keeps a ring of past keys/values in the "cache" collection and attends from the new slots over it,
+and GCA reads whatever chunk memory the caller passes. The weights and the math are the same.
+`kernel_mesh` (pallas_kernels.per_shard.KernelMesh) makes attention and GCA kernels run per shard.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drt_jax.attention import alibi_slopes, bidirectional_attention, causal_attention
+from drt_jax.attention import alibi_slopes, bidirectional_attention, cached_attention, causal_attention
 from drt_jax.config import ModelConfig
 from pallas_kernels import grouped_cross_attention
+from pallas_kernels.per_shard import KernelMesh
 
 
 def _dtype(name: str):
@@ -80,17 +88,33 @@ def apply_rope(x, positions, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Incremental:
+    """How the decoder's self-attention runs on new slots that follow a cached context.
+
+    ring: R, the slots each layer's cache holds: cached_key, cached_value [B, R, Hkv, Dh] (RoPE applied),
+      slot p at row p % R; window + 2 for sliding-window attention, the longest context for full attention.
+    prefix: None for a decode step (1 or 2 slots); for a prefill segment, the cached slots before it
+      that its first slot sees (min(position, window)).
+    """
+
+    ring: int
+    prefix: int | None = None
+
+
 class SelfAttention(nn.Module):
     """Causal sliding-window self-attention (decoder) or bidirectional attention (chunk encoder).
 
-    x [B, L, d] -> [B, L, d]. `positions` [L] are slot indices, used by RoPE and ALiBi.
+    x [B, L, d] -> [B, L, d]. `positions` [L] are absolute slot indices, used by RoPE and ALiBi. With
+    `cache` (decoder only) the L slots follow the context held in the "cache" collection (see Incremental).
     """
 
     cfg: ModelConfig
     bidirectional: bool = False
+    kernel_mesh: KernelMesh | None = None
 
     @nn.compact
-    def __call__(self, x, positions):
+    def __call__(self, x, positions, cache: Incremental | None = None):
         cfg = self.cfg
         H, Hkv, Dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         q = dense(cfg, (H, Dh), ("embed", "heads", "head_dim"), "q")(x)
@@ -106,7 +130,17 @@ class SelfAttention(nn.Module):
                 q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
             else:
                 slopes = alibi_slopes(H)
-            out = causal_attention(q, k, v, window=cfg.window, slopes=slopes, impl=cfg.attention_impl)
+            if cache is None:
+                out = causal_attention(q, k, v, window=cfg.window, slopes=slopes, impl=cfg.attention_impl,
+                                       kernel_mesh=self.kernel_mesh)
+            else:
+                ring_shape = (x.shape[0], cache.ring, Hkv, Dh)
+                ring_k = self.variable("cache", "cached_key", jnp.zeros, ring_shape, k.dtype)
+                ring_v = self.variable("cache", "cached_value", jnp.zeros, ring_shape, v.dtype)
+                out, ring_k.value, ring_v.value = cached_attention(
+                    q, k, v, ring_k.value, ring_v.value, positions, window=cfg.window, slopes=slopes,
+                    prefix=cache.prefix, impl=cfg.attention_impl, kernel_mesh=self.kernel_mesh,
+                )
         return dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o", axis=(-2, -1))(out)
 
 
@@ -131,36 +165,40 @@ class LowerLayer(nn.Module):
     cfg: ModelConfig
     deterministic: bool = True
     bidirectional: bool = False
+    kernel_mesh: KernelMesh | None = None
 
     @nn.compact
-    def __call__(self, h, positions):
+    def __call__(self, h, positions, cache: Incremental | None = None):
         cfg = self.cfg
         eps = cfg.encoder_norm_eps if self.bidirectional else cfg.norm_eps
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-        attn = SelfAttention(cfg, bidirectional=self.bidirectional, name="attn")
-        a = h + drop(attn(RMSNorm(eps, cfg.dtype, name="attn_norm")(h), positions))
+        attn = SelfAttention(cfg, bidirectional=self.bidirectional, kernel_mesh=self.kernel_mesh, name="attn")
+        a = h + drop(attn(RMSNorm(eps, cfg.dtype, name="attn_norm")(h), positions, cache))
         return a + drop(MLP(cfg, name="mlp")(RMSNorm(eps, cfg.dtype, name="mlp_norm")(a)))
 
 
 class GroupedCrossAttention(nn.Module):
     """GCA block: queries from norm(a), keys/values from the shared chunk memory (spec 4.1).
 
-    a [B, C*(S+1), d]; k_mem, v_mem [B, M, S, Hkv, Dh]; indices, weights [B, C, K] -> [B, C*(S+1), d].
+    a [B, C*Sq, d]; k_mem, v_mem [B, M, S, Hkv, Dh]; indices, weights [B, C, K] -> [B, C*Sq, d]: the Sq
+    slots of query chunk c read its row of indices. Sq = S+1 in the full forward; a decode step passes
+    its 1-2 slots as one query chunk.
     """
 
     cfg: ModelConfig
+    kernel_mesh: KernelMesh | None = None
 
     @nn.compact
     def __call__(self, a, k_mem, v_mem, indices, weights):
         cfg = self.cfg
         B, L, _ = a.shape
-        C = L // cfg.slots_per_chunk
+        C = indices.shape[1]
         x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(a)
         q = dense(cfg, (cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "q")(x)
-        q = q.reshape(B, C, cfg.slots_per_chunk, cfg.n_heads, cfg.head_dim)
+        q = q.reshape(B, C, L // C, cfg.n_heads, cfg.head_dim)
         out = grouped_cross_attention(
             q, k_mem, v_mem, indices, weights,  # float32: the kernels accumulate in fp32
-            softmax_off_by_one=cfg.gca_off_by_one, impl=cfg.gca_impl,
+            softmax_off_by_one=cfg.gca_off_by_one, impl=cfg.gca_impl, kernel_mesh=self.kernel_mesh,
         )
         out = out.reshape(B, L, cfg.n_heads, cfg.head_dim)
         return dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o", axis=(-2, -1))(out)
@@ -175,13 +213,16 @@ class UpperLayer(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool = True
+    kernel_mesh: KernelMesh | None = None
 
     @nn.compact
-    def __call__(self, h, positions, k_mem, v_mem, indices, weights):
+    def __call__(self, h, positions, k_mem, v_mem, indices, weights, cache: Incremental | None = None):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
-        a = h + drop(SelfAttention(cfg, name="attn")(RMSNorm(cfg.norm_eps, cfg.dtype, name="attn_norm")(h), positions))
-        b = a + drop(GroupedCrossAttention(cfg, name="gca")(a, k_mem, v_mem, indices, weights))
+        attn = SelfAttention(cfg, kernel_mesh=self.kernel_mesh, name="attn")
+        a = h + drop(attn(RMSNorm(cfg.norm_eps, cfg.dtype, name="attn_norm")(h), positions, cache))
+        gca = GroupedCrossAttention(cfg, kernel_mesh=self.kernel_mesh, name="gca")
+        b = a + drop(gca(a, k_mem, v_mem, indices, weights))
         base = a if cfg.gca_residual == "authors" else b
         return base + drop(MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.dtype, name="mlp_norm")(b)))
 

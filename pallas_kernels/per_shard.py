@@ -1,11 +1,11 @@
 """Per-shard execution of attention kernels under a device mesh.
 
 XLA cannot partition a custom call it knows nothing about (a Pallas/Triton kernel), and cuDNN
-attention's partition rule refuses many shardings ("custom_partitioner: Traceback ..."). So when a
-trainer declares a mesh with `use(KernelMesh(...))` around the traced step, every kernel dispatch runs
-its kernel inside `shard_map`: each device calls it on its own batch rows and heads, and XLA only
-moves whole operands at the boundary. Without a declared mesh (one device, eval, notebooks) kernels
-are called directly.
+attention's partition rule refuses many shardings ("custom_partitioner: Traceback ..."). So a model
+built with a `KernelMesh` (`DRT(cfg, kernel_mesh=...)`, handed down to its layers) runs every kernel
+dispatch inside `shard_map`: each device calls the kernel on its own batch rows and heads, and XLA only
+moves whole operands at the boundary. Without a kernel mesh (one device, eval, notebooks) kernels are
+called directly.
 
 The layout of an operand names each dimension: "batch", "heads" or None. Query heads and key/value
 heads both split over the head axes in contiguous blocks, so a shard's query heads use exactly its
@@ -14,8 +14,6 @@ own key/value heads (GQA groups stay whole).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -38,23 +36,6 @@ class KernelMesh:
         return math.prod(self.mesh.shape[a] for a in axes)
 
 
-_CURRENT: contextvars.ContextVar[KernelMesh | None] = contextvars.ContextVar("kernel_mesh", default=None)
-
-
-@contextlib.contextmanager
-def use(kernel_mesh: KernelMesh | None):
-    """Kernel dispatches traced inside this block run per shard of `kernel_mesh` (None: directly)."""
-    token = _CURRENT.set(kernel_mesh)
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
-
-
-def current() -> KernelMesh | None:
-    return _CURRENT.get()
-
-
 def _shard_map(fn, mesh, in_specs, out_specs):
     # Kernels carry no varying-manual-axes rules, so the check is off; shard_map's transpose then
     # sums the cotangents of operands replicated over an axis (e.g. GCA weights over tensor).
@@ -65,14 +46,15 @@ def _shard_map(fn, mesh, in_specs, out_specs):
     return shard_map(fn, mesh, in_specs, out_specs, check_rep=False)
 
 
-def run(fn: Callable, args: Sequence, layouts: Sequence[Layout], out_layout: Layout):
-    """fn(*args) -> one array, run once per shard of the current kernel mesh.
+def run(fn: Callable, args: Sequence, layouts: Sequence[Layout], out_layout: Layout,
+        kernel_mesh: KernelMesh | None = None):
+    """fn(*args) -> one array, run once per shard of `kernel_mesh` (None: one direct call).
 
     args: arrays, or None (passed to every shard as None); layouts: one per arg, a name per dimension.
     Raises ValueError when a batch or head dimension does not divide over its mesh axes (the trainer
     checks this at start-up, so only code that declares its own kernel mesh can reach it).
     """
-    km = current()
+    km = kernel_mesh
     if km is None or km.mesh.size == 1:
         return fn(*args)
     present = [i for i, a in enumerate(args) if a is not None]
@@ -89,8 +71,7 @@ def run(fn: Callable, args: Sequence, layouts: Sequence[Layout], out_layout: Lay
         full = list(args)
         for i, shard in zip(present, shards, strict=True):
             full[i] = shard
-        with use(None):  # a kernel that dispatches again inside must not nest shard_maps
-            return fn(*full)
+        return fn(*full)
 
     mapped = _shard_map(body, km.mesh, tuple(to_spec(layouts[i]) for i in present), to_spec(out_layout))
     return mapped(*(args[i] for i in present))

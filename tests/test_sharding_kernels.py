@@ -18,7 +18,7 @@ from jax.sharding import AbstractMesh
 from drt_jax.config import ConfigError
 from drt_jax.train import mesh as mesh_lib
 from drt_jax.train.config import DEFAULT_RULES, MESH_AXES
-from pallas_kernels import grouped_cross_attention, per_shard
+from pallas_kernels import grouped_cross_attention
 from tests.conftest import small_config
 from tests.train_fixtures import REPO, cli_env
 
@@ -49,9 +49,9 @@ def test_heads_that_cannot_split_over_tensor_are_a_one_line_config_error(n_heads
 def test_a_batch_that_cannot_split_is_a_one_line_error_naming_the_mesh_axes():
     q, mem = jnp.zeros((3, 2, 4, 4, 8)), jnp.zeros((3, 2, 4, 2, 8))
     idx, w = jnp.zeros((3, 2, 1), jnp.int32), jnp.ones((3, 2, 1))
-    with per_shard.use(mesh_lib.kernel_mesh(_mesh(data=2, fsdp=2), DEFAULT_RULES)):
-        with pytest.raises(ValueError, match=r"batch dimension of size 3 .* change mesh.data or mesh.fsdp$"):
-            grouped_cross_attention(q, mem, mem, idx, w)
+    km = mesh_lib.kernel_mesh(_mesh(data=2, fsdp=2), DEFAULT_RULES)
+    with pytest.raises(ValueError, match=r"batch dimension of size 3 .* change mesh.data or mesh.fsdp$"):
+        grouped_cross_attention(q, mem, mem, idx, w, kernel_mesh=km)
 
 SCRIPT = textwrap.dedent(
     """
@@ -148,7 +148,6 @@ PALLAS_SCRIPT = textwrap.dedent(
     from drt_jax import attention
     from drt_jax.train import mesh as M
     from drt_jax.train.config import DEFAULT_RULES, MeshConfig
-    from pallas_kernels import per_shard
     from pallas_kernels.gca import api
     from pallas_kernels.gca.pallas_tpu import gca_pallas_tpu
 
@@ -177,14 +176,13 @@ PALLAS_SCRIPT = textwrap.dedent(
 
     def grads(f, *args):
         def loss(*a):
-            with per_shard.use(km):
-                return jnp.sum(jnp.sin(f(*a)))
+            return jnp.sum(jnp.sin(f(*a)))
         return jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
 
-    gca = lambda impl: lambda q, k, v, w: api.grouped_cross_attention(q, k, v, idx, w, impl=impl)
+    gca = lambda impl: lambda q, k, v, w: api.grouped_cross_attention(q, k, v, idx, w, impl=impl, kernel_mesh=km)
     for a, b in zip(grads(gca("reference"), q, k, v, w), grads(gca("pallas_tpu"), q, k, v, w), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    attn = lambda impl: lambda q, k, v: attention.causal_attention(q, k, v, window=16, impl=impl)
+    attn = lambda impl: lambda q, k, v: attention.causal_attention(q, k, v, window=16, impl=impl, kernel_mesh=km)
     for a, b in zip(grads(attn("reference"), qa, ka, va), grads(attn("splash"), qa, ka, va), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert sorted(set(calls)) == [("gca", (1, C, S, H // 2, D)), ("splash", (1, T, H // 2, D))], calls

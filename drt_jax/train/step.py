@@ -21,7 +21,6 @@ from drt_jax.diagnostics import needle_recall
 from drt_jax.losses import blocked_cross_entropy, next_token_targets
 from drt_jax.model import DRT
 from drt_jax.train import mesh as mesh_lib
-from pallas_kernels import per_shard
 
 
 def _init_tokens(cfg: ModelConfig):
@@ -161,13 +160,9 @@ def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_shard
     `batch_keys` (int32 [B, T] each); with task fields ("answer", "needle") metrics["diagnostics"] holds
     the sums of `_loss_sum`'s diagnostics (see `diagnostic_means`). Attention and GCA kernels run per shard
     of `spec.kernels` (pallas_kernels.per_shard), so XLA never partitions a custom call."""
-    model = DRT(cfg)
+    model = DRT(cfg, kernel_mesh=spec.kernels)
 
     def step(state, batch):
-        with per_shard.use(spec.kernels):
-            return _step(state, batch)
-
-    def _step(state, batch):
         params = state["params"]
         key = jax.random.fold_in(state["rng"], state["step"])
         B, T = batch["tokens"].shape
@@ -216,12 +211,11 @@ def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_shard
 
 def make_eval_step(cfg: ModelConfig, spec: StateSpec, batch_sharding, *, block_size: int):
     """jit(eval)(params, batch) -> (loss_sum, count), deterministic (no dropout, no Gumbel noise)."""
-    model = DRT(cfg)
+    model = DRT(cfg, kernel_mesh=spec.kernels)
 
     def evaluate(params, batch):
-        with per_shard.use(spec.kernels):
-            loss_sum, (count, _) = _loss_sum(model, cfg, params, batch, jax.random.PRNGKey(0), deterministic=True,
-                                             block_size=block_size)
+        loss_sum, (count, _) = _loss_sum(model, cfg, params, batch, jax.random.PRNGKey(0), deterministic=True,
+                                         block_size=block_size)
         return loss_sum, count
 
     rep = mesh_lib.replicated(spec.mesh)

@@ -88,13 +88,13 @@ def _check_shapes(q, k_mem, v_mem, indices, weights) -> None:
 
 def grouped_cross_attention(
     q, k_mem, v_mem, indices, weights, *, softmax_off_by_one: bool = True, scale: float | None = None,
-    impl: str = "auto",
+    impl: str = "auto", kernel_mesh: per_shard.KernelMesh | None = None,
 ):
     """Grouped Cross-Attention; see `pallas_kernels.gca.reference` for shapes and maths.
 
     impl: "auto" (the best available for the default backend), or one of `available_impls()`.
-    Differentiable in q, k_mem, v_mem and weights. Under a declared kernel mesh (pallas_kernels.per_shard)
-    the kernel runs per shard: batch rows over the batch axes, query and key/value heads over the head axes.
+    Differentiable in q, k_mem, v_mem and weights. With a `kernel_mesh` (pallas_kernels.per_shard) the
+    kernel runs per shard: batch rows over the batch axes, query and key/value heads over the head axes.
     """
     _check_shapes(q, k_mem, v_mem, indices, weights)
     if impl == "auto":
@@ -106,7 +106,7 @@ def grouped_cross_attention(
     for name in candidates:
         try:
             kernel = functools.partial(_resolve(name), softmax_off_by_one=softmax_off_by_one, scale=scale)
-            return per_shard.run(kernel, (q, k_mem, v_mem, indices, weights), _LAYOUTS, _Q)
+            return per_shard.run(kernel, (q, k_mem, v_mem, indices, weights), _LAYOUTS, _Q, kernel_mesh)
         except Unsupported as why:
             log.warning("GCA impl %r skipped: %s; falling back", name, why)
     raise AssertionError("unreachable: the reference takes every call")
