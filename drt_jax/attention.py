@@ -11,6 +11,9 @@ Implementations:
   "splash":    Pallas splash attention on TPU with a LocalMask (no ALiBi: splash takes no bias).
   "auto":      cudnn on GPU, splash on TPU where they apply, else the reference. ALiBi always goes
                to the reference, the only path on which it is exact.
+
+Inference: `cached_attention` runs new slots after a context cached in a ring of R slots (a decode
+step through `ring_attention`, a prefill segment through `causal_attention` over the cached prefix).
 """
 
 from __future__ import annotations
