@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def next_token_targets(tokens, pad_id: int):
@@ -42,12 +43,50 @@ def next_token_loss(logits, tokens, pad_id: int):
     return cross_entropy(logits, targets, mask)
 
 
+@jax.custom_vjp
+def _block_token_loss(h, embedding, t):
+    """Per-token cross-entropy of one block's tied logits. h [B, k, d] (compute dtype), embedding [V, d]
+    (float32 master weights), t int [B, k] -> [B, k] float32.
+
+    The logits [B, k, V] are computed in the compute dtype with float32 accumulation, and in the
+    backward pass recomputed (only h, t and the log-normaliser are kept) and differentiated with the
+    compute dtype's matmuls: d logits = softmax - one_hot(t) is cast to the compute dtype before the
+    two products, so no float32 (tf32) GEMM of the vocabulary's width runs.
+    """
+    return _block_token_loss_fwd(h, embedding, t)[0]
+
+
+def _logits(h, embedding):
+    return jnp.einsum("bkd,vd->bkv", h, embedding.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def _block_token_loss_fwd(h, embedding, t):
+    logits = _logits(h, embedding)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    return lse - picked, (h, embedding, t, lse)
+
+
+def _block_token_loss_bwd(res, g):
+    h, embedding, t, lse = res
+    logits = _logits(h, embedding)
+    one_hot = jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype)
+    d_logits = ((jnp.exp(logits - lse[..., None]) - one_hot) * g[..., None]).astype(h.dtype)
+    dh = jnp.einsum("bkv,vd->bkd", d_logits, embedding.astype(h.dtype), preferred_element_type=jnp.float32)
+    d_embedding = jnp.einsum("bkv,bkd->vd", d_logits, h, preferred_element_type=jnp.float32)
+    zero_t = np.zeros(t.shape, jax.dtypes.float0)
+    return dh.astype(h.dtype), d_embedding.astype(embedding.dtype), zero_t
+
+
+_block_token_loss.defvjp(_block_token_loss_fwd, _block_token_loss_bwd)
+
+
 def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int = 1024, metric_masks=None):
     """Cross-entropy of tied logits hidden @ embedding^T without materialising them all.
 
     hidden [B, T, d], embedding [V, d], targets/mask [B, T] -> (mean loss, total weight): `mask` weights
     each token's loss (0/1, or larger for tokens that should count more) and the mean is the weighted
-    one. Each block's logits [B, block, V] live only inside a rematerialised scan step.
+    one. Each block's logits [B, block, V] live only inside one scan step (`_block_token_loss`).
     metric_masks [n, B, T]: also return sums [n] of the unweighted per-token loss under each mask (for
     reporting losses on subsets, e.g. corpus vs answer tokens; no gradient flows through them).
     """
@@ -61,18 +100,12 @@ def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int =
     extra = jnp.zeros((0, B, T), jnp.float32) if metric_masks is None else jnp.asarray(metric_masks, jnp.float32)
     extra = jax.vmap(blocked)(extra).swapaxes(0, 1)  # [nb, n, B, block]
 
-    @jax.checkpoint
-    def block_loss(h, t, m, e):
-        logits = jnp.einsum("bkd,vd->bkv", h, embedding.astype(h.dtype), preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        token_loss = lse - picked
-        return jnp.sum(token_loss * m), jnp.sum(jax.lax.stop_gradient(token_loss) * e, axis=(1, 2))
-
     def step(carry, xs):
         total, sums = carry
-        loss, part = block_loss(*xs)
-        return (total + loss, sums + part), None
+        h, t, m, e = xs
+        token_loss = _block_token_loss(h, embedding, t)
+        part = jnp.sum(jax.lax.stop_gradient(token_loss) * e, axis=(1, 2))
+        return (total + jnp.sum(token_loss * m), sums + part), None
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(extra.shape[1], jnp.float32))
     (total, sums), _ = jax.lax.scan(step, init, (hidden, targets, weights, extra))

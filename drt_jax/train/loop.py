@@ -1,4 +1,10 @@
-"""The training loop: data -> sharded train step -> metrics, eval, checkpoints, resume, SIGTERM."""
+"""The training loop: data -> sharded train step -> metrics, eval, checkpoints, resume, SIGTERM.
+
+The device never waits for the host: batches are read and put on the device ahead of the step
+(drt_jax.train.prefetch), metrics are read one step behind (drt_jax.train.logger), and the host waits
+for the device only before a checkpoint, where the non-finite guard must see every step, and, with
+several processes, at logging steps, where they agree on stopping.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,9 @@ import pathlib
 import signal
 import subprocess
 import time
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from drt_jax.data.config import TASK_FIELDS, DataError
@@ -18,11 +24,12 @@ from drt_jax.train import mesh as mesh_lib
 from drt_jax.train.bundle import import_note
 from drt_jax.train.checkpoints import Checkpointer, CheckpointError
 from drt_jax.train.config import ConfigError, RunConfig, resolve_run_config
-from drt_jax.train.finite import FiniteWatch
+from drt_jax.train.logger import StepLogger
 from drt_jax.train.metrics import MetricWriter, peak_flops_per_device, train_flops_per_sequence
 from drt_jax.train.optim import make_optimizer
+from drt_jax.train.prefetch import DevicePrefetcher
 from drt_jax.train.profiling import StepProfiler
-from drt_jax.train.step import diagnostic_means, init_state, make_eval_step, make_train_step, state_spec
+from drt_jax.train.step import init_state, make_eval_step, make_train_step, state_spec
 
 log = logging.getLogger(__name__)
 
@@ -134,21 +141,65 @@ def register_model_tasks(run: RunConfig, tokenizer=None) -> None:
 HAYSTACK_TOKENS = 1 << 22
 
 
-def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_hook=None) -> Summary:
-    """Trains `run` (resuming from its run folder if it holds checkpoints).
+@dataclasses.dataclass
+class Trainer:
+    """Everything a run needs before its first step (see `setup`)."""
 
-    stop_at: stop (with a checkpoint) once this step is reached, as a preemption would; the schedule
-    still follows train.steps (default: train.stop_at_step). batch_hook(step, local_numpy_batch) sees every batch (tests).
-    """
-    t_start = time.time()
-    from drt_jax.data import build_eval_iterator, build_train_iterator, load_tokenizer
+    run: RunConfig
+    tokenizer: Any
+    mesh: Any
+    batch_sharding: Any
+    data_cfg: Any
+    train_iter: Any
+    train_keys: tuple[str, ...]
+    spec: Any
+    ckpt: Checkpointer
+    state: dict
+    start: int
+    step_fn: Any
+    eval_fn: Any
+    is_main: bool
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.run.train.batch * self.run.data.seq_len
+
+    def to_device(self, fields: dict) -> dict:
+        return mesh_lib.global_batch(fields, self.batch_sharding, self.run.train.batch)
+
+    def evaluate(self, params, print_fn=print) -> float | None:
+        """Mean held-out loss over train.eval_steps batches (None, once, if the split is unusable)."""
+        from drt_jax.data import build_eval_iterator
+
+        if getattr(self, "_eval_disabled", False):
+            return None
+        try:
+            it = build_eval_iterator(self.data_cfg, self.tokenizer, progress=False)
+        except DataError as err:
+            log.warning("held-out evaluation skipped: %s", err)
+            print_fn(f"eval skipped: {err}")
+            self._eval_disabled = True
+            return None
+        total, count = 0.0, 0.0
+        for i, batch in enumerate(it):
+            if i >= self.run.train.eval_steps:
+                break
+            s, c = self.eval_fn(params, self.to_device(_batch_fields(batch)))
+            total += float(s)
+            count += float(c)
+        return total / count if count else None
+
+
+def setup(run: RunConfig, *, print_fn=print) -> Trainer:
+    """Resolves the config, builds the mesh, data, optimizer and jitted steps, and restores (or
+    initialises) the state from the run folder."""
+    from drt_jax.data import build_train_iterator, load_tokenizer
 
     mesh_lib.maybe_initialize_distributed(run.mesh)
     is_main = jax.process_index() == 0
     tokenizer = load_tokenizer(run.data.tokenizer)
     run = resolve_run_config(run, tokenizer)
     tc = run.train
-    stop_at = tc.stop_at_step if stop_at is None else stop_at
     mesh = mesh_lib.make_mesh(run.mesh)
     rules = run.mesh.rules
     n_proc = jax.process_count()
@@ -163,32 +214,30 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
     mesh_lib.check_kernel_split(run.model, mesh, rules)
     data_cfg = dataclasses.replace(run.data, batch_size=tc.batch // n_proc)
     register_model_tasks(run, tokenizer)
-    run_dir = run.run_dir
     train_iter = build_train_iterator(data_cfg, tokenizer, progress=is_main)
 
     tx, schedule = make_optimizer(run.optim, tc.steps)
     spec = state_spec(run.model, tx, mesh, rules)
-    ckpt = Checkpointer(run_dir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
+    ckpt = Checkpointer(run.run_dir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
     say = print_fn if is_main else (lambda *a: None)
     state = ckpt.restore_newest_good(spec.abstract, model=run.model, data_iter=train_iter, resume_step=tc.resume_step, say=say)
-    latest = None if state is None else int(jax.device_get(state["step"]))
-    if latest is not None:
+    if state is not None:
+        latest = int(jax.device_get(state["step"]))
         done = " (train.steps reached: nothing to do; raise train.steps to go on)" if latest >= tc.steps else ""
-        say(f"resumed {run_dir} from step {latest}{done}")
-        restarted = import_note(run_dir, latest)
+        say(f"resumed {run.run_dir} from step {latest}{done}")
+        restarted = import_note(run.run_dir, latest)
         if restarted:
             say(restarted)
     else:
         state = init_state(run.model, tx, spec, tc.seed)
         if tc.init_from:
             state = _init_params_from(state, tc.init_from, spec, tx)
-            if is_main:
-                print_fn(f"initialised the parameters from {tc.init_from} (optimizer, step and data start afresh)")
+            say(f"initialised the parameters from {tc.init_from} (optimizer, step and data start afresh)")
     start = int(jax.device_get(state["step"]))
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(run.to_json())
-        (run_dir / "git_commit.txt").write_text(git_commit() + "\n")
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.json").write_text(run.to_json())
+        (run.run_dir / "git_commit.txt").write_text(git_commit() + "\n")
 
     batch_sh = mesh_lib.batch_sharding(mesh, rules)
     # Task mixtures carry answer/needle marks: the step then reports corpus and answer losses and recall.
@@ -196,114 +245,96 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
     step_fn = make_train_step(run.model, tx, schedule, spec, batch_sh, grad_accum=tc.grad_accum,
                               block_size=tc.loss_block_size, batch_keys=train_keys, answer_weight=tc.answer_loss_weight)
     eval_fn = make_eval_step(run.model, spec, batch_sh, block_size=tc.loss_block_size)
+    return Trainer(run=run, tokenizer=tokenizer, mesh=mesh, batch_sharding=batch_sh, data_cfg=data_cfg,
+                   train_iter=train_iter, train_keys=train_keys, spec=spec, ckpt=ckpt, state=state, start=start,
+                   step_fn=step_fn, eval_fn=eval_fn, is_main=is_main)
+
+
+def _progress_text(row: dict) -> str:
+    task = f" answer {row['answer_loss']:.2f}" if "answer_loss" in row else ""
+    task += f" recall {row['recall_g0']:.2f}" if "recall_g0" in row else ""
+    if not row.get("tokens_per_s"):
+        return f"loss {row['loss']:.3f}{task}"
+    mfu = "n/a" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"
+    return f"loss {row['loss']:.3f}{task} tok/s {row['tokens_per_s']:,.0f} MFU {mfu}"
+
+
+def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_hook=None) -> Summary:
+    """Trains `run` (resuming from its run folder if it holds checkpoints).
+
+    stop_at: stop (with a checkpoint) once this step is reached, as a preemption would; the schedule
+    still follows train.steps (default: train.stop_at_step). batch_hook(step, local_numpy_batch) sees
+    every batch (tests).
+    """
+    t_start = time.time()
+    t = setup(run, print_fn=print_fn)
+    run, tc, is_main, ckpt = t.run, t.run.train, t.is_main, t.ckpt
+    stop_at = tc.stop_at_step if stop_at is None else stop_at
+    run_dir = run.run_dir
     writer = MetricWriter(run_dir, enabled=is_main)
-
-    tokens_per_step = tc.batch * run.data.seq_len
-    flops_per_step = train_flops_per_sequence(run.model, run.data.seq_len) * tc.batch
     peak = peak_flops_per_device()
-    peak_total = peak * jax.device_count() if peak else None
-
-    eval_state = {"disabled": False}
-
-    def evaluate(params) -> float | None:
-        if eval_state["disabled"]:
-            return None
-        try:
-            it = build_eval_iterator(data_cfg, tokenizer, progress=False)
-        except DataError as err:
-            log.warning("held-out evaluation skipped: %s", err)
-            print_fn(f"eval skipped: {err}")
-            eval_state["disabled"] = True
-            return None
-        total, count = 0.0, 0.0
-        for i, batch in enumerate(it):
-            if i >= tc.eval_steps:
-                break
-            s, c = eval_fn(params, mesh_lib.global_batch(_batch_fields(batch), batch_sh, tc.batch))
-            total += float(s)
-            count += float(c)
-        return total / count if count else None
-
-    stop = _StopFlag().install()
-    last_saved = latest
-    first_loss = last_loss = eval_loss = None
-    tps = mfu = None
     pbar = None
     if is_main and tc.progress_bar:
         from tqdm import tqdm
 
-        pbar = tqdm(total=tc.steps, initial=start, desc=run.name, dynamic_ncols=True, mininterval=1.0)
-    signalled = False
-    step = start
-    watch = FiniteWatch()
-    profiler = StepProfiler(run_dir / "profile", start + tc.profile_start, tc.profile_steps)
-    t_last, steps_since = None, 0
-    diag_sums = None
+        pbar = tqdm(total=tc.steps, initial=t.start, desc=run.name, dynamic_ncols=True, mininterval=1.0)
+
+    def on_row(step: int, row: dict) -> None:
+        if step == t.start + 1 and is_main:
+            print_fn(f"step {step}: loss {row['loss']:.4f} (start)")
+        writer.write(step, {k: v for k, v in row.items() if v is not None})
+        if pbar is not None:
+            pbar.set_postfix_str(_progress_text(row))
+
+    logger = StepLogger(tokens_per_step=t.tokens_per_step,
+                        flops_per_step=train_flops_per_sequence(run.model, run.data.seq_len) * tc.batch,
+                        peak_flops=peak * jax.device_count() if peak else None, on_row=on_row)
+    logger.last_saved = t.start if t.start > 0 else None
+    profiler = StepProfiler(run_dir / "profile", t.start + tc.profile_start, tc.profile_steps)
+    stop = _StopFlag().install()
+    batches = DevicePrefetcher(t.train_iter, lambda b: _batch_fields(b, t.train_keys), t.to_device,
+                               keep_local=batch_hook is not None)
+    multi = jax.process_count() > 1
+    state, step, position = t.state, t.start, None
+    eval_loss, signalled = None, False
+
+    def save(step_now: int) -> None:
+        with jax.profiler.TraceAnnotation("checkpoint"):
+            logger.check()
+            ckpt.save(step_now, state, model=run.model, data_iter=position, force=True)
+            logger.last_saved = step_now
+
     try:
-        if start >= tc.steps and is_main:
-            print_fn(f"nothing to do: {run_dir} is at step {start} >= train.steps={tc.steps}")
+        if t.start >= tc.steps and is_main:
+            print_fn(f"nothing to do: {run_dir} is at step {t.start} >= train.steps={tc.steps}")
         while step < tc.steps:
             profiler.before(step)
-            annotation = jax.profiler.StepTraceAnnotation("train", step_num=step)
-            annotation.__enter__()
-            with jax.profiler.TraceAnnotation("next_batch"):
-                local = _batch_fields(next(train_iter), train_keys)
-            if batch_hook is not None:
-                batch_hook(step, local)
-            with jax.profiler.TraceAnnotation("to_device"):
-                batch = mesh_lib.global_batch(local, batch_sh, tc.batch)
-            with jax.profiler.TraceAnnotation("dispatch"):
-                state, metrics = step_fn(state, batch)
-            # Diagnostics are summed on the device over the logging interval (no host sync per step).
-            diag = metrics.pop("diagnostics", None)
-            if diag is not None:
-                diag_sums = diag if diag_sums is None else jax.tree.map(jnp.add, diag_sums, diag)
-            step += 1
-            with jax.profiler.TraceAnnotation("finite_check"):
-                watch.push(step, metrics, last_saved)
-            steps_since += 1
-            if step == start + 1 or step % tc.log_every == 0 or step == tc.steps:
-              with jax.profiler.TraceAnnotation("metrics"):
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if diag_sums is not None:
-                    m.update(diagnostic_means(jax.device_get(diag_sums)))
-                    diag_sums = None
-                now = time.time()
-                if t_last is not None and steps_since:
-                    dt = (now - t_last) / steps_since
-                    tps = tokens_per_step / dt
-                    mfu = flops_per_step / dt / peak_total if peak_total else None
-                t_last, steps_since = now, 0
-                last_loss = m["loss"]
-                if first_loss is None:
-                    first_loss = m["loss"]
-                    if is_main:
-                        print_fn(f"step {step}: loss {m['loss']:.4f} (start)")
-                row = {**m, "tokens_per_s": tps, "mfu": mfu}
-                writer.write(step, {k: v for k, v in row.items() if v is not None})
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                with jax.profiler.TraceAnnotation("next_batch"):
+                    local, batch, position = next(batches)
+                if batch_hook is not None:
+                    batch_hook(step, local)
+                with jax.profiler.TraceAnnotation("dispatch"):
+                    state, metrics = t.step_fn(state, batch)
+                step += 1
+                log_now = step == t.start + 1 or step % tc.log_every == 0 or step == tc.steps
+                with jax.profiler.TraceAnnotation("metrics"):
+                    logger.push(step, metrics, log=log_now)
                 if pbar is not None:
-                    task = f" answer {m['answer_loss']:.2f}" if "answer_loss" in m else ""
-                    task += f" recall {m['recall_g0']:.2f}" if "recall_g0" in m else ""
-                    pbar.set_postfix_str(
-                        f"loss {m['loss']:.3f}{task} tok/s {tps:,.0f} MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}"
-                        if tps else f"loss {m['loss']:.3f}{task}"
-                    )
-                watch.flush()
-            if pbar is not None:
-                pbar.update(1)
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                eval_loss = evaluate(state["params"])
-                if eval_loss is not None:
-                    writer.write(step, {"loss": eval_loss}, prefix="eval")
-            with jax.profiler.TraceAnnotation("stop_check"):
-                out_of_time = bool(tc.time_limit_s) and time.time() - t_start >= tc.time_limit_s
-                stopping = _sync_stop(stop.signum is not None or out_of_time) or (stop_at is not None and step >= stop_at)
-            if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
-              with jax.profiler.TraceAnnotation("checkpoint"):
-                watch.flush()
-                ckpt.save(step, state, model=run.model, data_iter=train_iter, force=True)
-                last_saved = step
-            annotation.__exit__(None, None, None)
+                    pbar.update(1)
+                if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                    with jax.profiler.TraceAnnotation("eval"):
+                        eval_loss = t.evaluate(state["params"], print_fn)
+                    if eval_loss is not None:
+                        writer.write(step, {"loss": eval_loss}, prefix="eval")
+                with jax.profiler.TraceAnnotation("stop_check"):
+                    out_of_time = bool(tc.time_limit_s) and time.time() - t_start >= tc.time_limit_s
+                    # Processes agree on stopping at logging steps only: agreeing is a round trip.
+                    local_stop = stop.signum is not None or out_of_time
+                    stopping = (_sync_stop(local_stop) if (not multi or log_now) else False) or (
+                        stop_at is not None and step >= stop_at)
+                if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
+                    save(step)
             profiler.after(step, state)
             if stopping:
                 signalled = stop.signum is not None
@@ -312,14 +343,15 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
                                                            else f" (stop at step {stop_at})")
                     print_fn(f"stopping at step {step}{why}; checkpoint saved to {ckpt.directory}")
                 break
-        if step >= tc.steps and step > start:
-            eval_loss = evaluate(state["params"])
+        logger.check()
+        if step >= tc.steps and step > t.start:
+            eval_loss = t.evaluate(state["params"], print_fn)
             if eval_loss is not None:
                 writer.write(step, {"loss": eval_loss}, prefix="eval")
-        if last_saved != step and step > start:
-            watch.flush()
-            ckpt.save(step, state, model=run.model, data_iter=train_iter, force=True)
+        if logger.last_saved != step and step > t.start:
+            save(step)
     finally:
+        batches.close()
         profiler.stop()
         if pbar is not None:
             pbar.close()
@@ -327,15 +359,17 @@ def train(run: RunConfig, *, stop_at: int | None = None, print_fn=print, batch_h
         writer.close()
         stop.restore()
     summary = Summary(
-        run_dir=str(run_dir), start_step=start, end_step=step, first_loss=first_loss, last_loss=last_loss,
-        eval_loss=eval_loss, tokens_per_s=tps, mfu=mfu, wall_s=time.time() - t_start, stopped_by_signal=signalled,
+        run_dir=str(run_dir), start_step=t.start, end_step=step, first_loss=logger.first_loss, last_loss=logger.last_loss,
+        eval_loss=eval_loss, tokens_per_s=logger.tokens_per_s, mfu=logger.mfu, wall_s=time.time() - t_start,
+        stopped_by_signal=signalled,
     )
-    if is_main and step > start:
+    if is_main and step > t.start:
         ev = "n/a" if eval_loss is None else f"{eval_loss:.4f}"
-        print_fn(f"step {step}: loss {last_loss:.4f} (end), held-out loss {ev}, "
+        tps, mfu = logger.tokens_per_s, logger.mfu
+        print_fn(f"step {step}: loss {logger.last_loss:.4f} (end), held-out loss {ev}, "
                  f"{'n/a' if tps is None else f'{tps:,.0f}'} tokens/s, MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, "
                  f"{summary.wall_s:.0f} s; run folder {run_dir}")
     return summary
 
 
-__all__ = ["train", "Summary", "CheckpointError"]
+__all__ = ["train", "setup", "Trainer", "Summary", "CheckpointError"]

@@ -95,8 +95,10 @@ def summarize(directory: str | pathlib.Path, top: int = 15) -> dict:
     out["host_ms_per_step"] = {k: round(v / n_steps, 3) for k, v in sorted(phase_ms.items(), key=lambda kv: -kv[1])}
     kernels = [e for e in spans if e.get("pid") in gpu_pids and e.get("dur", 0) > 0]
     if kernels:
+        # The device runs behind the host: its span starts with the first traced step and ends with
+        # the last kernel, which may finish after the host's last step annotation.
         lo = min(e["ts"] for e in steps) if steps else min(e["ts"] for e in kernels)
-        hi = max(e["ts"] + e["dur"] for e in steps) if steps else max(e["ts"] + e["dur"] for e in kernels)
+        hi = max(e["ts"] + e["dur"] for e in kernels)
         inside = [(max(e["ts"], lo), min(e["ts"] + e["dur"], hi)) for e in kernels if e["ts"] < hi and e["ts"] + e["dur"] > lo]
         busy = _union_us(inside)
         by_name = collections.Counter()
@@ -105,7 +107,7 @@ def summarize(directory: str | pathlib.Path, top: int = 15) -> dict:
         total = sum(by_name.values())
         out["device"] = {
             "span_ms": (hi - lo) / 1e3, "busy_ms": busy / 1e3, "busy_fraction": busy / max(hi - lo, 1e-9),
-            "busy_ms_per_step": busy / 1e3 / n_steps,
+            "span_ms_per_step": (hi - lo) / 1e3 / n_steps, "busy_ms_per_step": busy / 1e3 / n_steps,
             "top_kernels": [{"name": k[:120], "ms_per_step": v / 1e3 / n_steps, "share": v / total}
                             for k, v in by_name.most_common(top)],
         }
