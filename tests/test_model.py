@@ -198,3 +198,27 @@ def test_bfloat16_compute_keeps_float32_params_and_retrieval():
     assert float(jnp.abs(err).max()) < 0.01  # bf16 rounding: about 0.003
     # GCA moves the logits about 12x more than bf16 rounding does.
     assert float(jnp.linalg.norm(err)) < 0.25 * float(jnp.linalg.norm(ref - no_gca))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_hot_embedding_equals_the_gather(dtype, monkeypatch):
+    """Small vocabularies embed by a one-hot matmul (its gradient is a GEMM, not a scatter-add): the
+    same logits as nn.Embed's gather, bit for bit, and the same gradients."""
+    import drt_jax.model as model_module
+
+    cfg = small_config(dtype=dtype)
+    assert cfg.vocab_size <= model_module.ONE_HOT_EMBED_MAX_VOCAB
+    tokens, params = _init(cfg, T=40)
+    params = nn.unbox(params)
+
+    def value_and_grad():
+        loss = lambda p: next_token_loss(DRT(cfg).apply({"params": p}, tokens).astype(jnp.float32), tokens, cfg.pad_id)[0]  # noqa: E731
+        return DRT(cfg).apply({"params": params}, tokens), jax.grad(loss)(params)
+
+    one_hot_logits, one_hot_grads = value_and_grad()
+    monkeypatch.setattr(model_module, "ONE_HOT_EMBED_MAX_VOCAB", 0)
+    gather_logits, gather_grads = value_and_grad()
+    np.testing.assert_array_equal(np.asarray(one_hot_logits, np.float32), np.asarray(gather_logits, np.float32))
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bf16: the gather's gradient adds in bf16, the GEMM in f32
+    for a, b in zip(jax.tree_util.tree_leaves(one_hot_grads), jax.tree_util.tree_leaves(gather_grads), strict=True):
+        assert float(jnp.linalg.norm(a - b)) <= tol * float(jnp.linalg.norm(b)) + 1e-12

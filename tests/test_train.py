@@ -191,6 +191,27 @@ def test_flops_count():
     assert abs(d64 / d4 - 16) < 0.5
 
 
+def test_flops_count_by_hand():
+    """The FLOP count behind MFU (drt_jax.train.metrics) against a count by hand for one small DRT:
+    d 16, 2 heads of 8, 1 key/value head, SwiGLU 32, one lower and one upper layer, one encoder layer,
+    chunks of 3, window 5, top-2, vocabulary 50, a sequence of 7 tokens (3 chunks, 12 slots)."""
+    from drt_jax.train.metrics import train_flops_per_sequence
+
+    cfg = ModelConfig(vocab_size=50, pad_id=47, eos_id=48, landmark_id=49, d_model=16, n_heads=2, n_kv_heads=1,
+                      mlp_dim=32, decoder_layers=(1, 1), encoder_layers=1, chunk_size=3, window=5, top_k=2)
+    layer = (16 * 16 * 2 + 16 * 8 * 2) + 3 * 16 * 32  # q, o + k, v; gate, up, down: 768 + 1536
+    matmuls = 2 * (2 * layer + 2 * 16 * 16 + 1 * layer) * 12  # decoder, GCA q and o, encoder, over 12 slots
+    memory = 2 * (2 * 16 * 8) * 3 * 3  # the encoder's memory k and v, over 3 chunks of 3 tokens
+    pairs = (1 + 2 + 3 + 4 + 5 + 6) + 6 * 6  # slot i sees min(i, 5) + 1 slots
+    attention = 4 * 16 * 2 * pairs  # 4 * H * Dh per (query, key) pair, two decoder layers
+    encoder = 4 * 16 * 1 * 3 * 4 * 4  # one layer, 3 chunks of 4 slots attending to each other
+    gca = 4 * 16 * 1 * 12 * 2 * 3  # every slot of the upper layer reads K=2 chunks of S=3 tokens
+    head = 2 * 50 * 16 * 7  # the tied output projection, per real token
+    forward = matmuls + memory + attention + encoder + gca + head
+    assert forward == 208960
+    assert train_flops_per_sequence(cfg, 7) == 3 * forward
+
+
 def test_niah_haystacks_come_from_the_training_split(tmp_path):
     """NIAH fine-tuning examples are built on the run's own training text, never on held-out files
     (they used to read the standard library's .txt files whatever the corpus)."""

@@ -13,6 +13,7 @@ by TraceAnnotations (`PHASES`). `summarize` reads the Perfetto JSON of such a tr
 
 from __future__ import annotations
 
+import argparse
 import collections
 import gzip
 import json
@@ -115,12 +116,12 @@ def summarize(directory: str | pathlib.Path, top: int = 15) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m drt_jax.train.profiling RUN_DIR/profile", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(description="Summarize the newest step trace under a folder (train.profile_steps).")
+    parser.add_argument("profile_dir", help="e.g. runs/<name>/profile")
+    parser.add_argument("--top", type=int, default=15, help="how many of the busiest kernels to list")
+    args = parser.parse_args(argv)
     try:
-        print(json.dumps(summarize(argv[0]), indent=2))
+        print(json.dumps(summarize(args.profile_dir, top=args.top), indent=2))
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,93 @@
+"""The loop's parts: batches prefetched ahead with their data positions, metrics read one step behind
+with the non-finite guard, and the step trace with its summary."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drt_jax.train.logger import StepLogger
+from drt_jax.train.prefetch import DevicePrefetcher
+from tests.train_fixtures import enable_compilation_cache, small_run, write_corpus
+
+
+class _Counting:
+    """A host iterator of numbered batches whose state is the number of batches read."""
+
+    def __init__(self, n: int, fail_at: int | None = None):
+        self.i, self.n, self.fail_at = 0, n, fail_at
+
+    def __next__(self):
+        if self.i == self.fail_at:
+            raise KeyError("broken shard")
+        if self.i >= self.n:
+            raise StopIteration
+        self.i += 1
+        return {"tokens": np.full((2, 3), self.i)}
+
+    def get_state(self):
+        return {"read": self.i}
+
+
+def test_prefetcher_keeps_order_and_the_position_after_each_batch():
+    host = _Counting(6)
+    batches = DevicePrefetcher(host, lambda b: b, lambda f: {k: v + 100 for k, v in f.items()}, depth=2, keep_local=True)
+    seen = list(batches)
+    batches.close()
+    assert [int(local["tokens"][0, 0]) for local, _, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert [int(dev["tokens"][0, 0]) for _, dev, _ in seen] == [101, 102, 103, 104, 105, 106]
+    # A checkpoint after the k-th step must record k batches read, however far the thread ran ahead.
+    assert [pos.get_state() for _, _, pos in seen] == [f'{{\n    "read": {k}\n}}'.encode() for k in range(1, 7)]
+
+
+def test_prefetcher_raises_the_readers_error_in_the_loop():
+    batches = DevicePrefetcher(_Counting(10, fail_at=3), lambda b: b, lambda f: f)
+    assert [int(dev["tokens"][0, 0]) for _, dev, _ in (next(batches) for _ in range(3))] == [1, 2, 3]
+    with pytest.raises(KeyError, match="broken shard"):
+        next(batches)
+    batches.close()
+
+
+def _metrics(loss, diag=1.0):
+    return {"loss": jnp.float32(loss), "grad_norm": jnp.float32(1.0), "param_norm": jnp.float32(2.0),
+            "tokens": jnp.float32(8.0), "lr": jnp.float32(1e-3),
+            "diagnostics": {"answer_loss_sum": jnp.float32(diag), "answer_tokens": jnp.float32(2.0)}}
+
+
+def test_logger_writes_each_logging_step_one_step_later_with_interval_diagnostics():
+    rows = []
+    logger = StepLogger(tokens_per_step=8, flops_per_step=1.0, peak_flops=None, on_row=lambda s, r: rows.append((s, r)))
+    for step in range(1, 7):
+        logger.push(step, _metrics(float(step), diag=float(step)), log=step in (1, 4))
+        # A logging step's row appears at the next push, once the device has moved on.
+        assert [s for s, _ in rows] == ([] if step < 2 else [1] if step < 5 else [1, 4])
+    logger.check()
+    (s1, r1), (s4, r4) = rows
+    assert r1["loss"] == 1.0 and r4["loss"] == 4.0
+    assert r1["answer_loss"] == 1.0 / 2.0
+    assert r4["answer_loss"] == (2.0 + 3.0 + 4.0) / (3 * 2.0)  # summed over steps 2-4 only
+    assert logger.first_loss == 1.0 and logger.last_loss == 4.0
+
+
+def test_logger_names_the_first_non_finite_step_before_any_save():
+    logger = StepLogger(tokens_per_step=8, flops_per_step=1.0, peak_flops=None, on_row=lambda s, r: None)
+    logger.last_saved = 2
+    for step, loss in ((1, 1.0), (2, 1.0), (3, float("nan")), (4, float("inf")), (5, 1.0)):
+        logger.push(step, _metrics(loss), log=False)  # no logging step: only check() can see it
+    with pytest.raises(FloatingPointError, match="at step 3 .*the newest checkpoint is step 2") as err:
+        logger.check()
+    assert "\n" not in str(err.value)
+
+
+def test_a_run_records_and_summarizes_a_step_trace(tmp_path):
+    from drt_jax.train.loop import train
+    from drt_jax.train.profiling import summarize
+
+    enable_compilation_cache()
+    corpus = write_corpus(tmp_path / "corpus")
+    run = small_run(tmp_path, corpus, steps=6, eval_every=0, profile_start=2, profile_steps=3)
+    train(run, print_fn=lambda *a: None)
+    summary = summarize(run.run_dir / "profile")
+    assert summary["steps"] == 3
+    assert {"next_batch", "dispatch", "metrics"} <= set(summary["host_ms_per_step"])
