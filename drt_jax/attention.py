@@ -145,16 +145,30 @@ _BTHD = ("batch", None, "heads", None)
 _LAYOUTS = (_BTHD, _BTHD, _BTHD, ("heads",))
 
 
+def choose(q, slopes, impl: str) -> tuple[str, str | None]:
+    """The implementation `impl` resolves to for q [B, T, H, D] (concrete or abstract) and ALiBi slopes
+    (or None): (name, why a faster path was not taken, or None)."""
+    fast = {"cudnn": _cudnn_unsupported, "splash": _splash_unsupported}
+    if impl == "reference":
+        return "reference", None
+    backend_fast = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend())
+    for name in ([backend_fast] if impl == "auto" and backend_fast else [impl] if impl in fast else []):
+        why = fast[name](q, slopes)
+        if why is None:
+            return name, None
+        return "reference", f"{name}: {why}"
+    return "reference", None
+
+
 def _pick(q, slopes, *, window, scale, impl):
     """The implementation `impl` resolves to, as kernel(q, k, v, slopes)."""
-    fast = {"cudnn": (_cudnn_unsupported, _cudnn), "splash": (_splash_unsupported, splash_attention)}
-    for name in fast if impl == "auto" else [impl] if impl in fast else []:
-        unsupported, run = fast[name]
-        why = unsupported(q, slopes)
-        if why is None:
-            return lambda q, k, v, slopes: run(q, k, v, window=window, scale=scale)
-        if impl == name:
-            log.warning("attention impl %r skipped: %s; using the reference", name, why)
+    name, why = choose(q, slopes, impl)
+    if why is not None and impl != "auto":
+        log.warning("attention impl %r skipped (%s); using the reference", impl, why)
+    if name == "cudnn":
+        return lambda q, k, v, slopes: _cudnn(q, k, v, window=window, scale=scale)
+    if name == "splash":
+        return lambda q, k, v, slopes: splash_attention(q, k, v, window=window, scale=scale)
     return lambda q, k, v, slopes: attention_reference(q, k, v, window=window, slopes=slopes, scale=scale)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from drt_jax.attention import alibi_slopes, attention_reference, causal_attention
+from drt_jax.config import ModelConfig
 
 
 def dense_masked(q, k, v, window, slopes):
@@ -172,3 +173,21 @@ def test_rope_angles_match_float64_at_any_position():
     got = np.asarray(rope_angles(jnp.asarray(pos, jnp.int32), 32, 10000.0), np.float64)
     wrapped = np.angle(np.exp(1j * (got - exact)))  # the difference modulo 2 pi
     assert np.abs(wrapped).max() < 5e-3
+
+
+def test_the_kernel_report_says_when_a_config_leaves_the_fast_path(monkeypatch):
+    """One line names the kernels a config runs; a float32 model on a GPU, whose "auto" attention can only
+    be the reference (cuDNN takes bf16/fp16), says so with the reason, as does a named kernel that
+    cannot run here."""
+    from drt_jax.kernels import kernel_report
+
+    swa = ModelConfig.from_preset("tiny").replace(arch="swa", decoder_layers=(2,))
+    assert kernel_report(swa) == "kernels on cpu: attention reference"
+    assert "attention reference (cudnn: cuDNN needs a GPU; model.attention_impl=cudnn)" in kernel_report(
+        swa.replace(attention_impl="cudnn"))
+    drt = ModelConfig.from_preset("tiny")
+    assert kernel_report(drt) == "kernels on cpu: attention reference, GCA reference"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert kernel_report(swa.replace(dtype="bfloat16")) == "kernels on gpu: attention cudnn"
+    report = kernel_report(swa)
+    assert report.startswith("kernels on gpu: attention reference (cudnn: ") and "not float32" in report, report

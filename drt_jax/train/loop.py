@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from drt_jax.data.config import TASK_FIELDS, DataError
+from drt_jax.kernels import kernel_report
 from drt_jax.train import mesh as mesh_lib
 from drt_jax.train.bundle import import_note
 from drt_jax.train.checkpoints import Checkpointer, CheckpointError
@@ -239,6 +240,7 @@ def setup(run: RunConfig, *, print_fn=print) -> Trainer:
         (run.run_dir / "config.json").write_text(run.to_json())
         (run.run_dir / "git_commit.txt").write_text(git_commit() + "\n")
 
+    say(kernel_report(run.model))
     batch_sh = mesh_lib.batch_sharding(mesh, rules)
     # Task mixtures carry answer/needle marks: the step then reports corpus and answer losses and recall.
     train_keys = ("tokens", "mask") + (TASK_FIELDS if run.data.mixture else ())

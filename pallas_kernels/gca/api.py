@@ -86,6 +86,27 @@ def _check_shapes(q, k_mem, v_mem, indices, weights) -> None:
         raise ValueError(f"GCA indices must be integers, got {indices.dtype}")
 
 
+def _candidates(impl: str) -> list[str]:
+    """The implementations `impl` tries, in order; the reference last, as it takes every call."""
+    candidates = AUTO_ORDER.get(jax.default_backend(), ["reference"]) if impl == "auto" else [impl]
+    return candidates if candidates[-1] == "reference" else [*candidates, "reference"]
+
+
+def choose(q, k_mem, v_mem, indices, weights, *, impl: str = "auto", softmax_off_by_one: bool = True) -> tuple[str, list[str]]:
+    """The implementation a call with these (abstract or concrete) operands takes, by tracing each
+    candidate in dispatch order without running it: (name, why each earlier candidate was skipped)."""
+    _check_shapes(q, k_mem, v_mem, indices, weights)
+    skipped = []
+    for name in _candidates(impl):
+        try:
+            kernel = functools.partial(_resolve(name), softmax_off_by_one=softmax_off_by_one)
+            jax.eval_shape(kernel, q, k_mem, v_mem, indices, weights)
+            return name, skipped
+        except Unsupported as why:
+            skipped.append(f"{name}: {why}")
+    raise AssertionError("unreachable: the reference takes every call")
+
+
 def grouped_cross_attention(
     q, k_mem, v_mem, indices, weights, *, softmax_off_by_one: bool = True, scale: float | None = None,
     impl: str = "auto", kernel_mesh: per_shard.KernelMesh | None = None,
@@ -97,13 +118,7 @@ def grouped_cross_attention(
     kernel runs per shard: batch rows over the batch axes, query and key/value heads over the head axes.
     """
     _check_shapes(q, k_mem, v_mem, indices, weights)
-    if impl == "auto":
-        candidates = AUTO_ORDER.get(jax.default_backend(), ["reference"])
-    else:
-        candidates = [impl]
-    if candidates[-1] != "reference":
-        candidates = [*candidates, "reference"]
-    for name in candidates:
+    for name in _candidates(impl):
         try:
             kernel = functools.partial(_resolve(name), softmax_off_by_one=softmax_off_by_one, scale=scale)
             return per_shard.run(kernel, (q, k_mem, v_mem, indices, weights), _LAYOUTS, _Q, kernel_mesh)
