@@ -160,6 +160,7 @@ class Trainer:
     step_fn: Any
     eval_fn: Any
     is_main: bool
+    eval_disabled: bool = False  # set once the held-out split turns out unusable
 
     @property
     def tokens_per_step(self) -> int:
@@ -172,14 +173,14 @@ class Trainer:
         """Mean held-out loss over train.eval_steps batches (None, once, if the split is unusable)."""
         from drt_jax.data import build_eval_iterator
 
-        if getattr(self, "_eval_disabled", False):
+        if self.eval_disabled:
             return None
         try:
             it = build_eval_iterator(self.data_cfg, self.tokenizer, progress=False)
         except DataError as err:
             log.warning("held-out evaluation skipped: %s", err)
             print_fn(f"eval skipped: {err}")
-            self._eval_disabled = True
+            self.eval_disabled = True
             return None
         total, count = 0.0, 0.0
         for i, batch in enumerate(it):

@@ -46,19 +46,14 @@ class DevicePrefetcher:
         try:
             while not self._stop.is_set():
                 fields = self._prepare(next(self._iter))
-                item = (fields if self._keep else None, self._to_device(fields), IteratorPosition(self._iter.get_state()))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put((fields if self._keep else None, self._to_device(fields), IteratorPosition(self._iter.get_state())))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            self._put_final(err)
+            self._put(err)
             return
-        self._put_final(_DONE)
+        self._put(_DONE)
 
-    def _put_final(self, item):
+    def _put(self, item) -> None:
+        """Waits for room in the queue, giving up when closed (the consumer may never read again)."""
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
