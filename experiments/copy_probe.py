@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     overrides = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
     cfg = ModelConfig.from_preset(args.preset, **overrides)
     tok = ByteTokenizer()
-    task = NiahTask("single", tok, default_haystack(tok, 1 << 20), cfg.chunk_size, seed=0)
+    task = NiahTask("single", tok, default_haystack(tok, 1 << 20), cfg.chunk_size, seed=0, align="chunk")
     model = DRT(cfg)
     T, B = args.length, args.batch
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, T), jnp.int32))["params"]

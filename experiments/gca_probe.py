@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     model = DRT(cfg)
     S = cfg.chunk_size
     hay = split_tokens(data, tok, "val", 1 << 21)
-    task = NiahTask(args.task, tok, hay, S, seed=12345)
+    task = NiahTask(args.task, tok, hay, S, seed=12345, align="chunk")  # batches share one prompt length
     samples = [task.sample(args.length, float(d), i)
                for i, d in enumerate(np.random.default_rng(0).random(args.samples))]
     in_window = np.array([s.prompt_len - 1 - min(s.key_positions) < cfg.window - cfg.window // S for s in samples])

@@ -242,7 +242,7 @@ def merge_niah(paths: list[str]) -> dict:
     parts = [json.loads(pathlib.Path(path).read_text()) for path in paths]
     first = parts[0]
     for path, r in zip(paths, parts, strict=True):
-        for key in ("checkpoint", "task", "depths", "top_k"):
+        for key in ("checkpoint", "task", "depths", "top_k", "align"):
             if r.get(key) != first.get(key):
                 raise ValueError(f"{path}: {key} is {r.get(key)!r}, not {first.get(key)!r} as in {paths[0]}; merge one model's runs")
     lengths = [L for r in parts for L in r["lengths"]]
@@ -255,6 +255,11 @@ def merge_niah(paths: list[str]) -> dict:
         merged[key] = {k: v for r in parts for k, v in r[key].items()}
     merged["needle_recall"] = {g: {k: v for r in parts for k, v in r["needle_recall"][g].items()}
                                for g in first.get("needle_recall", {})}
+    if "by_offset" in first:  # "all" spans every part's lengths, so it is recomputed from the records
+        from drt_jax.evaluate.niah import offset_breakdown
+
+        merged["by_offset"] = offset_breakdown(merged["records"], merged["lengths"], first["chunk_size"],
+                                               list(first["needle_recall"]))
     return merged
 
 

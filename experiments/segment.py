@@ -22,7 +22,8 @@ back (to shared storage or a bucket) when it ends; the next segment starts from 
    from --init-bundle, if given); the main run then starts from the last stage.
 3. The newest checkpoint is exported as a bundle to OUT/bundle (at most 6 files of 16 MiB, so that the
    bundle and the logs fit in 8 files), before evaluating, so a slow evaluation never loses the training.
-4. eval.py niah / ppl and experiments/gca_probe.py (--probe) run on the checkpoint; their JSON and PNGs,
+4. eval.py niah (in the run's NIAH layout, data.niah_align) / ppl and experiments/gca_probe.py (--probe)
+   run on the checkpoint; their JSON and PNGs,
    metrics.jsonl (the stages' too), the TensorBoard events, config.json and this segment's log go to
    OUT/logs.tar.gz.
 Every command is printed and its wall time recorded in OUT/logs.tar.gz:segment.json.
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
                 pick = ["--top-k", str(k)] if k else []
                 _run([py, "eval.py", "niah", "--checkpoint", str(run_dir), "--task", args.niah_task, "--lengths", args.niah,
                       "--depths", args.depths, "--samples", str(args.samples), "--offload", args.niah_offload,
-                      "--data", run.data.corpus, "--split", "val", *pick, "--no-progress",
+                      "--data", run.data.corpus, "--split", "val", "--align", run.data.niah_align, *pick, "--no-progress",
                       "--out", str(eval_dir / f"niah_{args.niah_task}{f'_k{k}' if k else ''}.json")],
                      log, timings, timeout=left())
             if args.ppl and left() > 20:

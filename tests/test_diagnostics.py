@@ -82,7 +82,8 @@ def test_eval_answer_loss_and_recall_match_the_full_forward():
 
     cfg = ModelConfig.from_preset("tiny")
     hay = np.frombuffer(b"def f(x):\n    return x + 1\n" * 200, np.uint8).astype(np.int32)
-    samples = [NiahTask("single", ByteTokenizer(), hay, cfg.chunk_size, seed=s).sample(300, 0.3, s) for s in range(2)]
+    samples = [NiahTask("single", ByteTokenizer(), hay, cfg.chunk_size, seed=s, align="chunk").sample(300, 0.3, s)
+               for s in range(2)]
     model = DRT(cfg)
     params = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 32), jnp.int32))["params"]
     prompts = np.stack([s.tokens[: s.prompt_len] for s in samples])
@@ -130,7 +131,7 @@ def test_train_step_recall_is_the_retrieval_of_the_answers_chunk():
     cfg = ModelConfig(**{**SMALL_MODEL, "decoder_layers": (1, 1, 1), "dropout_rate": 0.0, "gumbel_noise": False})
     S, T = cfg.chunk_size, 448
     hay = np.random.default_rng(0).integers(97, 123, 5000).astype(np.int32)
-    task = NiahTask("multi", ByteTokenizer(), hay, S, seed=1)
+    task = NiahTask("multi", ByteTokenizer(), hay, S, seed=1, align="chunk")
     rows = [task.example(T, i) for i in range(4)]
     batch = {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in ("tokens", "mask", "answer", "needle")}
 

@@ -104,6 +104,23 @@ def test_cli_happy_paths(tmp_path, capsys):
     assert set(res["needle_recall"]) == {"g0", "g1"} and res["answer_loss"]["150"]["0.0"] > 1.0
     rec = res["records"][0]
     assert {"answer_loss", "needle_chunks", "retrieved", "recall"} <= set(rec) and len(rec["retrieved"]["g0"]) == 4
+    # Random offsets by default (a batch of 2 holds prompts of one length); the breakdown by offset
+    # bucket, recomputed by hand from the records with tiny's S = 15 (buckets 0, 1-3, 4-11, 12-14).
+    assert res["align"] == "random" and res["offset_buckets"] == ["0", "1-3", "4-11", "12-14"]
+    assert [r["offset"] for r in res["records"]] != [0] * 4 and all(0 <= r["offset"] < 15 for r in res["records"])
+    assert res["by_offset"] == _by_offset_by_hand(res["records"], {"0": (0, 1), "1-3": (1, 4), "4-11": (4, 12),
+                                                                   "12-14": (12, 15)}, ["150", "all"])
+    printed = capsys.readouterr().out
+    assert "by the question's offset in its chunk of 15 tokens (random layout)" in printed
+    for r in res["records"]:
+        assert any(line.split()[:2] == ["150", _bucket(r["offset"])] for line in printed.splitlines())
+    assert main(["niah", "--checkpoint", "random:tiny", "--task", "2hop", "--lengths", "200", "--depths", "0.5",
+                 "--samples", "2", "--batch-size", "2", "--align", "chunk", "--data", str(story),
+                 "--out", str(out / "aligned.json")]) == 0
+    aligned = json.loads((out / "aligned.json").read_text())
+    assert aligned["align"] == "chunk" and [r["offset"] for r in aligned["records"]] == [0, 0]
+    assert aligned["by_offset"]["samples"]["200"] == {"0": 2, "1-3": 0, "4-11": 0, "12-14": 0}
+    assert aligned["by_offset"]["accuracy"]["200"]["1-3"] is None
     # --top-k changes how many chunks are read, not the weights.
     assert main(["niah", "--checkpoint", "random:tiny", "--task", "single", "--lengths", "150", "--depths", "0",
                  "--samples", "1", "--top-k", "2", "--data", str(story), "--out", str(out / "k2.json")]) == 0
@@ -122,6 +139,89 @@ def test_cli_happy_paths(tmp_path, capsys):
     assert ppl["windows"] == 2 and ppl["tokens_scored"] == 64 + 32 and 100 < ppl["ppl"] < 600
     printed = capsys.readouterr().out
     assert "ppl" in printed and "heatmap" in printed
+
+
+def _bucket(offset: int) -> str:
+    return {0: "0", **dict.fromkeys(range(1, 4), "1-3"), **dict.fromkeys(range(4, 12), "4-11"),
+            **dict.fromkeys(range(12, 15), "12-14")}[offset]
+
+
+def _by_offset_by_hand(records, buckets, keys):
+    """eval.py niah's by_offset from its records: per length and over all, per offset bucket (lo <= offset
+    < hi), the sample count and the means of correct, answer_loss and recall (NaN recalls left out)."""
+    import math
+
+    def mean(values):
+        values = [v for v in values if not math.isnan(v)]
+        return sum(values) / len(values) if values else None
+
+    out = {"samples": {}, "accuracy": {}, "answer_loss": {}, "needle_recall": {"g0": {}, "g1": {}}}
+    for key in keys:
+        rows = {b: [r for r in records if lo <= r["offset"] < hi and key in ("all", str(r["length"]))]
+                for b, (lo, hi) in buckets.items()}
+        out["samples"][key] = {b: len(rs) for b, rs in rows.items()}
+        out["accuracy"][key] = {b: mean([float(r["correct"]) for r in rs]) for b, rs in rows.items()}
+        out["answer_loss"][key] = {b: mean([r["answer_loss"] for r in rs]) for b, rs in rows.items()}
+        for g in ("g0", "g1"):
+            out["needle_recall"][g][key] = {b: mean([r["recall"][g] for r in rs]) for b, rs in rows.items()}
+    return out
+
+
+def test_offset_breakdown_by_hand():
+    """Records of two lengths spread over every bucket of S = 15, with recalls that are NaN (no needle chunk)."""
+    from drt_jax.evaluate.niah import offset_breakdown, summary_lines
+
+    nan = float("nan")
+    spec = [(150, 0, True, 1.0, 1.0), (150, 1, False, 3.0, 0.5), (150, 3, True, 2.0, nan), (150, 4, False, 4.0, 0.0),
+            (300, 11, True, 1.5, 1.0), (300, 12, False, 5.0, 0.25), (300, 14, True, 0.5, nan), (300, 0, False, 2.5, 0.0)]
+    records = [{"length": L, "offset": o, "correct": c, "answer_loss": loss, "recall": {"g0": rec, "g1": 1.0}}
+               for L, o, c, loss, rec in spec]
+    buckets = {"0": (0, 1), "1-3": (1, 4), "4-11": (4, 12), "12-14": (12, 15)}
+    got = offset_breakdown(records, [150, 300], 15, ["g0", "g1"])
+    assert got == _by_offset_by_hand(records, buckets, ["150", "300", "all"])
+    # A few cells written out: the aligned pair, and a bucket whose only recall is NaN.
+    assert got["accuracy"]["all"]["0"] == 0.5 and got["answer_loss"]["all"]["0"] == 1.75
+    assert got["needle_recall"]["g0"]["150"]["1-3"] == 0.5 and got["samples"]["300"]["1-3"] == 0
+    assert got["accuracy"]["300"]["1-3"] is None and got["answer_loss"]["300"]["12-14"] == 2.75
+    result = {"lengths": [150, 300], "depths": [], "accuracy": {}, "answer_loss": {}, "needle_recall": {},
+              "top_k": 4, "chunk_size": 15, "align": "random", "offset_buckets": list(buckets), "by_offset": got}
+    lines = summary_lines(result)
+    start = [i for i, line in enumerate(lines) if line.startswith("by the question's offset")][0]
+    assert lines[start + 1].split() == ["length", "offset", "n", "accuracy", "loss", "recall", "g0", "recall", "g1"]
+    rows = [line.split() for line in lines[start + 2 :]]
+    # One row per (length, bucket) with samples, then "all": n, accuracy, loss, recall per group.
+    assert [r[:3] for r in rows] == [["150", "0", "1"], ["150", "1-3", "2"], ["150", "4-11", "1"],
+                                     ["300", "0", "1"], ["300", "4-11", "1"], ["300", "12-14", "2"],
+                                     ["all", "0", "2"], ["all", "1-3", "2"], ["all", "4-11", "2"], ["all", "12-14", "2"]]
+    assert rows[1][3:] == ["0.500", "2.50", "0.50", "1.00"]
+
+
+def test_merged_results_recompute_the_offset_breakdown(tmp_path):
+    """experiments/plots.py merge: by_offset's "all" covers the lengths of every merged file."""
+    import importlib.util
+
+    from drt_jax.evaluate.niah import offset_breakdown
+
+    spec = importlib.util.spec_from_file_location("plots", os.path.join(ROOT, "experiments", "plots.py"))
+    plots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plots)
+    paths = []
+    for length, offsets in ((4096, [0, 5]), (8192, [13])):
+        records = [{"length": length, "offset": o, "correct": o == 0, "answer_loss": 1.0 + o, "recall": {"g0": 1.0}}
+                   for o in offsets]
+        cell = {"0.5": 1.0}
+        result = {"checkpoint": "runs/x", "task": "single", "align": "random", "depths": [0.5], "top_k": 8,
+                  "chunk_size": 15, "lengths": [length], "samples_per_cell": len(offsets),
+                  "accuracy": {str(length): cell}, "answer_loss": {str(length): cell},
+                  "needle_recall": {"g0": {str(length): cell}}, "records": records,
+                  "by_offset": offset_breakdown(records, [length], 15, ["g0"])}
+        paths.append(tmp_path / f"{length}.json")
+        paths[-1].write_text(json.dumps(result))
+    merged = plots.merge_niah([str(p) for p in paths])
+    assert merged["by_offset"]["samples"] == {"4096": {"0": 1, "1-3": 0, "4-11": 1, "12-14": 0},
+                                              "8192": {"0": 0, "1-3": 0, "4-11": 0, "12-14": 1},
+                                              "all": {"0": 1, "1-3": 0, "4-11": 1, "12-14": 1}}
+    assert merged["by_offset"]["answer_loss"]["all"]["12-14"] == 14.0
 
 
 @pytest.fixture(scope="module")

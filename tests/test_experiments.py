@@ -70,7 +70,7 @@ def test_probe_modes_switch_the_memory_and_restore_it():
 def test_probe_gca_mass_is_the_attention_probability_on_the_key_slot():
     probe = _probe()
     S, H, D = 7, 2, 4
-    task = NiahTask("single", ByteTokenizer(), np.arange(97, 123, dtype=np.int32).repeat(40), S, seed=0)
+    task = NiahTask("single", ByteTokenizer(), np.arange(97, 123, dtype=np.int32).repeat(40), S, seed=0, align="chunk")
     sample = task.sample(12 * S, 0.0, 0)
     C = 12
     rng = np.random.default_rng(0)

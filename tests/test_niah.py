@@ -1,25 +1,40 @@
-"""NIAH tasks: layout aligned to the model's chunks, determinism, fine-tuning examples, scoring."""
+"""NIAH tasks: layout on the model's chunks (the question's end at a recorded offset), determinism,
+fine-tuning examples, scoring, offset buckets, the layout option in configs."""
 
 import numpy as np
 import pytest
 
 from drt_jax.data import ByteTokenizer
-from drt_jax.tasks.niah import KINDS, NiahSource, NiahTask, TaskError, make_niah_factory, score_exact
+from drt_jax.tasks.niah import (
+    ALIGNS,
+    KINDS,
+    NiahSource,
+    NiahTask,
+    TaskError,
+    make_niah_factory,
+    offset_bucket,
+    offset_buckets,
+    score_exact,
+)
 
 TOK = ByteTokenizer()
 HAY = np.frombuffer(b"the quick brown fox jumps over the lazy dog. " * 100, np.uint8).astype(np.int32)
 
 
+@pytest.mark.parametrize("align", ALIGNS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("S", [15, 63])
-def test_layout_and_alignment(kind, S):
-    task = NiahTask(kind, TOK, HAY, S, seed=3)
-    T = 40 * S + 7  # not a multiple of S: rounded down to whole chunks
+def test_layout_and_alignment(kind, S, align):
+    task = NiahTask(kind, TOK, HAY, S, seed=3, align=align)
+    T = 40 * S + 13  # not a multiple of S: rounded down to whole chunks
     for depth in (0.0, 0.5, 1.0):
         s = task.sample(T, depth, 1)
         assert s.tokens.shape == (T,) and s.tokens.dtype == np.int32
-        # The question's last token is the first slot of the last whole chunk.
-        assert s.prompt_len - 1 == (T // S) * S - S
+        # The question's last token sits at its offset in the last whole chunk (the first slot when
+        # aligned); 13 spare tokens hold every answer (2hop's 12), so it never moves a chunk earlier.
+        assert s.prompt_len - 1 == (T // S) * S - S + s.offset
+        assert s.offset == 0 if align == "chunk" else 0 <= s.offset < S
+        assert task.prompt_len(T, depth, 1) == s.prompt_len
         np.testing.assert_array_equal(s.tokens[s.prompt_len : s.prompt_len + len(s.answer)], s.answer)
         text = bytes(s.tokens[: s.prompt_len].tolist())
         q = {"single": b"|What is the passkey? The passkey is:", "multi": b"|The special magic number for ",
@@ -108,3 +123,120 @@ def test_byte_level_passkeys_are_text():
     task = NiahTask("single", TOK, HAY, 15, seed=0)
     answers = np.concatenate([task.sample(300, 0.5, i).answer for i in range(50)])
     assert set(answers.tolist()) <= allowed and len(set(answers.tolist())) > 40
+
+
+# crc32 of the samples of the code before the layout option (commit d94f1a4), by (kind, S, T): the aligned
+# layout must keep them, so that the results made with it stay reproducible.
+_BEFORE_OFFSETS = {("single", 15, 607): 3554072231, ("single", 63, 4096): 361394545,
+                   ("multi", 15, 607): 3661533390, ("multi", 63, 4096): 1759786427,
+                   ("2hop", 15, 607): 3232492341, ("2hop", 63, 4096): 434811341}
+
+
+def _digest(task, T, offset=None, example=True) -> int:
+    import zlib
+
+    h = 0
+    for depth, index in ((0.0, 0), (0.5, 1), (1.0, 2), (0.3, 7)):
+        s = task.sample(T, depth, index, offset=offset)
+        fields = np.asarray([s.prompt_len, *s.key_positions, *s.needle_positions], np.int64)
+        h = zlib.crc32(s.tokens.tobytes() + fields.tobytes(), h)
+    if example:
+        ex = task.example(T, 5)
+        h = zlib.crc32(b"".join(ex[k].tobytes() for k in ("tokens", "mask", "answer", "needle")), h)
+    return h
+
+
+@pytest.mark.parametrize("kind, S, T", sorted(_BEFORE_OFFSETS))
+def test_aligned_layout_is_the_layout_before_offsets(kind, S, T):
+    want = _BEFORE_OFFSETS[(kind, S, T)]
+    assert _digest(NiahTask(kind, TOK, HAY, S, seed=3, align="chunk"), T) == want
+    # Offset 0 of the random layout is the same layout: the offset is drawn apart from the sample's rest.
+    random = NiahTask(kind, TOK, HAY, S, seed=3)
+    assert _digest(random, T, offset=0, example=False) == _digest(NiahTask(kind, TOK, HAY, S, seed=3, align="chunk"),
+                                                                   T, example=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_offsets_cover_the_chunk_and_land_where_recorded(kind):
+    S, T = 15, 40 * 15  # a whole number of chunks: large offsets must move the question a chunk earlier
+    task = NiahTask(kind, TOK, HAY, S, seed=5)
+    samples = [task.sample(T, float(d), i) for i, d in enumerate(np.linspace(0, 1, 150))]
+    offsets = [s.offset for s in samples]
+    assert set(offsets) == set(range(S))  # every offset, 0 and S - 1 included (150 draws of 15)
+    assert {offset_bucket(o, S) for o in offsets} == {label for label, _, _ in offset_buckets(S)}
+    moved = 0
+    for s in samples:
+        A = len(s.answer)
+        q_last = s.prompt_len - 1
+        assert q_last % S == s.offset  # the question's last token is at its offset within its chunk
+        assert q_last == T - S + s.offset or (q_last == T - 2 * S + s.offset and T - S + s.offset + A >= T)
+        moved += q_last < T - S
+        np.testing.assert_array_equal(s.tokens[s.prompt_len : s.prompt_len + A], s.answer)  # the whole answer
+        assert s.needle_chunks(S).max() <= q_last // S - 2
+        np.testing.assert_array_equal(s.tokens[s.key_positions[0] - 3 : s.key_positions[0]],
+                                      s.tokens[s.prompt_len - 3 : s.prompt_len])
+        ex = s.example(TOK.pad_id)
+        assert ex["answer"].sum() == A and ex["mask"].sum() == s.prompt_len + A
+    assert moved > 0  # the case where the answer does not fit after the last chunk was exercised
+    # Deterministic per sample, and the aligned task keeps offset 0.
+    assert [task.sample(T, float(d), i).offset for i, d in enumerate(np.linspace(0, 1, 150))][:20] == offsets[:20]
+    assert NiahTask(kind, TOK, HAY, S, seed=5, align="chunk").sample(T, 0.5, 3).offset == 0
+
+
+def test_offset_argument_and_bad_layouts():
+    task = NiahTask("single", TOK, HAY, 15)
+    assert task.sample(600, 0.5, 0, offset=14).prompt_len - 1 == 600 - 30 + 14
+    with pytest.raises(TaskError, match=r"offset 15 must be in \[0, 15\)"):
+        task.sample(600, 0.5, 0, offset=15)
+    with pytest.raises(TaskError, match="align='grid': choose one of random, chunk"):
+        NiahTask("single", TOK, HAY, 15, align="grid")
+
+
+@pytest.mark.parametrize("S, want", [(63, ["0", "1-15", "16-47", "48-62"]), (64, ["0", "1-15", "16-47", "48-63"]),
+                                     (15, ["0", "1-3", "4-11", "12-14"]), (4, ["0", "1-2", "3"]), (1, ["0"])])
+def test_offset_buckets(S, want):
+    assert [label for label, _, _ in offset_buckets(S)] == want
+    # Every offset of [0, S) falls in exactly one bucket, in order.
+    assert [offset_bucket(o, S) for o in range(S)] == sorted(
+        [label for label, lo, hi in offset_buckets(S) for _ in range(lo, hi)], key=want.index)
+    assert [o for _, lo, hi in offset_buckets(S) for o in range(lo, hi)] == list(range(S))
+    with pytest.raises(TaskError, match="must be in"):
+        offset_bucket(S, S)
+
+
+def test_data_config_niah_align():
+    from drt_jax.data.config import NIAH_ALIGNS, DataConfig, DataError
+
+    assert NIAH_ALIGNS == ALIGNS and DataConfig().niah_align == "random"
+    with pytest.raises(DataError) as err:
+        DataConfig(niah_align="grid")
+    msg = str(err.value)
+    assert "\n" not in msg and "niah_align" in msg and "'random', 'chunk'" in msg and "'grid'" in msg
+
+
+def test_training_registers_the_runs_layout():
+    from drt_jax.data.mixture import _REGISTRY
+    from drt_jax.tasks.niah import register_niah_tasks
+    from drt_jax.train.config import load_run_config
+    from drt_jax.train.loop import register_model_tasks
+
+    try:
+        for align in ALIGNS:
+            run = load_run_config("tiny", ["data.mixture=(('niah_2hop',0.5),)", f"data.niah_align={align}"])
+            register_model_tasks(run)
+            assert _REGISTRY["niah_2hop"](512, TOK, 0).task.align == align
+    finally:
+        register_niah_tasks(overwrite=True)  # the import-time defaults, for the tests that follow
+    assert _REGISTRY["niah_single"](512, TOK, 0).task.align == "random"
+
+
+def test_experiment_configs_keep_the_aligned_layout():
+    """The documented recipes and results were made with questions ending on the chunk grid."""
+    import pathlib
+
+    from drt_jax.train.config import load_run_config
+
+    configs = sorted((pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.py"))
+    niah = [p.name for p in configs if any(n.startswith("niah") for n, _ in load_run_config(str(p)).data.mixture)]
+    assert {"drt-20m.py", "drt-20m-niah.py", "drt-20m-2hop.py", "swa-20m-niah.py"} <= set(niah)
+    assert all(load_run_config(str(p)).data.niah_align == "chunk" for p in configs if p.name in niah)

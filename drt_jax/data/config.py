@@ -9,6 +9,9 @@ MODES = ("packed", "documents")
 # Marks a task example may carry besides tokens and mask (drt_jax.data.mixture): its answer tokens and
 # the needle tokens the answer is copied from.
 TASK_FIELDS = ("answer", "needle")
+# Where a NIAH question ends within its chunk: drt_jax.tasks.niah.ALIGNS (kept apart from that module,
+# which registers with the mixture on import).
+NIAH_ALIGNS = ("random", "chunk")
 
 
 class DataError(ValueError):
@@ -45,6 +48,10 @@ class DataConfig:
       mixture: ((task_name, weight), ...) tasks mixed with the corpus; tasks
         are looked up in drt_jax.data.mixture's registry.
       corpus_weight: mixing weight of the corpus relative to `mixture`.
+      niah_align: where the NIAH tasks of `mixture` end their question: "random"
+        (at a uniform offset within its chunk) or "chunk" (on the chunk grid,
+        the authors' layout and that of the results before issue 25). See
+        drt_jax.tasks.niah.
       num_workers: grain worker processes; 0 reads in-process.
     """
 
@@ -61,6 +68,7 @@ class DataConfig:
     min_doc_tokens: int = 1
     mixture: tuple[tuple[str, float], ...] = ()
     corpus_weight: float = 1.0
+    niah_align: str = "random"
     num_workers: int = 0
 
     def __post_init__(self):
@@ -106,6 +114,10 @@ class DataConfig:
             (
                 isinstance(self.corpus_weight, (int, float)) and self.corpus_weight > 0,
                 f"corpus_weight must be > 0, got {self.corpus_weight!r}",
+            ),
+            (
+                self.niah_align in NIAH_ALIGNS,
+                f"niah_align must be one of {NIAH_ALIGNS}, got {self.niah_align!r}",
             ),
             (
                 _is_int(self.num_workers) and self.num_workers >= 0,

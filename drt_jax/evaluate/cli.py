@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--lengths", default="4K")
     sp.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     sp.add_argument("--samples", type=int, default=10)
-    sp.add_argument("--batch-size", type=int, default=1)
+    sp.add_argument("--align", choices=["random", "chunk"], default="random",
+                    help="where the question ends within its chunk: random (a uniform offset per sample) or "
+                         "chunk (on the chunk grid, the authors' layout and that of docs/results.md before issue 25)")
+    sp.add_argument("--batch-size", type=int, default=1,
+                    help="samples per prefill; a batch holds prompts of one length (all of them with --align chunk)")
     sp.add_argument("--offload", choices=["none", "host"], default="none")
     sp.add_argument("--data", default=None, help="haystack corpus (file/folder, or default / python-all); "
                     "default: the run's own corpus (`default` for random:PRESET)")
@@ -154,7 +158,7 @@ def run(args) -> dict:
         with progress_bar(total, f"niah {args.task}", show) as bar:
             r = niah_sweep(cfg, params, tok, hay, task=args.task, lengths=lengths, depths=depths,
                            samples=args.samples, offload=None if args.offload == "none" else "host",
-                           batch_size=args.batch_size, seed=args.seed, progress=bar.update)
+                           batch_size=args.batch_size, seed=args.seed, align=args.align, progress=bar.update)
         print("\n".join(summary_lines(r)))
         payload = {**meta, "data": args.data, "split": args.split, **r}
         out = _out(args, f"niah_{args.task}.json")

@@ -1,7 +1,8 @@
 """NIAH sweep per (context length, needle depth): exact match of the whole greedy answer, with the
 diagnostics that say why -- the teacher-forced loss of the answer tokens and, per retrieval group,
 needle-chunk recall@k (are the chunks holding the needle's value among the top-k retrieved for the
-chunk that generates the answer?)."""
+chunk that generates the answer?). The same three are broken down by where the question ends within
+its chunk (the sample's offset, drt_jax.tasks.niah), in the buckets of offset_buckets."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from drt_jax.diagnostics import chunk_recall
 from drt_jax.evaluate.common import EvalError
-from drt_jax.tasks.niah import NiahTask, score_exact
+from drt_jax.tasks.niah import NiahTask, offset_bucket, offset_buckets, score_exact
 
 
 def answer_diagnostics(engine, prompts, answers):
@@ -49,14 +50,17 @@ def answer_diagnostics(engine, prompts, answers):
 
 
 def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, samples: int,
-               offload: str | None = None, batch_size: int = 1, seed: int = 0, progress=None) -> dict:
+               offload: str | None = None, batch_size: int = 1, seed: int = 0, align: str = "random",
+               progress=None) -> dict:
     """Runs the sweep -> JSON-ready {"accuracy", "answer_loss": {length: {depth: value}}, "needle_recall":
-    {"g<g>": {length: {depth: recall}}}, "records": [one per sample], ...}."""
+    {"g<g>": {length: {depth: recall}}}, "by_offset" (offset_breakdown), "records": [one per sample,
+    with its offset], ...}. align: the task's layout ("random" or "chunk"). A batch holds samples of
+    one prompt length, so random offsets batch less than the aligned layout does."""
     from drt_jax.inference import InferenceEngine
 
     if not cfg.uses_retrieval and cfg.arch != "swa" and cfg.arch != "full":
         raise EvalError(f"unsupported arch {cfg.arch}")
-    t = NiahTask(task, tokenizer, haystack, cfg.chunk_size, seed=seed)
+    t = NiahTask(task, tokenizer, haystack, cfg.chunk_size, seed=seed, align=align)
     for length in lengths:
         t.check_length(length)
     for d in depths:
@@ -71,36 +75,80 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
         for table in (acc, answer_loss, *recall.values()):
             table[str(length)] = {}
         for depth in depths:
-            rows = []
-            for b0 in range(0, samples, batch_size):
-                batch = [t.sample(length, depth, i) for i in range(b0, min(samples, b0 + batch_size))]
+            rows = {}
+            for indices in _equal_length_batches(t, length, depth, samples, batch_size):
+                batch = [t.sample(length, depth, i) for i in indices]
                 eng = InferenceEngine(cfg, params, batch_size=len(batch), offload=offload, max_len=max_len,
                                       max_chunks=length // cfg.chunk_size + 4)
                 prompts = np.stack([s.tokens[: s.prompt_len] for s in batch])
                 gen, loss, retrieved = answer_diagnostics(eng, prompts, np.stack([s.answer for s in batch]))
-                for b, s in enumerate(batch):
+                for b, (i, s) in enumerate(zip(indices, batch, strict=True)):
                     needle_chunks = s.needle_chunks(cfg.chunk_size)
-                    row = {"length": length, "depth": depth, "answer": s.answer.tolist(),
-                           "generated": gen[b].tolist(), "correct": score_exact(gen[b], s.answer),
-                           "answer_loss": float(loss[b]), "needles": list(s.needle_positions),
-                           "needle_chunks": needle_chunks.tolist(),
-                           "retrieved": {f"g{g}": retrieved[g, b].tolist() for g in range(len(retrieved))},
-                           "recall": {f"g{g}": chunk_recall(retrieved[g, b], needle_chunks) for g in range(len(retrieved))}}
-                    rows.append(row)
+                    rows[i] = {"length": length, "depth": depth, "offset": s.offset, "answer": s.answer.tolist(),
+                               "generated": gen[b].tolist(), "correct": score_exact(gen[b], s.answer),
+                               "answer_loss": float(loss[b]), "needles": list(s.needle_positions),
+                               "needle_chunks": needle_chunks.tolist(),
+                               "retrieved": {f"g{g}": retrieved[g, b].tolist() for g in range(len(retrieved))},
+                               "recall": {f"g{g}": chunk_recall(retrieved[g, b], needle_chunks)
+                                          for g in range(len(retrieved))}}
                 if progress is not None:
                     progress(len(batch))
-            records.extend(rows)
-            acc[str(length)][str(depth)] = float(np.mean([r["correct"] for r in rows]))
-            answer_loss[str(length)][str(depth)] = float(np.mean([r["answer_loss"] for r in rows]))
+            cell = [rows[i] for i in sorted(rows)]
+            records.extend(cell)
+            acc[str(length)][str(depth)] = float(np.mean([r["correct"] for r in cell]))
+            answer_loss[str(length)][str(depth)] = float(np.mean([r["answer_loss"] for r in cell]))
             for g, table in recall.items():
-                table[str(length)][str(depth)] = float(np.nanmean([r["recall"][g] for r in rows]))
-    return {"task": task, "lengths": list(lengths), "depths": list(depths), "samples_per_cell": samples,
-            "offload": offload, "chunk_size": cfg.chunk_size, "top_k": cfg.top_k if cfg.uses_retrieval else None,
-            "accuracy": acc, "answer_loss": answer_loss, "needle_recall": recall, "records": records}
+                table[str(length)][str(depth)] = float(np.nanmean([r["recall"][g] for r in cell]))
+    return {"task": task, "align": align, "lengths": list(lengths), "depths": list(depths),
+            "samples_per_cell": samples, "offload": offload, "chunk_size": cfg.chunk_size,
+            "top_k": cfg.top_k if cfg.uses_retrieval else None, "accuracy": acc, "answer_loss": answer_loss,
+            "needle_recall": recall,
+            "offset_buckets": [label for label, _, _ in offset_buckets(cfg.chunk_size)],
+            "by_offset": offset_breakdown(records, lengths, cfg.chunk_size, list(recall)),
+            "records": records}
+
+
+def _equal_length_batches(task: NiahTask, length: int, depth: float, samples: int, batch_size: int):
+    """Sample indices 0..samples-1 in batches of at most batch_size whose prompts are equally long (the
+    engine prefills one length per batch), in order of first index."""
+    by_len: dict[int, list[int]] = {}
+    for i in range(samples):
+        by_len.setdefault(task.prompt_len(length, depth, i), []).append(i)
+    batches = [group[b : b + batch_size] for group in by_len.values() for b in range(0, len(group), batch_size)]
+    return sorted(batches)
+
+
+def offset_breakdown(records, lengths, chunk_size: int, groups) -> dict:
+    """Accuracy, answer loss and needle recall per offset bucket (offset_buckets(chunk_size)), for each
+    length and over all of them ("all"): {"samples": {length: {bucket: n}}, "accuracy": {length: {bucket:
+    value}}, "answer_loss": ..., "needle_recall": {group: {length: {bucket: value}}}}. A value is None
+    where the bucket has no sample (or, for recall, no sample with needle chunks)."""
+    labels = [label for label, _, _ in offset_buckets(chunk_size)]
+    cells: dict = {}
+    for r in records:
+        bucket = offset_bucket(r["offset"], chunk_size)
+        for key in (str(r["length"]), "all"):
+            cells.setdefault((key, bucket), []).append(r)
+    out: dict = {"samples": {}, "accuracy": {}, "answer_loss": {}, "needle_recall": {g: {} for g in groups}}
+    for key in [str(L) for L in lengths] + ["all"]:
+        rows = {b: cells.get((key, b), []) for b in labels}
+        out["samples"][key] = {b: len(rows[b]) for b in labels}
+        out["accuracy"][key] = {b: _mean([float(r["correct"]) for r in rows[b]]) for b in labels}
+        out["answer_loss"][key] = {b: _mean([r["answer_loss"] for r in rows[b]]) for b in labels}
+        for g in groups:
+            out["needle_recall"][g][key] = {b: _mean([r["recall"][g] for r in rows[b]]) for b in labels}
+    return out
+
+
+def _mean(values) -> float | None:
+    """Mean of the values that are not NaN; None where there are none."""
+    kept = [v for v in values if not np.isnan(v)]
+    return float(np.mean(kept)) if kept else None
 
 
 def summary_lines(result: dict) -> list[str]:
-    """The sweep's tables (accuracy, answer loss, recall per group), depth by length, as text lines."""
+    """The sweep's tables (accuracy, answer loss, recall per group), depth by length, then the same by
+    offset bucket (rows with samples only; "all" when there are several lengths), as text lines."""
     lengths, depths = result["lengths"], result["depths"]
     tables = [("accuracy", result["accuracy"], "{:>8.3f}"), ("answer loss (nats/token)", result["answer_loss"], "{:>8.2f}")]
     tables += [(f"needle-chunk recall@{result['top_k']} {g}", t, "{:>8.2f}") for g, t in result["needle_recall"].items()]
@@ -109,6 +157,22 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"{title}: depth \\ length " + " ".join(f"{L:>8d}" for L in lengths))
         for d in depths:
             lines.append(f"{d:>14g} " + " ".join(fmt.format(table[str(L)][str(d)]) for L in lengths))
+    by = result.get("by_offset")
+    if by is None:  # results written before offsets were recorded
+        return lines
+    groups = list(by["needle_recall"])
+    lines.append(f"by the question's offset in its chunk of {result['chunk_size']} tokens ({result.get('align')} layout):")
+    lines.append(f"{'length':>8} {'offset':>8} {'n':>5} {'accuracy':>8} {'loss':>8} "
+                 + " ".join(f"{'recall ' + g:>9}" for g in groups))
+    keys = [str(L) for L in lengths] + (["all"] if len(lengths) > 1 else [])
+    num = lambda v, fmt: fmt.format(v) if v is not None else f"{'-':>{len(fmt.format(0.0))}}"
+    for key in keys:
+        for b in result["offset_buckets"]:
+            n = by["samples"][key][b]
+            if n:
+                lines.append(f"{key:>8} {b:>8} {n:>5} {num(by['accuracy'][key][b], '{:>8.3f}')} "
+                             f"{num(by['answer_loss'][key][b], '{:>8.2f}')} "
+                             + " ".join(num(by["needle_recall"][g][key][b], "{:>9.2f}") for g in groups))
     return lines
 
 

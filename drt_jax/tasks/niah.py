@@ -4,11 +4,21 @@ One generator serves evaluation (prompt + answer, scored by exact match of the w
 answer) and fine-tuning ({"tokens", "mask"} int32 [seq_len] for the trainer's task mixture).
 
 Layout of a sample of context length T with model chunk size S (T is rounded down to whole chunks,
-Tc = (T // S) * S): the question's last token sits at index Tc - S, the first slot of the last chunk,
-so the rest of the question ends the penultimate chunk, whose landmark makes the retrieval that the
-last chunk (where the answer is generated) reads. The answer follows at Tc - S + 1 ..; in fine-tuning
-examples the rest is padding, excluded from the loss (mask 0); everything before is a loss target,
-as in the authors' fine-tuning (spec 7.4).
+Tc = (T // S) * S). The question's end is placed by its offset o in [0, S): the index of the question's
+last token within its chunk (the number of tokens of that chunk before it). The question's chunk is the
+last whole one, so the last token sits at Tc - S + o; where the answer would then run past T, the
+question moves one chunk earlier (Tc - 2S + o), so that every example holds its whole answer. The
+answer follows at that index + 1 ..; in fine-tuning examples the rest is padding, excluded from the
+loss (mask 0); everything before is a loss target, as in the authors' fine-tuning (spec 7.4).
+  align="random" (the default): o is drawn uniformly in [0, S) per sample, from the sample's seed,
+    because a user's prompt ends wherever it ends (issue 25: a model trained only on o = 0 answers only
+    at o = 0).
+  align="chunk": o = 0, the authors' layout (spec 7.2): the question's last token is the first slot of
+    the last chunk, so the rest of the question ends the penultimate chunk, whose landmark makes the
+    retrieval that the last chunk (where the answer is generated) reads. The results of docs/results.md
+    before issue 25 use this layout; its samples are those of the code before the option (wherever the
+    whole answer fitted there).
+o = S - 1 ends the question on its chunk's last slot, so the answer opens the next chunk.
 
 Formats (text pieces are encoded separately and concatenated, as the authors do). The question ends
 with the very tokens that precede the value in its needle, so that the value is what follows the
@@ -46,6 +56,10 @@ from collections.abc import Sequence
 import numpy as np
 
 KINDS = ("single", "multi", "2hop")
+ALIGNS = ("random", "chunk")  # where the question ends within its chunk; see the module docstring
+# Tags the stream the offset is drawn from, apart from the sample's other draws, so that the aligned
+# layout keeps every sample of the code before the option.
+_OFFSET_STREAM = 1
 
 
 class TaskError(ValueError):
@@ -60,6 +74,7 @@ class NiahSample:
     needle_positions: tuple[int, ...]
     depth: float
     key_positions: tuple[int, ...] = ()  # token indices of the needle values the answer copies
+    offset: int = 0  # (prompt_len - 1) % S: the question's last token's index within its chunk
 
     def needle_chunks(self, chunk_size: int) -> np.ndarray:
         """Sorted chunk ids holding the key tokens: what the answer's retrieval must fetch."""
@@ -87,13 +102,17 @@ class NiahTask:
     kind: "single" | "multi" | "2hop". tokenizer: encode/pad_id/eos_id/landmark_id/vocab_size.
     haystack: 1-D int array (any token stream/corpus; windows are drawn at random offsets and repeated
       if the stream is shorter than the context). chunk_size: the model's S.
+    align: "random" (the question's end at a uniform offset within its chunk) or "chunk" (offset 0, the
+      authors' layout); see the module docstring.
     """
 
     def __init__(self, kind: str, tokenizer, haystack, chunk_size: int, *, answer_len: int = 5,
-                 n_distractors: int = 5, alphabet: str = "auto", seed: int = 0):
+                 n_distractors: int = 5, alphabet: str = "auto", seed: int = 0, align: str = "random"):
         if kind not in KINDS:
             raise TaskError(f"unknown NIAH task {kind!r}; choose one of {', '.join(KINDS)}")
-        self.kind, self.tok, self.S, self.seed = kind, tokenizer, int(chunk_size), int(seed)
+        if align not in ALIGNS:
+            raise TaskError(f"align={align!r}: choose one of {', '.join(ALIGNS)}")
+        self.kind, self.tok, self.S, self.seed, self.align = kind, tokenizer, int(chunk_size), int(seed), align
         self.answer_len, self.n_distractors = int(answer_len), int(n_distractors)
         hay = np.asarray(haystack, np.int32).ravel()
         specials = {tokenizer.pad_id, tokenizer.eos_id, tokenizer.landmark_id}
@@ -146,8 +165,10 @@ class NiahTask:
 
     def min_length(self) -> int:
         """Shortest context (tokens) this task fits in."""
-        needles, _, question, _, _ = self._build(np.random.default_rng(0))
+        needles, _, question, answer, _ = self._build(np.random.default_rng(0))
         need = sum(len(n) for n in needles) + len(question) + 3 * self.S + 1
+        if self.align == "random":  # a question moved a chunk earlier ends at most len(answer) earlier
+            need += len(answer)
         return int(-(-need // self.S) * self.S)
 
     def check_length(self, seq_len: int) -> None:
@@ -158,21 +179,25 @@ class NiahTask:
             )
 
     # ---- samples --------------------------------------------------------------------------------
-    def sample(self, seq_len: int, depth: float, index: int) -> NiahSample:
-        """Sample `index` (deterministic in (seed, seq_len, depth, index)) of context length seq_len."""
+    def sample(self, seq_len: int, depth: float, index: int, offset: int | None = None) -> NiahSample:
+        """Sample `index` (deterministic in (seed, seq_len, depth, index)) of context length seq_len.
+        offset: the question end's offset within its chunk; None draws it as the task's `align` says."""
         self.check_length(seq_len)
         if not 0.0 <= depth <= 1.0:
             raise TaskError(f"depth {depth} must be in [0, 1]")
-        rng = np.random.default_rng([self.seed, int(seq_len), int(round(depth * 1e6)), int(index)])
+        key = self._key(seq_len, depth, index)
+        if offset is None:
+            offset = self.draw_offset(key)
+        if not 0 <= offset < self.S:
+            raise TaskError(f"offset {offset} must be in [0, {self.S}) (the chunk size)")
+        rng = np.random.default_rng(key)
         needles, q_idx, question, answer, key_spans = self._build(rng)
-        S = self.S
-        Tc = (seq_len // S) * S
-        q_last = Tc - S  # the question's last token: first slot of the last chunk
+        q_last = question_end(seq_len, self.S, offset, len(answer))
         q_start = q_last - len(question) + 1
         hay_len = q_start - sum(len(n) for n in needles)  # filler tokens before the question
         # Needles go between filler offsets; the queried one at `depth` of the room before the
         # question minus 2 chunks (so it is retrieved from memory, not seen in the current chunk).
-        room = max(0, hay_len - 2 * S)
+        room = max(0, hay_len - 2 * self.S)
         offsets = [int(round(depth * room))]
         others = sorted(int(x) for x in rng.integers(0, room + 1, len(needles) - 1))
         order = list(range(len(needles)))
@@ -204,13 +229,58 @@ class NiahTask:
         tokens = np.concatenate([body, tail])
         keys = tuple(positions[i] + off + j for i, off, n in key_spans for j in range(n))
         return NiahSample(tokens=tokens, prompt_len=len(body), answer=answer.astype(np.int32),
-                          needle_positions=tuple(positions), depth=float(depth), key_positions=keys)
+                          needle_positions=tuple(positions), depth=float(depth), key_positions=keys,
+                          offset=int(offset))
+
+    def _key(self, seq_len: int, depth: float, index: int) -> list[int]:
+        """The sample's seed."""
+        return [self.seed, int(seq_len), int(round(depth * 1e6)), int(index)]
+
+    def prompt_len(self, seq_len: int, depth: float, index: int) -> int:
+        """sample(seq_len, depth, index).prompt_len without building the sample (to batch equal lengths)."""
+        key = self._key(seq_len, depth, index)
+        answer_len = len(self._build(np.random.default_rng(0))[3])  # the same for every sample of a kind
+        return question_end(seq_len, self.S, self.draw_offset(key), answer_len) + 1
+
+    def draw_offset(self, key) -> int:
+        """The offset of the sample with seed `key`: 0 when aligned, else uniform in [0, S)."""
+        if self.align == "chunk":
+            return 0
+        return int(np.random.default_rng([*key, _OFFSET_STREAM]).integers(0, self.S))
 
     def example(self, seq_len: int, index: int, depth: float | None = None) -> dict[str, np.ndarray]:
         """A fine-tuning example; depth drawn uniformly when not given."""
         if depth is None:
             depth = float(np.random.default_rng([self.seed, 7, int(index)]).random())
         return self.sample(seq_len, depth, index).example(self.tok.pad_id)
+
+
+def question_end(seq_len: int, chunk_size: int, offset: int, answer_len: int) -> int:
+    """Index of the question's last token: at `offset` in the last whole chunk, or in the chunk before
+    where the answer (answer_len tokens right after it) would not fit in seq_len."""
+    S = chunk_size
+    q_last = (seq_len // S) * S - S + offset
+    if q_last + answer_len >= seq_len:
+        q_last -= S
+    return q_last
+
+
+def offset_buckets(chunk_size: int) -> list[tuple[str, int, int]]:
+    """Offset buckets (label, lo, hi) covering [0, S) once each, lo <= offset < hi: the aligned layout
+    [0, 1), then [1, ceil(S/4)), [ceil(S/4), ceil(3S/4)), [ceil(3S/4), S); empty ones (small S) are left
+    out. S = 63 gives 0, 1-15, 16-47, 48-62: one bucket per regime of issue 25's shifted questions."""
+    S = int(chunk_size)
+    edges = [0, 1, -(-S // 4), -(-3 * S // 4), S]
+    return [(f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}", lo, hi)
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
+
+
+def offset_bucket(offset: int, chunk_size: int) -> str:
+    """The label of the bucket of offset_buckets(chunk_size) holding `offset`."""
+    for label, lo, hi in offset_buckets(chunk_size):
+        if lo <= offset < hi:
+            return label
+    raise TaskError(f"offset {offset} must be in [0, {chunk_size}) (the chunk size)")
 
 
 def score_exact(generated: Sequence[int], answer: Sequence[int]) -> bool:
@@ -264,10 +334,14 @@ def make_niah_factory(kind: str, chunk_size: int = 63, haystack=None, **task_kwa
     return factory
 
 
-def register_niah_tasks(chunk_size: int = 63, haystack=None, *, overwrite: bool = False, **task_kwargs) -> list[str]:
+def register_niah_tasks(chunk_size: int = 63, haystack=None, *, align: str = "random", overwrite: bool = False,
+                        **task_kwargs) -> list[str]:
     """Registers "niah_single", "niah_multi", "niah_2hop" with the trainer's task mixture (when
-    drt_jax.data.mixture is importable). Call again with the model's chunk size and overwrite=True
-    when it is not 63. Returns the names registered."""
+    drt_jax.data.mixture is importable). Call again with the model's chunk size and the run's layout
+    (align, DataConfig.niah_align) and overwrite=True when they are not the defaults (63, "random").
+    Returns the names registered."""
+    if align not in ALIGNS:
+        raise TaskError(f"align={align!r}: choose one of {', '.join(ALIGNS)}")
     try:
         from drt_jax.data.mixture import register_task
     except ImportError:  # the data package (grain) is not installed here
@@ -275,7 +349,7 @@ def register_niah_tasks(chunk_size: int = 63, haystack=None, *, overwrite: bool 
     names = []
     for kind in KINDS:
         name = f"niah_{kind}"
-        register_task(name, make_niah_factory(kind, chunk_size, haystack, **task_kwargs), overwrite=overwrite)
+        register_task(name, make_niah_factory(kind, chunk_size, haystack, align=align, **task_kwargs), overwrite=overwrite)
         names.append(name)
     return names
 

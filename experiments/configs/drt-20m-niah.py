@@ -17,7 +17,7 @@ RUN = dataclasses.replace(
     _BASE,
     name="drt-20m-niah",
     data=dataclasses.replace(_BASE.data, mixture=(("niah_single", 0.75),), corpus_weight=0.25,
-                             num_workers=4),
+                             num_workers=4, niah_align="chunk"),
     optim=dataclasses.replace(_BASE.optim, peak_lr=1e-3, end_lr=1e-4, warmup_fraction=0.02),
     train=dataclasses.replace(_BASE.train, steps=1800, checkpoint_every=300),
 )
