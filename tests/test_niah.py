@@ -150,10 +150,12 @@ def _digest(task, T, offset=None, example=True) -> int:
 def test_aligned_layout_is_the_layout_before_offsets(kind, S, T):
     want = _BEFORE_OFFSETS[(kind, S, T)]
     assert _digest(NiahTask(kind, TOK, HAY, S, seed=3, align="chunk"), T) == want
-    # Offset 0 of the random layout is the same layout: the offset is drawn apart from the sample's rest.
-    random = NiahTask(kind, TOK, HAY, S, seed=3)
-    assert _digest(random, T, offset=0, example=False) == _digest(NiahTask(kind, TOK, HAY, S, seed=3, align="chunk"),
-                                                                   T, example=False)
+    # Offset 0 of the random layout is the same layout: the offset is drawn apart from the sample's rest,
+    # so a sample that drew 0 is the aligned one too.
+    random, aligned = NiahTask(kind, TOK, HAY, S, seed=3), NiahTask(kind, TOK, HAY, S, seed=3, align="chunk")
+    assert _digest(random, T, offset=0, example=False) == _digest(aligned, T, example=False)
+    drew_zero = next(i for i in range(10 * S) if random.sample(T, 0.5, i).offset == 0)
+    np.testing.assert_array_equal(random.sample(T, 0.5, drew_zero).tokens, aligned.sample(T, 0.5, drew_zero).tokens)
 
 
 @pytest.mark.parametrize("kind", KINDS)

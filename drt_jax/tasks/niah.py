@@ -42,8 +42,8 @@ failure seen in the first H100 runs (greedy answers ":" + a repeated byte). The 
 repeats the needle's text up to the value.
 
 Every sample records `key_positions`: the token indices of the needle values the answer is copied from
-(single: the passkey; multi: the queried value; 2hop: v1 and v2), whose chunks a retrieval must fetch.
-Depth in [0, 1] places the queried needle (2hop: the first hop) between the start of the haystack and
+(single: the passkey; multi: the queried value; 2hop: v1 and v2), whose chunks a retrieval must fetch,
+and its `offset`. offset_buckets groups offsets for reports (eval.py niah). Depth in [0, 1] places the queried needle (2hop: the first hop) between the start of the haystack and
 2 chunks before the question; the other needles go to uniformly random positions in that range.
 """
 
