@@ -186,8 +186,8 @@ def test_regroup_bundle_recuts_the_upper_layers(straight, capsys, tmp_path):
 
 
 def test_segment_resumes_a_kept_run_instead_of_importing(straight, capsys, tmp_path):
-    """segment.py --bundle-in on a warm machine that still holds the run at or past the bundle's step
-    resumes there (the import would refuse: segment 10's second call lost a try to that)."""
+    """segment.py --bundle-in on a machine that still holds the run at or past the bundle's step (a job
+    restarted on the same host) resumes there, where the import would refuse."""
     from tests.test_experiments import _load
 
     tmp, _, run, _ = straight
