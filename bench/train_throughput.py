@@ -28,7 +28,6 @@ The step-only mode imports neither grain nor tensorboardX.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import pathlib
@@ -140,39 +139,23 @@ def run_loop_case(config: str, overrides: list[str], warmup: int, loop_steps: in
 
     import jax
 
-    from drt_jax.data import build_train_iterator, load_tokenizer
-    from drt_jax.data.config import TASK_FIELDS
-    from drt_jax.train import mesh as mesh_lib
-    from drt_jax.train.config import load_run_config, resolve_run_config
-    from drt_jax.train.loop import _batch_fields, register_model_tasks, train
+    from drt_jax.train.config import load_run_config
+    from drt_jax.train.loop import _batch_fields, setup, train
     from drt_jax.train.metrics import peak_flops_per_device, train_flops_per_sequence
-    from drt_jax.train.optim import make_optimizer
-    from drt_jax.train.step import init_state, make_train_step, state_spec
 
-    run = load_run_config(config, overrides)
-    tokenizer = load_tokenizer(run.data.tokenizer)
-    run = resolve_run_config(run, tokenizer)
-    tc = run.train
-    tokens_per_step = tc.batch * run.data.seq_len
+    # (1) the step alone: the trainer's own setup (model, data, jitted step) on a fresh run folder, timed
+    # on two real batches of the run already on the device
+    step_dir = tempfile.mkdtemp(prefix="drt-bench-step-")
+    t = setup(load_run_config(config, overrides + [f"train.run_dir={step_dir}"]), print_fn=lambda *a: None)
+    run, tc = t.run, t.run.train
+    tokens_per_step = t.tokens_per_step
     flops = train_flops_per_sequence(run.model, run.data.seq_len) * tc.batch
     peak = peak_flops_per_device()
     peak_total = peak * jax.device_count() if peak else None
     row = {"run": config, "overrides": overrides, "seq_len": run.data.seq_len, "batch": tc.batch,
            "tokens_per_step": tokens_per_step, "train_flops_per_step": flops}
-
-    # (1) the step alone, built as the loop builds it, on real batches of the run
-    register_model_tasks(run, tokenizer)
-    keys = ("tokens", "mask") + (TASK_FIELDS if run.data.mixture else ())
-    mesh = mesh_lib.make_mesh(run.mesh)
-    bsh = mesh_lib.batch_sharding(mesh, run.mesh.rules)
-    it = build_train_iterator(dataclasses.replace(run.data, batch_size=tc.batch), tokenizer, progress=False)
-    batches = [mesh_lib.global_batch(_batch_fields(next(it), keys), bsh, tc.batch) for _ in range(2)]
-    del it
-    tx, schedule = make_optimizer(run.optim, tc.steps)
-    spec = state_spec(run.model, tx, mesh, run.mesh.rules)
-    step = make_train_step(run.model, tx, schedule, spec, bsh, grad_accum=tc.grad_accum, block_size=tc.loss_block_size,
-                           batch_keys=keys, answer_weight=tc.answer_loss_weight)
-    state = init_state(run.model, tx, spec, tc.seed)
+    batches = [t.to_device(_batch_fields(next(t.train_iter), t.train_keys)) for _ in range(2)]
+    state, step = t.state, t.step_fn
     for i in range(3):
         state, m = step(state, batches[i % 2])
     jax.block_until_ready((state, m))
@@ -183,7 +166,9 @@ def run_loop_case(config: str, overrides: list[str], warmup: int, loop_steps: in
     step_s = (time.perf_counter() - t0) / step_repeats
     row.update(step_s=step_s, step_tokens_per_s=tokens_per_step / step_s,
                step_mfu=flops / step_s / peak_total if peak_total else None)
-    del state, m, batches, step
+    t.ckpt.close()
+    shutil.rmtree(step_dir, ignore_errors=True)
+    del state, m, batches, step, t
     jax.clear_caches()
 
     # (2) the loop, timed between its metric rows once compiled and warm

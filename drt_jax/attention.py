@@ -149,15 +149,11 @@ def choose(q, slopes, impl: str) -> tuple[str, str | None]:
     """The implementation `impl` resolves to for q [B, T, H, D] (concrete or abstract) and ALiBi slopes
     (or None): (name, why a faster path was not taken, or None)."""
     fast = {"cudnn": _cudnn_unsupported, "splash": _splash_unsupported}
-    if impl == "reference":
+    name = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend()) if impl == "auto" else impl
+    if name not in fast:
         return "reference", None
-    backend_fast = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend())
-    for name in ([backend_fast] if impl == "auto" and backend_fast else [impl] if impl in fast else []):
-        why = fast[name](q, slopes)
-        if why is None:
-            return name, None
-        return "reference", f"{name}: {why}"
-    return "reference", None
+    why = fast[name](q, slopes)
+    return (name, None) if why is None else ("reference", f"{name}: {why}")
 
 
 def _pick(q, slopes, *, window, scale, impl):
