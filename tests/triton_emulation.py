@@ -34,38 +34,39 @@ def _probs(q, k, qk_scale, Sm, SMP, obo):
     return p / denom[:, None]
 
 
-def _fwd(grid, idx, w, q, k, v, qk_scale, *, C, M, K, Sq, Sm, H, Hkv, D, SQP, SMP, OBO, o):
+def _query_programs(grid, idx, w, q, k, v, qk_scale, *, C, M, K, Sq, Sm, H, Hkv, D, SQP, SMP, OBO):
+    """The fwd and dq programs' shared reads: per (query chunk, head) program, its base, then per
+    retrieved slot j its index, weight (0 for an empty slot), key/value tiles and probabilities."""
     for prog in range(grid[0]):
         h, pid = prog % H, prog // H
         b, hk = pid // C, h // (H // Hkv)
         q_base = pid * (Sq * H * D) + h * D
         qt = _load(q, q_base, H * D, D, Sq, SQP)
-        acc = np.zeros((SQP, D))
+        slots = []
         for j in range(K):
             i = int(idx[pid * K + j])
-            wj = float(w[pid * K + j]) if i >= 0 else 0.0
             kv_base = (b * M + max(i, 0)) * (Sm * Hkv * D) + hk * D
             kt = _load(k, kv_base, Hkv * D, D, Sm, SMP)
             vt = _load(v, kv_base, Hkv * D, D, Sm, SMP)
-            acc += wj * _probs(qt, kt, qk_scale, Sm, SMP, OBO) @ vt
+            slots.append((j, i, float(w[pid * K + j]) if i >= 0 else 0.0, kt, vt, _probs(qt, kt, qk_scale, Sm, SMP, OBO)))
+        yield pid, h, q_base, slots
+
+
+def _fwd(grid, idx, w, q, k, v, qk_scale, *, C, M, K, Sq, Sm, H, Hkv, D, SQP, SMP, OBO, o):
+    shape = dict(C=C, M=M, K=K, Sq=Sq, Sm=Sm, H=H, Hkv=Hkv, D=D, SQP=SQP, SMP=SMP, OBO=OBO)
+    for _, _, q_base, slots in _query_programs(grid, idx, w, q, k, v, qk_scale, **shape):
+        acc = np.zeros((SQP, D))
+        for _, _, wj, _, vt, p in slots:
+            acc += wj * p @ vt
         _store(o, q_base, acc, H * D, Sq)
 
 
 def _dq(grid, idx, w, q, k, v, do, qk_scale, scale, *, C, M, K, Sq, Sm, H, Hkv, D, SQP, SMP, OBO, dq, dw):
-    for prog in range(grid[0]):
-        h, pid = prog % H, prog // H
-        b, hk = pid // C, h // (H // Hkv)
-        q_base = pid * (Sq * H * D) + h * D
-        qt = _load(q, q_base, H * D, D, Sq, SQP)
+    shape = dict(C=C, M=M, K=K, Sq=Sq, Sm=Sm, H=H, Hkv=Hkv, D=D, SQP=SQP, SMP=SMP, OBO=OBO)
+    for pid, h, q_base, slots in _query_programs(grid, idx, w, q, k, v, qk_scale, **shape):
         dot = _load(do, q_base, H * D, D, Sq, SQP)
         acc = np.zeros((SQP, D))
-        for j in range(K):
-            i = int(idx[pid * K + j])
-            wj = float(w[pid * K + j]) if i >= 0 else 0.0
-            kv_base = (b * M + max(i, 0)) * (Sm * Hkv * D) + hk * D
-            kt = _load(k, kv_base, Hkv * D, D, Sm, SMP)
-            vt = _load(v, kv_base, Hkv * D, D, Sm, SMP)
-            p = _probs(qt, kt, qk_scale, Sm, SMP, OBO)
+        for j, i, wj, kt, vt, p in slots:
             dp = dot @ vt.T
             dd = (p * dp).sum(1)
             acc += wj * (p * (dp - dd[:, None])) @ kt
