@@ -166,10 +166,10 @@ def main():
                 eng = InferenceEngine(drt, p_drt, offload=None if mode == "device" else "host", segment_chunks=seg,
                                       memory_block=n // S + 8)
                 toks = np.random.default_rng(0).integers(0, 50000, (1, n)).astype(np.int32)
-                lg, _ = eng.prefill(eng.init_state(), toks[:, : 2 * seg * S])  # compile both segment kinds
+                lg, _ = eng.prefill(eng.init_state(), toks[:, : 2 * seg * S], align=False)  # compile both segment kinds
                 lg.block_until_ready()
                 t = time.perf_counter()
-                lg, st = eng.prefill(eng.init_state(), toks)
+                lg, st = eng.prefill(eng.init_state(), toks, align=False)
                 lg.block_until_ready()
                 dt = time.perf_counter() - t
                 row = {"model": "drt-133m", "memory": mode, "tokens": n, "seconds": round(dt, 3),
@@ -192,10 +192,10 @@ def main():
                     lmk = jax.random.normal(jax.random.PRNGKey(2), st.dev.mem_lmk.shape, st.dev.mem_lmk.dtype)
                     st = InferenceState(st.dev.replace(mem_lmk=lmk), pos=E0 * (S + 1), ntok=E0 * S, n_chunks=E0,
                                         host=st.host)  # np.zeros: pages untouched until used
-                    lg, st = eng.prefill(st, toks[:, : seg * S])
+                    lg, st = eng.prefill(st, toks[:, : seg * S], align=False)
                     lg.block_until_ready()
                     t = time.perf_counter()
-                    lg, st = eng.prefill(st, toks[:, : 2 * seg * S])
+                    lg, st = eng.prefill(st, toks[:, : 2 * seg * S], align=False)
                     lg.block_until_ready()
                     dt_big = (time.perf_counter() - t) / 2
                     small = [r for r in res["prefill"] if r.get("memory") == "host" and r["model"] == "drt-133m"]
@@ -237,10 +237,10 @@ def main():
                 try:
                     eng = InferenceEngine(full, p_full, max_len=n + 64)
                     toks = np.random.default_rng(0).integers(0, 50000, (1, n)).astype(np.int32)
-                    lg, _ = eng.prefill(eng.init_state(), toks)
+                    lg, _ = eng.prefill(eng.init_state(), toks, align=False)
                     lg.block_until_ready()
                     t = time.perf_counter()
-                    lg, _ = eng.prefill(eng.init_state(), toks)
+                    lg, _ = eng.prefill(eng.init_state(), toks, align=False)
                     lg.block_until_ready()
                     dt = time.perf_counter() - t
                     row = {"model": "full-133m", "tokens": n, "seconds": round(dt, 3), "tokens_per_s": round(n / dt)}

@@ -42,3 +42,11 @@ def landmark_states(x, chunk_size: int):
 def token_to_slot(t, chunk_size: int):
     """Slot index of real token t (works on ints and arrays)."""
     return (t // chunk_size) * (chunk_size + 1) + t % chunk_size
+
+
+def prompt_padding(consumed: int, num_tokens: int, chunk_size: int) -> int:
+    """Pad tokens to put before a prompt of num_tokens tokens, fed after `consumed` tokens, so that its
+    last token lands on the first slot of a chunk (offset 0, ModelConfig.prompt_align="chunk"). The
+    chunk before then ends with the prompt's last but one token, and its landmark, having read the
+    question, makes the retrieval that the answer's chunk reads: the layout NIAH is trained on."""
+    return (-(consumed + num_tokens - 1)) % chunk_size

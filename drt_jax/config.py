@@ -18,6 +18,7 @@ ARCHS = ("drt", "swa", "full")
 POSITIONS = ("rope", "alibi")
 GCA_RESIDUALS = ("authors", "standard")
 REMAT_POLICIES = ("none", "full", "dots")
+PROMPT_ALIGNS = ("chunk", "none")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: CPU tests under jax.enable_x64
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -49,6 +50,12 @@ class ModelConfig:
       small model spread much less than the noise (std 0.6 against 1.28 for drt-20m), so training
       reads mostly random chunks while evaluation reads the clean top-k; smaller values narrow the gap.
     position: "rope" (default: fused GPU/TPU attention supports it) or "alibi" (authors' choice).
+    prompt_align: where inference puts a prompt's end (drt only). "chunk" (default): the engine
+      left-pads every prompt it prefills with pad_id so that its last token is the first slot of a
+      chunk; the chunk before, which holds the rest of the prompt, then makes the retrieval that the
+      answer reads. NIAH fine-tuning data (data.niah_align="pad") is laid out by the same rule.
+      "none": prompts run as given, and a question that ends mid-chunk is answered from a retrieval
+      made before the question was read (issue 25: the passkey is then missed).
     """
 
     name: str = "custom"
@@ -81,6 +88,7 @@ class ModelConfig:
     remat: str = "none"
     attention_impl: str = "auto"
     gca_impl: str = "auto"
+    prompt_align: str = "chunk"
 
     def __post_init__(self):
         if isinstance(self.decoder_layers, list):
@@ -149,6 +157,8 @@ class ModelConfig:
             bad(f"position={self.position!r} is not one of {POSITIONS}")
         if self.gca_residual not in GCA_RESIDUALS:
             bad(f"gca_residual={self.gca_residual!r} is not one of {GCA_RESIDUALS}")
+        if self.prompt_align not in PROMPT_ALIGNS:
+            bad(f"prompt_align={self.prompt_align!r} is not one of {PROMPT_ALIGNS}")
         if self.remat not in REMAT_POLICIES:
             bad(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         for field in ("dtype", "param_dtype"):

@@ -70,7 +70,7 @@ def test_segment_prefill_then_decode_matches_forward(position, groups):
     # 100 tokens: two segments of 3 chunks (90 tokens), then a partial chunk of 10 tokens fed by steps;
     # the 2nd segment's first chunk reads the 1st segment's last retrieval (the authors' code: nothing).
     prompt = 100
-    logits, state = eng.prefill(eng.init_state(), tokens[:, :prompt], all_logits=True)
+    logits, state = eng.prefill(eng.init_state(), tokens[:, :prompt], align=False, all_logits=True)
     outs = [np.asarray(logits)]
     for t in range(prompt, T):
         lg, state = eng.step(state, tokens[:, t])
@@ -79,13 +79,13 @@ def test_segment_prefill_then_decode_matches_forward(position, groups):
     assert logits.shape == ref.shape
     np.testing.assert_array_less(np.abs(logits - ref).max(), 1e-4)
     if position == "rope":  # the default (last-token) prefill agrees too
-        last, _ = eng.prefill(eng.init_state(), tokens[:, :prompt])
+        last, _ = eng.prefill(eng.init_state(), tokens[:, :prompt], align=False)
         np.testing.assert_array_less(np.abs(np.asarray(last) - ref[:, prompt - 1]).max(), 1e-4)
 
 
 def _teacher_forced(eng, tokens, prompt):
     """Logits [B, T, V] of a segment prefill of `prompt` tokens, then decode steps over the rest."""
-    logits, state = eng.prefill(eng.init_state(), tokens[:, :prompt], all_logits=True)
+    logits, state = eng.prefill(eng.init_state(), tokens[:, :prompt], align=False, all_logits=True)
     outs = [np.asarray(logits)]
     for t in range(prompt, tokens.shape[1]):
         lg, state = eng.step(state, tokens[:, t])
@@ -170,7 +170,7 @@ def test_swa_prefill_in_chunk_sized_segments_matches_forward():
     sizes = []
     prompt = 100
     logits, state = eng.prefill(eng.init_state(), tokens[:, :prompt], all_logits=True, progress=sizes.append)
-    assert sizes == [45, 45, 10] and 45 > cfg.window, (sizes, cfg.window)
+    assert sizes == [45, 45, 8, 2] and 45 > cfg.window, (sizes, cfg.window)
     outs = [np.asarray(logits)]
     for t in range(prompt, T):
         lg, state = eng.step(state, tokens[:, t])

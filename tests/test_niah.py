@@ -32,11 +32,16 @@ def test_layout_and_alignment(kind, S, align):
         assert s.tokens.shape == (T,) and s.tokens.dtype == np.int32
         # The question's last token sits at its offset in the last whole chunk (the first slot when
         # aligned); 13 spare tokens hold every answer (2hop's 12), so it never moves a chunk earlier.
-        assert s.prompt_len - 1 == (T // S) * S - S + s.offset
+        # "pad": the aligned layout, its first (S - offset) % S tokens pad ids, so that the prompt
+        # without them ends at the offset.
+        assert s.prompt_len - 1 == (T // S) * S - S + (0 if align == "pad" else s.offset)
         assert s.offset == 0 if align == "chunk" else 0 <= s.offset < S
+        assert s.lead == ((S - s.offset) % S if align == "pad" else 0)
+        assert (s.prompt_len - s.lead - 1) % S == s.offset
+        assert np.all(s.tokens[: s.lead] == TOK.pad_id) and TOK.pad_id not in s.tokens[s.lead : s.prompt_len]
         assert task.prompt_len(T, depth, 1) == s.prompt_len
         np.testing.assert_array_equal(s.tokens[s.prompt_len : s.prompt_len + len(s.answer)], s.answer)
-        text = bytes(s.tokens[: s.prompt_len].tolist())
+        text = bytes([0] * s.lead + s.tokens[s.lead : s.prompt_len].tolist())  # pad ids are not bytes
         q = {"single": b"|What is the passkey? The passkey is:", "multi": b"|The special magic number for ",
              "2hop": b"|The path from "}[kind]
         assert q in text[-60:]
@@ -44,7 +49,7 @@ def test_layout_and_alignment(kind, S, align):
         first = s.needle_positions[0]
         assert first < s.prompt_len - len(q) - 2 * S
         if depth == 0.0:
-            assert first == 0
+            assert first == s.lead
         needle = {"single": b"|The passkey is:", "multi": b"|One of the special magic", "2hop": b"|DEF "}[kind]
         assert text[first : first + len(needle)] == needle
         # The answer's value appears in the prompt only inside needles: once, or twice for 2hop, where
@@ -190,7 +195,7 @@ def test_offset_argument_and_bad_layouts():
     assert task.sample(600, 0.5, 0, offset=14).prompt_len - 1 == 600 - 30 + 14
     with pytest.raises(TaskError, match=r"offset 15 must be in \[0, 15\)"):
         task.sample(600, 0.5, 0, offset=15)
-    with pytest.raises(TaskError, match="align='grid': choose one of random, chunk"):
+    with pytest.raises(TaskError, match="align='grid': choose one of random, chunk, pad"):
         NiahTask("single", TOK, HAY, 15, align="grid")
 
 
@@ -209,11 +214,11 @@ def test_offset_buckets(S, want):
 def test_data_config_niah_align():
     from drt_jax.data.config import NIAH_ALIGNS, DataConfig, DataError
 
-    assert NIAH_ALIGNS == ALIGNS and DataConfig().niah_align == "random"
+    assert NIAH_ALIGNS == ALIGNS and DataConfig().niah_align == "pad"
     with pytest.raises(DataError) as err:
         DataConfig(niah_align="grid")
     msg = str(err.value)
-    assert "\n" not in msg and "niah_align" in msg and "'random', 'chunk'" in msg and "'grid'" in msg
+    assert "\n" not in msg and "niah_align" in msg and "'random', 'chunk', 'pad'" in msg and "'grid'" in msg
 
 
 def test_training_registers_the_runs_layout():
@@ -229,7 +234,7 @@ def test_training_registers_the_runs_layout():
             assert _REGISTRY["niah_2hop"](512, TOK, 0).task.align == align
     finally:
         register_niah_tasks(overwrite=True)  # the import-time defaults, for the tests that follow
-    assert _REGISTRY["niah_single"](512, TOK, 0).task.align == "random"
+    assert _REGISTRY["niah_single"](512, TOK, 0).task.align == "pad"
 
 
 def test_experiment_configs_keep_the_aligned_layout():

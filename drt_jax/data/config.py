@@ -11,7 +11,7 @@ MODES = ("packed", "documents")
 TASK_FIELDS = ("answer", "needle")
 # Where a NIAH question ends within its chunk: drt_jax.tasks.niah.ALIGNS (kept apart from that module,
 # which registers with the mixture on import).
-NIAH_ALIGNS = ("random", "chunk")
+NIAH_ALIGNS = ("random", "chunk", "pad")
 
 
 class DataError(ValueError):
@@ -48,10 +48,12 @@ class DataConfig:
       mixture: ((task_name, weight), ...) tasks mixed with the corpus; tasks
         are looked up in drt_jax.data.mixture's registry.
       corpus_weight: mixing weight of the corpus relative to `mixture`.
-      niah_align: where the NIAH tasks of `mixture` end their question: "random"
-        (at a uniform offset within its chunk) or "chunk" (on the chunk grid,
-        the authors' layout and that of the results before issue 25). See
-        drt_jax.tasks.niah.
+      niah_align: where the NIAH tasks of `mixture` end their question: "pad"
+        (the default: at a uniform offset within its chunk, then left-padded onto
+        the chunk grid exactly as the inference engine aligns a prompt, see
+        ModelConfig.prompt_align), "random" (at a uniform offset, unpadded) or
+        "chunk" (on the chunk grid, the authors' layout and that of the results
+        before issue 25). See drt_jax.tasks.niah.
       num_workers: grain worker processes; 0 reads in-process.
     """
 
@@ -68,7 +70,7 @@ class DataConfig:
     min_doc_tokens: int = 1
     mixture: tuple[tuple[str, float], ...] = ()
     corpus_weight: float = 1.0
-    niah_align: str = "random"
+    niah_align: str = "pad"
     num_workers: int = 0
 
     def __post_init__(self):

@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
         sp.add_argument("--top-k", type=int, default=None,
                         help="retrieve this many chunks instead of the checkpoint's top_k (it holds no parameters)")
+        sp.add_argument("--prompt-align", choices=["chunk", "none"], default=None,
+                        help="chunk: left-pad each prompt so it ends on a chunk's first slot (the layout NIAH is "
+                             "trained on); none: feed it as given (default: the checkpoint's model.prompt_align)")
         sp.add_argument("--out", default=None, help="JSON results file (default: eval_results/<command>.json)")
         sp.add_argument("--no-progress", action="store_true")
 
@@ -40,11 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--lengths", default="4K")
     sp.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     sp.add_argument("--samples", type=int, default=10)
-    sp.add_argument("--align", choices=["random", "chunk"], default="random",
-                    help="where the question ends within its chunk: random (a uniform offset per sample) or "
-                         "chunk (on the chunk grid, the authors' layout and that of docs/results.md before issue 25)")
+    sp.add_argument("--align", choices=["random", "chunk", "pad"], default="random",
+                    help="where the question ends within its chunk: random (a uniform offset per sample, as a "
+                         "user's prompt ends), chunk (on the chunk grid, the authors' layout and that of "
+                         "docs/results.md before issue 25) or pad (random, then padded as the fine-tuning data is)")
     sp.add_argument("--batch-size", type=int, default=1,
-                    help="samples per prefill; a batch holds prompts of one length (all of them with --align chunk)")
+                    help="samples per prefill; a batch holds prompts of one length once aligned (all of them unless "
+                         "--prompt-align none, where only --align chunk gives equal lengths)")
     sp.add_argument("--offload", choices=["none", "host"], default="none")
     sp.add_argument("--data", default=None, help="haystack corpus (file/folder, or default / python-all); "
                     "default: the run's own corpus (`default` for random:PRESET)")
@@ -128,11 +133,13 @@ def run(args) -> dict:
 
     if args.top_k is not None and args.top_k < 1:
         raise EvalError(f"--top-k {args.top_k} must be >= 1")
-    cfg, params, tok = load_model(args.checkpoint, args.step, dtype=args.dtype, top_k=args.top_k)
+    cfg, params, tok = load_model(args.checkpoint, args.step, dtype=args.dtype, top_k=args.top_k,
+                                  prompt_align=args.prompt_align)
     if args.command in ("ppl", "niah"):
         _resolve_text(args)
     started = time.time()
-    meta = {"command": args.command, "checkpoint": args.checkpoint, "model": cfg.name, "top_k": cfg.top_k}
+    meta = {"command": args.command, "checkpoint": args.checkpoint, "model": cfg.name, "top_k": cfg.top_k,
+            "prompt_align": cfg.prompt_align}
 
     if args.command == "ppl":
         from drt_jax.evaluate.common import progress_bar

@@ -57,10 +57,11 @@ def _check_params(cfg, params) -> None:
             )
 
 
-def load_model(checkpoint: str, step: int | None = None, *, dtype: str | None = None, top_k: int | None = None):
+def load_model(checkpoint: str, step: int | None = None, *, dtype: str | None = None, top_k: int | None = None,
+               prompt_align: str | None = None):
     """checkpoint: a run folder (train.py's), or "random:PRESET[:SEED]" for a randomly initialised
     model (smoke tests; byte tokenizer when the vocabulary is 259). -> (cfg, params, tokenizer).
-    `dtype` and `top_k` override the checkpoint's config (neither changes the parameters)."""
+    `dtype`, `top_k` and `prompt_align` override the checkpoint's config (none changes the parameters)."""
     from drt_jax.config import ModelConfig
 
     if checkpoint.startswith("random:"):
@@ -86,6 +87,8 @@ def load_model(checkpoint: str, step: int | None = None, *, dtype: str | None = 
         cfg = cfg.replace(dtype=dtype)
     if top_k is not None:
         cfg = cfg.replace(top_k=top_k)
+    if prompt_align is not None:
+        cfg = cfg.replace(prompt_align=prompt_align)
     from drt_jax.data.tokenizers import load_tokenizer
 
     return cfg, params, load_tokenizer(spec)

@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 
+from drt_jax import chunking
 from drt_jax.diagnostics import chunk_recall
 from drt_jax.evaluate.common import EvalError
 from drt_jax.tasks.niah import NiahTask, offset_bucket, offset_buckets, score_exact
@@ -54,8 +55,10 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
                progress=None) -> dict:
     """Runs the sweep -> JSON-ready {"accuracy", "answer_loss": {length: {depth: value}}, "needle_recall":
     {"g<g>": {length: {depth: recall}}}, "by_offset" (offset_breakdown), "records": [one per sample,
-    with its offset], ...}. align: the task's layout ("random" or "chunk"). A batch holds samples of
-    one prompt length, so random offsets batch less than the aligned layout does."""
+    with its offset and the alignment pads the engine put before it], ...}. align: the task's layout
+    ("random", "chunk" or "pad"). Prompts are aligned as cfg.prompt_align says, and needle chunk ids
+    count the pads. A batch holds samples of one (aligned) prompt length: unaligned prompts at random
+    offsets batch less."""
     from drt_jax.inference import InferenceEngine
 
     if not cfg.uses_retrieval and cfg.arch != "swa" and cfg.arch != "full":
@@ -66,6 +69,11 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
     for d in depths:
         if not 0.0 <= d <= 1.0:
             raise EvalError(f"depth {d} must be in [0, 1]")
+    aligning = cfg.uses_retrieval and cfg.prompt_align == "chunk"
+
+    def pads(n: int) -> int:  # pad ids the engine puts before a prompt of n tokens
+        return chunking.prompt_padding(0, n, cfg.chunk_size) if aligning else 0
+
     acc: dict = {}
     answer_loss: dict = {}
     recall: dict = {f"g{g}": {} for g in range(len(cfg.groups))}
@@ -76,15 +84,19 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
             table[str(length)] = {}
         for depth in depths:
             rows = {}
-            for indices in _equal_length_batches(t, length, depth, samples, batch_size):
+            for indices in _equal_length_batches(t, length, depth, samples, batch_size, pads):
                 batch = [t.sample(length, depth, i) for i in indices]
                 eng = InferenceEngine(cfg, params, batch_size=len(batch), offload=offload, max_len=max_len,
-                                      max_chunks=length // cfg.chunk_size + 4)
-                prompts = np.stack([s.tokens[: s.prompt_len] for s in batch])
+                                      max_chunks=length // cfg.chunk_size + 5)
+                # The engine's own alignment, done here so that prompts of different lengths that pad
+                # to one length share a batch; the engine then adds nothing.
+                prompts = np.stack([np.r_[np.full(pads(s.prompt_len), cfg.pad_id, np.int32), s.tokens[: s.prompt_len]]
+                                    for s in batch])
                 gen, loss, retrieved = answer_diagnostics(eng, prompts, np.stack([s.answer for s in batch]))
                 for b, (i, s) in enumerate(zip(indices, batch, strict=True)):
-                    needle_chunks = s.needle_chunks(cfg.chunk_size)
-                    rows[i] = {"length": length, "depth": depth, "offset": s.offset, "answer": s.answer.tolist(),
+                    needle_chunks = s.needle_chunks(cfg.chunk_size, pads(s.prompt_len))
+                    rows[i] = {"length": length, "depth": depth, "offset": s.offset, "pads": pads(s.prompt_len),
+                               "answer": s.answer.tolist(),
                                "generated": gen[b].tolist(), "correct": score_exact(gen[b], s.answer),
                                "answer_loss": float(loss[b]), "needles": list(s.needle_positions),
                                "needle_chunks": needle_chunks.tolist(),
@@ -99,7 +111,8 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
             answer_loss[str(length)][str(depth)] = float(np.mean([r["answer_loss"] for r in cell]))
             for g, table in recall.items():
                 table[str(length)][str(depth)] = float(np.nanmean([r["recall"][g] for r in cell]))
-    return {"task": task, "align": align, "lengths": list(lengths), "depths": list(depths),
+    return {"task": task, "align": align, "prompt_align": cfg.prompt_align if cfg.uses_retrieval else None,
+            "lengths": list(lengths), "depths": list(depths),
             "samples_per_cell": samples, "offload": offload, "chunk_size": cfg.chunk_size,
             "top_k": cfg.top_k if cfg.uses_retrieval else None, "accuracy": acc, "answer_loss": answer_loss,
             "needle_recall": recall,
@@ -108,12 +121,13 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
             "records": records}
 
 
-def _equal_length_batches(task: NiahTask, length: int, depth: float, samples: int, batch_size: int):
-    """Sample indices 0..samples-1 in batches of at most batch_size whose prompts are equally long (the
-    engine prefills one length per batch), in order of first index."""
+def _equal_length_batches(task: NiahTask, length: int, depth: float, samples: int, batch_size: int, pads):
+    """Sample indices 0..samples-1 in batches of at most batch_size whose prompts, with their pads(n)
+    alignment pads, are equally long (the engine prefills one length per batch), in order of first index."""
     by_len: dict[int, list[int]] = {}
     for i in range(samples):
-        by_len.setdefault(task.prompt_len(length, depth, i), []).append(i)
+        n = task.prompt_len(length, depth, i)
+        by_len.setdefault(n + pads(n), []).append(i)
     batches = [group[b : b + batch_size] for group in by_len.values() for b in range(0, len(group), batch_size)]
     return sorted(batches)
 

@@ -12,9 +12,11 @@ and gathers (or, offloaded, fetches) the newly retrieved chunks for the next chu
 Prefill runs whole chunks in segments of `segment_chunks` chunks (bounded device memory): each segment
 attends to the previous W slots through the ring, retrieves over all earlier chunks (global chunk ids),
 and its first chunk reads the previous segment's last retrieval (the authors' code gives it none).
-A partial last chunk of the prompt is fed through decode steps. The swa baseline prefills in segments
-of the same number of tokens (segment_chunks * chunk_size); its tail shorter than that is one more
-segment, not decode steps.
+Whole segments are followed by segments of a power of two of chunks (bounded compilations for prompts
+of any length), then a partial last chunk of the prompt is fed through decode steps. The swa baseline
+prefills in segments of the same number of tokens (segment_chunks * chunk_size), then in powers of two
+of tokens, not decode steps. A DRT prompt is first aligned so that it ends on a chunk's first slot
+(ModelConfig.prompt_align), so a question is read by the landmark whose retrieval answers it.
 
 Shapes are fixed per (batch, capacity), so decoding does not recompile as the context grows; the memory
 capacity grows in blocks of `memory_block` chunks (one recompile per block) unless `max_chunks` is set
@@ -42,6 +44,16 @@ __all__ = ["DeviceState", "HostMemory", "InferenceEngine", "InferenceError", "In
 
 class InferenceError(ValueError):
     """A request the inference engine cannot serve (bad prompt, capacity exceeded, ...)."""
+
+
+def segment_length(remaining: int, unit: int, seg_tokens: int) -> int:
+    """Tokens of the next prefill segment: a whole segment while one fits, then the largest power of two
+    of units (chunks, or tokens for swa) left. A prompt of any length then compiles at most
+    log2(segment_chunks) + 2 segment shapes, where one shape per tail length recompiled for every prompt
+    of a sweep at random lengths."""
+    if remaining >= seg_tokens:
+        return seg_tokens
+    return (1 << ((remaining // unit).bit_length() - 1)) * unit
 
 
 class InferenceEngine:
@@ -130,15 +142,28 @@ class InferenceEngine:
         return logits, new
 
     # ---- prefill ---------------------------------------------------------------------------------
-    def prefill(self, state: InferenceState, tokens, *, all_logits: bool = False, progress=None):
-        """Feeds a prompt [B, T] (any T >= 1). Returns (logits, state): logits [B, V] of the last token,
-        or with all_logits [B, T, V] for every token (testing; memory grows with T)."""
+    def prefill(self, state: InferenceState, tokens, *, align: bool | None = None, all_logits: bool = False,
+                progress=None):
+        """Feeds a prompt [B, T] (any T >= 1). Returns (logits, state): logits [B, V] of the prompt's last
+        token, or with all_logits [B, T, V] for every prompt token (testing; memory grows with T).
+
+        align (default: cfg.prompt_align == "chunk"; DRT only) left-pads the prompt with cfg.pad_id so that
+        its last token opens a chunk (chunking.prompt_padding): the chunk before it, which holds the rest
+        of the question, makes the retrieval that the answer reads. A later prompt on the same state (the
+        next turn of a conversation) is aligned the same way. The pads become part of the context, as
+        they are in the NIAH fine-tuning data (data.niah_align="pad"). align=False feeds the tokens as
+        given (what the full forward of the same tokens computes).
+        """
         cfg = self.cfg
         tokens = np.asarray(tokens, np.int32)
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.shape[0] != self.B or tokens.shape[1] < 1:
             raise InferenceError(f"prompt shape {tokens.shape} does not match batch {self.B} x T>=1")
+        pad = 0
+        if cfg.uses_retrieval and (cfg.prompt_align == "chunk" if align is None else align):
+            pad = chunking.prompt_padding(state.ntok, tokens.shape[1], cfg.chunk_size)
+            tokens = np.concatenate([np.full((self.B, pad), cfg.pad_id, np.int32), tokens], axis=1)
         T = tokens.shape[1]
         outs = []
         t = 0
@@ -162,7 +187,7 @@ class InferenceEngine:
             # Not 1-token units for swa: 256-token segments made its 1M-token prefill 4,096 calls.
             seg_tokens = self.segment_chunks * cfg.chunk_size
         while T - t >= unit:
-            n = min(seg_tokens, ((T - t) // unit) * unit)
+            n = segment_length(T - t, unit, seg_tokens)
             lg, state = self._segment(state, tokens[:, t : t + n], all_logits)
             outs.append(lg if all_logits else lg[:, None])
             t += n
@@ -173,7 +198,7 @@ class InferenceEngine:
             outs.append(lg[:, None])
             t += 1
         if all_logits:
-            return jnp.concatenate(outs, axis=1), state
+            return jnp.concatenate(outs, axis=1)[:, pad:], state
         return outs[-1][:, -1], state
 
     def _segment(self, state: InferenceState, tokens: np.ndarray, all_logits: bool):

@@ -18,6 +18,11 @@ loss (mask 0); everything before is a loss target, as in the authors' fine-tunin
     retrieval that the last chunk (where the answer is generated) reads. The results of docs/results.md
     before issue 25 use this layout; its samples are those of the code before the option (wherever the
     whole answer fitted there).
+  align="pad": the layout the inference engine makes of a random-offset prompt (ModelConfig.prompt_align,
+    chunking.prompt_padding), for fine-tuning: o is drawn as for "random", then the sample is the
+    aligned one with its first (S - o) % S tokens (the `lead`) pad ids, so that the prompt without its
+    lead ends at offset o and the engine, given that prompt, re-adds exactly that lead. The lead's
+    tokens are not loss targets.
 o = S - 1 ends the question on its chunk's last slot, so the answer opens the next chunk.
 
 Formats (text pieces are encoded separately and concatenated, as the authors do). The question ends
@@ -56,7 +61,7 @@ from collections.abc import Sequence
 import numpy as np
 
 KINDS = ("single", "multi", "2hop")
-ALIGNS = ("random", "chunk")  # where the question ends within its chunk; see the module docstring
+ALIGNS = ("random", "chunk", "pad")  # where the question ends within its chunk; see the module docstring
 # Tags the stream the offset is drawn from, apart from the sample's other draws, so that the aligned
 # layout keeps every sample of the code before the option.
 _OFFSET_STREAM = 1
@@ -74,11 +79,13 @@ class NiahSample:
     needle_positions: tuple[int, ...]
     depth: float
     key_positions: tuple[int, ...] = ()  # token indices of the needle values the answer copies
-    offset: int = 0  # (prompt_len - 1) % S: the question's last token's index within its chunk
+    offset: int = 0  # (prompt_len - lead - 1) % S: the question's last token's index within its chunk
+    lead: int = 0  # pad ids before the haystack (align="pad"): the engine's prompt alignment
 
-    def needle_chunks(self, chunk_size: int) -> np.ndarray:
-        """Sorted chunk ids holding the key tokens: what the answer's retrieval must fetch."""
-        return np.unique(np.asarray(self.key_positions, np.int64) // chunk_size)
+    def needle_chunks(self, chunk_size: int, pads: int = 0) -> np.ndarray:
+        """Sorted chunk ids holding the key tokens: what the answer's retrieval must fetch. pads: tokens
+        put before the prompt (the engine's prompt alignment), which shift every chunk id."""
+        return np.unique((np.asarray(self.key_positions, np.int64) + pads) // chunk_size)
 
     def example(self, pad_id: int) -> dict[str, np.ndarray]:
         """Fine-tuning example, int32 [T] each: "tokens"; "mask" (LM loss on every token up to the end
@@ -86,7 +93,7 @@ class NiahSample:
         T = len(self.tokens)
         end = self.prompt_len + len(self.answer)
         mask = np.zeros(T, np.int32)
-        mask[:end] = 1
+        mask[self.lead : end] = 1
         answer = np.zeros(T, np.int32)
         answer[self.prompt_len : end] = 1
         needle = np.zeros(T, np.int32)
@@ -167,8 +174,10 @@ class NiahTask:
         """Shortest context (tokens) this task fits in."""
         needles, _, question, answer, _ = self._build(np.random.default_rng(0))
         need = sum(len(n) for n in needles) + len(question) + 3 * self.S + 1
-        if self.align == "random":  # a question moved a chunk earlier ends at most len(answer) earlier
+        if self.align in ("random", "pad"):  # a question moved a chunk earlier ends at most len(answer) earlier
             need += len(answer)
+        if self.align == "pad":  # the lead of pad ids takes up to S - 1 tokens of the haystack's room
+            need += self.S - 1
         return int(-(-need // self.S) * self.S)
 
     def check_length(self, seq_len: int) -> None:
@@ -192,9 +201,10 @@ class NiahTask:
             raise TaskError(f"offset {offset} must be in [0, {self.S}) (the chunk size)")
         rng = np.random.default_rng(key)
         needles, q_idx, question, answer, key_spans = self._build(rng)
-        q_last = question_end(seq_len, self.S, offset, len(answer))
+        lead = (self.S - offset) % self.S if self.align == "pad" else 0
+        q_last = question_end(seq_len, self.S, 0 if self.align == "pad" else offset, len(answer))
         q_start = q_last - len(question) + 1
-        hay_len = q_start - sum(len(n) for n in needles)  # filler tokens before the question
+        hay_len = q_start - lead - sum(len(n) for n in needles)  # filler tokens before the question
         # Needles go between filler offsets; the queried one at `depth` of the room before the
         # question minus 2 chunks (so it is retrieved from memory, not seen in the current chunk).
         room = max(0, hay_len - 2 * self.S)
@@ -211,7 +221,7 @@ class NiahTask:
         start = int(rng.integers(0, max(1, len(self.haystack) - hay_len)))
         # Index the window instead of rolling the whole haystack (4M tokens) for every example.
         filler = self.haystack[(start + np.arange(hay_len)) % len(self.haystack)]
-        pieces, positions, cursor, out_len = [], [0] * len(needles), 0, 0
+        pieces, positions, cursor, out_len = [np.full(lead, self.tok.pad_id, np.int32)], [0] * len(needles), 0, lead
         for off, i in placed:
             pieces.append(filler[cursor:off])
             out_len += off - cursor
@@ -230,7 +240,7 @@ class NiahTask:
         keys = tuple(positions[i] + off + j for i, off, n in key_spans for j in range(n))
         return NiahSample(tokens=tokens, prompt_len=len(body), answer=answer.astype(np.int32),
                           needle_positions=tuple(positions), depth=float(depth), key_positions=keys,
-                          offset=int(offset))
+                          offset=int(offset), lead=lead)
 
     def _key(self, seq_len: int, depth: float, index: int) -> list[int]:
         """The sample's seed."""
@@ -240,7 +250,8 @@ class NiahTask:
         """sample(seq_len, depth, index).prompt_len without building the sample (to batch equal lengths)."""
         key = self._key(seq_len, depth, index)
         answer_len = len(self._build(np.random.default_rng(0))[3])  # the same for every sample of a kind
-        return question_end(seq_len, self.S, self.draw_offset(key), answer_len) + 1
+        offset = 0 if self.align == "pad" else self.draw_offset(key)
+        return question_end(seq_len, self.S, offset, answer_len) + 1
 
     def draw_offset(self, key) -> int:
         """The offset of the sample with seed `key`: 0 when aligned, else uniform in [0, S)."""
@@ -334,11 +345,11 @@ def make_niah_factory(kind: str, chunk_size: int = 63, haystack=None, **task_kwa
     return factory
 
 
-def register_niah_tasks(chunk_size: int = 63, haystack=None, *, align: str = "random", overwrite: bool = False,
+def register_niah_tasks(chunk_size: int = 63, haystack=None, *, align: str = "pad", overwrite: bool = False,
                         **task_kwargs) -> list[str]:
     """Registers "niah_single", "niah_multi", "niah_2hop" with the trainer's task mixture (when
     drt_jax.data.mixture is importable). Call again with the model's chunk size and the run's layout
-    (align, DataConfig.niah_align) and overwrite=True when they are not the defaults (63, "random").
+    (align, DataConfig.niah_align) and overwrite=True when they are not the defaults (63, "pad").
     Returns the names registered."""
     if align not in ALIGNS:
         raise TaskError(f"align={align!r}: choose one of {', '.join(ALIGNS)}")
