@@ -176,3 +176,65 @@ def test_swa_prefill_in_chunk_sized_segments_matches_forward():
         lg, state = eng.step(state, tokens[:, t])
         outs.append(np.asarray(lg)[:, None])
     np.testing.assert_array_less(np.abs(np.concatenate(outs, axis=1) - ref).max(), 1e-4)
+
+
+def test_plan_reads_fetches_distinct_host_chunks_and_remaps_every_read():
+    """An offloaded segment's group fetches each host chunk it reads once (not once per read), none of the
+    segment's own chunks (still on the device), and every read - repeated, own, empty - lands on its chunk
+    in the memory [own chunks; fetched chunks]."""
+    from drt_jax.inference.offload import fetch_rows, plan_reads
+
+    start, C, K = 40, 3, 4
+    ids = np.array([[[5, 5, 41, -1], [39, 5, 40, 2], [2, 39, 41, 5], [42, 5, 39, 0]],
+                    [[7, 8, 9, 10], [7, 8, 9, 40], [11, 7, 8, 9], [-1, -1, 12, 7]]])  # [B, C + 1, K]
+    glob = np.arange(2 * 64 * 3).reshape(2, 64, 3) + 0.5  # [B, E, row]: every chunk of every batch row differs
+    rows, local = plan_reads(ids, start, C, (C + 1) * K)
+    assert rows.shape == (2, 16) and local.shape == ids.shape and local.dtype == np.int32
+    np.testing.assert_array_equal(rows[0, :4], [0, 2, 5, 39])  # ascending, once each, then padding
+    np.testing.assert_array_equal(rows[1, :6], [7, 8, 9, 10, 11, 12])
+    assert (rows[0, 4:] == -1).all() and (rows[1, 6:] == -1).all()
+    for b in range(2):
+        mem = np.concatenate([glob[b, start : start + C], glob[b, np.maximum(rows[b], 0)]])
+        np.testing.assert_array_equal(mem[local[b][ids[b] >= 0]], glob[b, ids[b][ids[b] >= 0]])
+        np.testing.assert_array_equal(local[b][ids[b] < 0], -1)
+    assert [fetch_rows(n, 2056) for n in (0, 1, 16, 17, 256, 257, 2000, 2056)] == [0, 16, 16, 32, 256, 512, 2048, 2056]
+
+
+def test_offload_with_repeated_reads_matches_device_memory(monkeypatch):
+    """Reads of the same chunks by many chunks: batch row 0 repeats a phrase (its later segments read
+    mostly earlier copies, on the host, each several times), row 1 is random. With the chunk memory on
+    the host (each chunk fetched once, reads remapped) the logits are those of the memory on the device,
+    over three prefill segments and then decode steps that close chunks."""
+    from drt_jax.inference import offload
+
+    cfg, params, _, _, _ = _setup("rope")  # two retrieval groups
+    rng = np.random.default_rng(3)
+    n = cfg.chunk_size * 20 + 5
+    repeated = np.tile(rng.integers(0, 256, 2 * cfg.chunk_size), 11)[:n]
+    tokens = np.stack([repeated, rng.integers(0, 256, n)]).astype(np.int32)  # row 1: no repeats
+    kw = dict(batch_size=B, max_chunks=32, memory_block=32, segment_chunks=6)
+    plans = []
+    plan_reads = offload.plan_reads
+
+    def spy(ids, start, C, cap):
+        rows, local = plan_reads(ids, start, C, cap)
+        plans.append((ids, start, rows))
+        return rows, local
+
+    monkeypatch.setattr(offload, "plan_reads", spy)
+    prompt = 3 * 6 * cfg.chunk_size + 3  # three segments of 6 chunks, then decode steps
+    got = _teacher_forced(InferenceEngine(cfg, params, offload="host", **kw), tokens, prompt)
+    want = _teacher_forced(InferenceEngine(cfg, params, **kw), tokens, prompt)
+    np.testing.assert_array_less(np.abs(got - want).max(), 1e-5)
+    # What the segments read: host chunks many times over (each fetched once), their own chunks, and
+    # batch rows that fetch different numbers of chunks (padded to the same count).
+    assert len(plans) == 3 * len(cfg.groups)
+    later = [(ids, start, rows) for ids, start, rows in plans if start > 0]
+    host_reads = sum(int(((ids >= 0) & (ids < start)).sum()) for ids, start, _ in later)
+    fetched = sum(int((rows >= 0).sum()) for _, _, rows in later)
+    assert fetched < host_reads / 2, (fetched, host_reads)
+    assert all((ids >= start).any() for ids, start, _ in plans)
+    assert any((rows[0] >= 0).sum() != (rows[1] >= 0).sum() for _, _, rows in later)
+    # GCA decides the logits here: reading nothing moves them by far more than the tolerance.
+    blind = _teacher_forced(InferenceEngine(cfg, _without_gca(params), **kw), tokens, prompt)
+    assert np.abs(blind - want).max() > 1e-2

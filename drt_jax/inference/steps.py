@@ -76,6 +76,22 @@ def segment_group(params, dev: DeviceState, h, pos, k_mem, v_mem, idx, w, *, cfg
     return _apply(cfg, params, dev, DRT.prefill_group, g, h, pos, k_mem, v_mem, idx, w, ring=R, prefix=prefix)
 
 
+def segment_memory(k_seg, v_seg, last, k_host, v_host, *, size: int):
+    """The memory an offloaded segment's group reads: the segment's own chunks k_seg / v_seg
+    [B, C, S, Hkv, Dh] (rows 0..C-1), the chunks fetched from the host k_host / v_host [B, U, S, Hkv, Dh]
+    (rows C..C+U-1) and zero rows up to a fixed `size` (so the group step compiles once, whatever U is)
+    -> (k_mem, v_mem [B, size, S, Hkv, Dh], and their rows `last` [B, K] (-1 = empty) [B, K, S, Hkv, Dh]:
+    the chunks of the retrieval that the next chunk reads)."""
+
+    def assemble(seg, fetched):
+        pad = jnp.zeros((seg.shape[0], size - seg.shape[1] - fetched.shape[1]) + seg.shape[2:], fetched.dtype)
+        # The segment's chunks in the host's dtype: the values a read from the host would give.
+        return jnp.concatenate([seg.astype(fetched.dtype), fetched, pad], axis=1)
+
+    k_mem, v_mem = assemble(k_seg, k_host), assemble(v_seg, v_host)
+    return k_mem, v_mem, memory.gather(k_mem, last), memory.gather(v_mem, last)
+
+
 def segment_logits(params, h, *, cfg, all_logits: bool):
     """Logits (float32) of a segment's tokens [B, T, V], or of its last token [B, V]."""
     if cfg.uses_retrieval:
