@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("niah", help="needle-in-a-haystack accuracy per length and depth")
     common(sp)
-    sp.add_argument("--task", choices=["single", "multi", "2hop"], default="single")
+    sp.add_argument("--task", choices=["single", "multi", "2hop", "conversation"], default="single",
+                    help="conversation: a passkey question, then, after the model's own answer, a keyed one "
+                         "(both at random offsets, one sample at a time)")
     sp.add_argument("--lengths", default="4K")
     sp.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     sp.add_argument("--samples", type=int, default=10)
@@ -126,6 +128,9 @@ def run(args) -> dict:
         depths = parse_floats(args.depths, "depths")
         if args.samples < 1:
             raise EvalError(f"--samples {args.samples} must be >= 1")
+        if args.task == "conversation" and (args.align != "random" or args.batch_size != 1):
+            raise EvalError("--task conversation runs one sample at a time at random offsets: leave out --align "
+                            "and --batch-size")
     if args.command == "generate" and not args.prompt:
         raise EvalError("empty prompt: give --prompt some text")
     if args.command == "retrieval" and not os.path.isfile(args.text):
@@ -157,15 +162,19 @@ def run(args) -> dict:
         payload = {**meta, "data": args.data, "split": args.split, "results": results}
     elif args.command == "niah":
         from drt_jax.evaluate.common import progress_bar
-        from drt_jax.evaluate.niah import niah_sweep, plot_heatmap, summary_lines
+        from drt_jax.evaluate.niah import conversation_sweep, niah_sweep, plot_heatmap, summary_lines
 
         hay = _tokens(args, tok, 1 << 20)
         print(f"haystacks: {args.data}, {args.split} split")
         total = len(lengths) * len(depths) * args.samples
+        common = dict(lengths=lengths, depths=depths, samples=args.samples, seed=args.seed,
+                      offload=None if args.offload == "none" else "host")
         with progress_bar(total, f"niah {args.task}", show) as bar:
-            r = niah_sweep(cfg, params, tok, hay, task=args.task, lengths=lengths, depths=depths,
-                           samples=args.samples, offload=None if args.offload == "none" else "host",
-                           batch_size=args.batch_size, seed=args.seed, align=args.align, progress=bar.update)
+            if args.task == "conversation":
+                r = conversation_sweep(cfg, params, tok, hay, **common, progress=bar.update)
+            else:
+                r = niah_sweep(cfg, params, tok, hay, task=args.task, **common, batch_size=args.batch_size,
+                               align=args.align, progress=bar.update)
         print("\n".join(summary_lines(r)))
         payload = {**meta, "data": args.data, "split": args.split, **r}
         out = _out(args, f"niah_{args.task}.json")

@@ -2,7 +2,9 @@
 diagnostics that say why -- the teacher-forced loss of the answer tokens and, per retrieval group,
 needle-chunk recall@k (are the chunks holding the needle's value among the top-k retrieved for the
 chunk that generates the answer?). The same three are broken down by where the question ends within
-its chunk (the sample's offset, drt_jax.tasks.niah), in the buckets of offset_buckets."""
+its chunk (the sample's offset, drt_jax.tasks.niah), in the buckets of offset_buckets. conversation_sweep
+measures the same per question of a two-question conversation, the second asked after the model's own
+first answer."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import numpy as np
 from drt_jax import chunking
 from drt_jax.diagnostics import chunk_recall
 from drt_jax.evaluate.common import EvalError
-from drt_jax.tasks.niah import NiahTask, offset_bucket, offset_buckets, score_exact
+from drt_jax.tasks.niah import ConversationTask, NiahTask, offset_bucket, offset_buckets, score_exact
 
 
 def answer_diagnostics(engine, prompts, answers):
@@ -23,16 +25,25 @@ def answer_diagnostics(engine, prompts, answers):
     retrieved [G, B, K] int32: each group's retrieval read by the chunk of the prompt's last token,
     which generates the answer; G = 0 for models without retrieval).
     """
+    return answer_turn(engine, engine.init_state(), prompts, answers)[:3]
+
+
+def answer_turn(engine, state, prompts, answers, *, feed_answer: bool = False):
+    """answer_diagnostics on `state`: a fresh state, or one holding earlier turns of a conversation (the
+    engine aligns a later turn as it does the first). Returns (generated, answer_loss, retrieved, state):
+    the state after the greedy answer, with all A tokens fed where feed_answer (so that a next turn
+    follows the model's own whole answer), else the first A - 1 (all greedy decoding needs)."""
     import jax
     import jax.numpy as jnp
 
     answers = np.asarray(answers, np.int32)
     B, A = answers.shape
-    logits, state = engine.prefill(engine.init_state(), prompts)
+    logits, state = engine.prefill(state, prompts)
     retrieved = (np.asarray(jax.device_get(state.dev.ret_idx)) if engine.cfg.uses_retrieval
                  else np.zeros((0, B, 0), np.int32))
     # The steps donate their device state: the teacher-forced pass runs on a copy. (An answer that crosses
-    # a chunk end writes that chunk to a shared host memory; the greedy pass then rewrites it before use.)
+    # a chunk end writes that chunk to a shared host memory; the greedy pass, which feeds at least as
+    # many tokens, then rewrites it before use.)
     forced = dataclasses.replace(state, dev=jax.tree.map(jnp.copy, state.dev))
     nll = np.zeros(B)
     step_logits = logits
@@ -45,9 +56,9 @@ def answer_diagnostics(engine, prompts, answers):
     for i in range(A):
         nxt = np.asarray(jnp.argmax(logits, axis=-1), np.int32)
         generated.append(nxt)
-        if i + 1 < A:
+        if i + 1 < A or feed_answer:
             logits, state = engine.step(state, nxt)
-    return np.stack(generated, axis=1), nll / A, retrieved
+    return np.stack(generated, axis=1), nll / A, retrieved, state
 
 
 def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, samples: int,
@@ -61,27 +72,15 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
     offsets batch less."""
     from drt_jax.inference import InferenceEngine
 
-    if not cfg.uses_retrieval and cfg.arch != "swa" and cfg.arch != "full":
-        raise EvalError(f"unsupported arch {cfg.arch}")
     t = NiahTask(task, tokenizer, haystack, cfg.chunk_size, seed=seed, align=align)
-    for length in lengths:
-        t.check_length(length)
-    for d in depths:
-        if not 0.0 <= d <= 1.0:
-            raise EvalError(f"depth {d} must be in [0, 1]")
-    aligning = cfg.uses_retrieval and cfg.prompt_align == "chunk"
+    aligning = _check_sweep(cfg, t, lengths, depths)
 
     def pads(n: int) -> int:  # pad ids the engine puts before a prompt of n tokens
         return chunking.prompt_padding(0, n, cfg.chunk_size) if aligning else 0
 
-    acc: dict = {}
-    answer_loss: dict = {}
-    recall: dict = {f"g{g}": {} for g in range(len(cfg.groups))}
     records = []
     for length in lengths:
         max_len = length + 64 if cfg.arch == "full" else None
-        for table in (acc, answer_loss, *recall.values()):
-            table[str(length)] = {}
         for depth in depths:
             rows = {}
             for indices in _equal_length_batches(t, length, depth, samples, batch_size, pads):
@@ -105,20 +104,106 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
                                           for g in range(len(retrieved))}}
                 if progress is not None:
                     progress(len(batch))
-            cell = [rows[i] for i in sorted(rows)]
-            records.extend(cell)
-            acc[str(length)][str(depth)] = float(np.mean([r["correct"] for r in cell]))
-            answer_loss[str(length)][str(depth)] = float(np.mean([r["answer_loss"] for r in cell]))
-            for g, table in recall.items():
-                table[str(length)][str(depth)] = float(np.nanmean([r["recall"][g] for r in cell]))
-    return {"task": task, "align": align, "prompt_align": cfg.prompt_align if cfg.uses_retrieval else None,
-            "lengths": list(lengths), "depths": list(depths),
-            "samples_per_cell": samples, "offload": offload, "chunk_size": cfg.chunk_size,
-            "top_k": cfg.top_k if cfg.uses_retrieval else None, "accuracy": acc, "answer_loss": answer_loss,
-            "needle_recall": recall,
-            "offset_buckets": [label for label, _, _ in offset_buckets(cfg.chunk_size)],
-            "by_offset": offset_breakdown(records, lengths, cfg.chunk_size, list(recall)),
-            "records": records}
+            records.extend(rows[i] for i in sorted(rows))
+    return {"task": task, "align": align, **_sweep_meta(cfg, lengths, depths, samples, offload),
+            **_question_tables(records, lengths, depths, cfg), "records": records}
+
+
+def _check_sweep(cfg, task, lengths, depths) -> bool:
+    """One-line errors for a sweep that cannot run; -> whether the engine aligns prompts (and turns)."""
+    if not cfg.uses_retrieval and cfg.arch != "swa" and cfg.arch != "full":
+        raise EvalError(f"unsupported arch {cfg.arch}")
+    for length in lengths:
+        task.check_length(length)
+    for d in depths:
+        if not 0.0 <= d <= 1.0:
+            raise EvalError(f"depth {d} must be in [0, 1]")
+    return cfg.uses_retrieval and cfg.prompt_align == "chunk"
+
+
+def _sweep_meta(cfg, lengths, depths, samples, offload) -> dict:
+    return {"prompt_align": cfg.prompt_align if cfg.uses_retrieval else None, "lengths": list(lengths),
+            "depths": list(depths), "samples_per_cell": samples, "offload": offload, "chunk_size": cfg.chunk_size,
+            "top_k": cfg.top_k if cfg.uses_retrieval else None,
+            "offset_buckets": [label for label, _, _ in offset_buckets(cfg.chunk_size)]}
+
+
+def _question_tables(records, lengths, depths, cfg) -> dict:
+    """One question's tables from its records ({"length", "depth", "offset", "correct", "answer_loss",
+    "recall": {group: value}}): "accuracy", "answer_loss" {length: {depth: mean}}, "needle_recall"
+    {group: {length: {depth: mean of the defined recalls}}}, "by_offset" (offset_breakdown)."""
+    groups = [f"g{g}" for g in range(len(cfg.groups))]
+    table = lambda value, mean=np.mean: _depth_table(records, lengths, depths, value, mean)
+    return {"accuracy": table(lambda r: r["correct"]), "answer_loss": table(lambda r: r["answer_loss"]),
+            "needle_recall": {g: table(lambda r, g=g: r["recall"][g], np.nanmean) for g in groups},
+            "by_offset": offset_breakdown(records, lengths, cfg.chunk_size, groups)}
+
+
+def _depth_table(records, lengths, depths, value, mean=np.mean) -> dict:
+    """{length: {depth: mean of value(record) over the records of that cell}}."""
+    return {str(L): {str(d): float(mean([value(r) for r in records if r["length"] == L and r["depth"] == d]))
+                     for d in depths} for L in lengths}
+
+
+QUESTIONS = ("passkey", "keyed value")  # the conversation's questions, in the order asked
+
+
+def conversation_sweep(cfg, params, tokenizer, haystack, *, lengths, depths, samples: int,
+                       offload: str | None = None, seed: int = 0, progress=None) -> dict:
+    """The two-question conversation (drt_jax.tasks.niah.ConversationTask) per (length, depth), one
+    sample at a time: prefill turn 1, generate answer 1 greedily and feed it back (a user's conversation
+    continues from the model's own answer), prefill turn 2 on the same state, generate answer 2. The
+    engine aligns each turn as cfg.prompt_align says (turn 2 mid-chunk). -> JSON-ready {"accuracy":
+    {length: {depth: both answers exact}}, "questions": [per question: its niah_sweep tables ("accuracy",
+    "answer_loss" (answer 2's teacher-forced after the model's own answer 1), "needle_recall" of the
+    retrieval read when the answer is generated, "by_offset" by that question's offset)], "records":
+    [one per sample: "pads" before each turn, "questions": [the per-answer fields of niah_sweep's
+    records]], ...}. Needle chunk ids count the pads before turn 1 (every needle is in turn 1)."""
+    from drt_jax.inference import InferenceEngine
+
+    if cfg.arch == "full":
+        raise EvalError("arch='full' prefills a fresh state only, so it cannot take turn 2; evaluate drt or swa")
+    task = ConversationTask(tokenizer, haystack, cfg.chunk_size, seed=seed)
+    aligning = _check_sweep(cfg, task, lengths, depths)
+    records = []
+    for length in lengths:
+        eng = InferenceEngine(cfg, params, batch_size=1, offload=offload, max_chunks=length // cfg.chunk_size + 5)
+        for depth in depths:
+            for i in range(samples):
+                s = task.sample(length, depth, i)
+                questions = converse(eng, s, aligning)
+                records.append({"length": length, "depth": depth, "index": i, "pads": list(s.pads(aligning)),
+                                "needles": list(s.needle_positions), "questions": questions,
+                                "both_correct": all(q["correct"] for q in questions)})
+                if progress is not None:
+                    progress(1)
+    per_question = []
+    for q, name in enumerate(QUESTIONS):
+        rows = [{"length": r["length"], "depth": r["depth"], **r["questions"][q]} for r in records]
+        per_question.append({"question": name, **_question_tables(rows, lengths, depths, cfg)})
+    return {"task": ConversationTask.kind, "align": task.align, **_sweep_meta(cfg, lengths, depths, samples, offload),
+            "accuracy": _depth_table(records, lengths, depths, lambda r: r["both_correct"]),
+            "questions": per_question, "records": records}
+
+
+def converse(engine, sample, aligning: bool) -> list[dict]:
+    """Runs one conversation (batch 1) -> per question {"offset", "answer", "generated", "correct",
+    "answer_loss", "needle_chunks" (in the engine's padded stream), "retrieved", "recall"}. aligning:
+    whether the engine pads each turn (ModelConfig.prompt_align="chunk")."""
+    state = engine.init_state()
+    pads = sample.pads(aligning)
+    out = []
+    for q, (turn, answer) in enumerate(zip(sample.turns, sample.answers, strict=True)):
+        gen, loss, retrieved, state = answer_turn(engine, state, turn[None], answer[None], feed_answer=q == 0)
+        needle_chunks = sample.needle_chunks(q, pads[0])
+        out.append({"offset": sample.offsets[q], "answer": answer.tolist(), "generated": gen[0].tolist(),
+                    "correct": score_exact(gen[0], answer), "answer_loss": float(loss[0]),
+                    "needle_chunks": needle_chunks.tolist(),
+                    "retrieved": {f"g{g}": retrieved[g, 0].tolist() for g in range(len(retrieved))},
+                    "recall": {f"g{g}": chunk_recall(retrieved[g, 0], needle_chunks) for g in range(len(retrieved))}})
+    # The engine built the stream the sample describes (its pads; answer 2's last token is not fed).
+    assert state.ntok == len(sample.stream(engine.cfg.pad_id, aligned=aligning)[0]) - 1, (state.ntok, pads)
+    return out
 
 
 def _equal_length_batches(task: NiahTask, length: int, depth: float, samples: int, batch_size: int, pads):
@@ -162,15 +247,18 @@ def _mean(values) -> float | None:
 
 def summary_lines(result: dict) -> list[str]:
     """The sweep's tables (accuracy, answer loss, recall per group), depth by length, then the same by
-    offset bucket (rows with samples only; "all" when there are several lengths), as text lines."""
-    lengths, depths = result["lengths"], result["depths"]
+    offset bucket (rows with samples only; "all" when there are several lengths), as text lines. A
+    conversation (conversation_sweep) gives them per question, then both answers' accuracy."""
+    if result.get("questions"):  # a conversation: each question's tables, then both answers'
+        lines = []
+        for q, view in enumerate(result["questions"]):
+            lines.append(f"question {q + 1} ({view['question']}):")
+            lines += summary_lines({**result, **view, "questions": None})
+        return lines + _depth_table_lines("both answers correct", result, result["accuracy"], "{:>8.3f}")
     tables = [("accuracy", result["accuracy"], "{:>8.3f}"), ("answer loss (nats/token)", result["answer_loss"], "{:>8.2f}")]
     tables += [(f"needle-chunk recall@{result['top_k']} {g}", t, "{:>8.2f}") for g, t in result["needle_recall"].items()]
-    lines = []
-    for title, table, fmt in tables:
-        lines.append(f"{title}: depth \\ length " + " ".join(f"{L:>8d}" for L in lengths))
-        for d in depths:
-            lines.append(f"{d:>14g} " + " ".join(fmt.format(table[str(L)][str(d)]) for L in lengths))
+    lines = [line for title, table, fmt in tables for line in _depth_table_lines(title, result, table, fmt)]
+    lengths = result["lengths"]
     by = result.get("by_offset")
     if by is None:  # results written before offsets were recorded
         return lines
@@ -190,6 +278,13 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
+def _depth_table_lines(title: str, result: dict, table: dict, fmt: str) -> list[str]:
+    """A {length: {depth: value}} table as text: a header line, then a line per depth."""
+    lengths, depths = result["lengths"], result["depths"]
+    lines = [f"{title}: depth \\ length " + " ".join(f"{L:>8d}" for L in lengths)]
+    return lines + [f"{d:>14g} " + " ".join(fmt.format(table[str(L)][str(d)]) for L in lengths) for d in depths]
+
+
 def plot_heatmap(result: dict, path: str) -> None:
     import matplotlib
 
@@ -204,7 +299,8 @@ def plot_heatmap(result: dict, path: str) -> None:
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    ax.set_title(f"NIAH {result['task']}: exact-match accuracy")
+    what = "both answers exact" if result.get("questions") else "exact-match accuracy"  # see conversation_sweep
+    ax.set_title(f"NIAH {result['task']}: {what}")
     for i in range(len(depths)):
         for j in range(len(lengths)):
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)

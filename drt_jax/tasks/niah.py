@@ -46,6 +46,11 @@ the needle and continues it (what attention over a retrieved chunk naturally lea
 failure seen in the first H100 runs (greedy answers ":" + a repeated byte). The question therefore
 repeats the needle's text up to the value.
 
+Conversation (ConversationTask, issue 25): two questions on one haystack, holding the single passkey
+needle and the multi task's keyed needles; turn 1 = haystack + the passkey question -> P, then, after that
+answer, turn 2 = a few haystack tokens + the keyed question -> its value. Both questions end at random
+offsets; fine-tuning examples are the token stream the inference engine builds for the two turns.
+
 Every sample records `key_positions`: the token indices of the needle values the answer is copied from
 (single: the passkey; multi: the queried value; 2hop: v1 and v2), whose chunks a retrieval must fetch,
 and its `offset`. offset_buckets groups offsets for reports (eval.py niah). Depth in [0, 1] places the queried needle (2hop: the first hop) between the start of the haystack and
@@ -59,6 +64,8 @@ import string
 from collections.abc import Sequence
 
 import numpy as np
+
+from drt_jax.chunking import prompt_padding
 
 KINDS = ("single", "multi", "2hop")
 ALIGNS = ("random", "chunk", "pad")  # where the question ends within its chunk; see the module docstring
@@ -85,7 +92,7 @@ class NiahSample:
     def needle_chunks(self, chunk_size: int, pads: int = 0) -> np.ndarray:
         """Sorted chunk ids holding the key tokens: what the answer's retrieval must fetch. pads: tokens
         put before the prompt (the engine's prompt alignment), which shift every chunk id."""
-        return np.unique((np.asarray(self.key_positions, np.int64) + pads) // chunk_size)
+        return chunks_of(self.key_positions, chunk_size, pads)
 
     def example(self, pad_id: int) -> dict[str, np.ndarray]:
         """Fine-tuning example, int32 [T] each: "tokens"; "mask" (LM loss on every token up to the end
@@ -144,18 +151,20 @@ class NiahTask:
     def _var(self, rng) -> np.ndarray:
         return self.alphabet[rng.integers(0, len(self.alphabet), self.answer_len)]
 
-    def _build(self, rng):
+    def _build(self, rng, kind: str | None = None):
         """-> (needles: list of arrays, queried needle index, question, answer, key spans), where a key
-        span (needle index, offset, length) locates a value the answer copies inside its needle."""
+        span (needle index, offset, length) locates a value the answer copies inside its needle.
+        kind: the task's own kind unless given (a conversation builds a single and a multi question)."""
         e = self._enc
         n = self.answer_len
-        if self.kind == "single":
+        kind = self.kind if kind is None else kind
+        if kind == "single":
             p = self._var(rng)
             prefix = e("|The passkey is:")
             needles = [np.concatenate([prefix, p, e("|")])]
             question = e("|What is the passkey? The passkey is:")
             return needles, 0, question, p, [(0, len(prefix), n)]
-        if self.kind == "multi":
+        if kind == "multi":
             keys = [self._var(rng) for _ in range(self.n_distractors + 1)]
             vals = [self._var(rng) for _ in range(self.n_distractors + 1)]
             prefix, sep = e("|One of the special magic numbers for "), e(" is ")
@@ -205,23 +214,35 @@ class NiahTask:
         q_last = question_end(seq_len, self.S, 0 if self.align == "pad" else offset, len(answer))
         q_start = q_last - len(question) + 1
         hay_len = q_start - lead - sum(len(n) for n in needles)  # filler tokens before the question
-        # Needles go between filler offsets; the queried one at `depth` of the room before the
-        # question minus 2 chunks (so it is retrieved from memory, not seen in the current chunk).
+        assert q_idx == 0  # _build puts the queried needle first
+        hay, positions = self._haystack(rng, needles, hay_len, depth, shuffle=self.kind == "2hop")
+        body = np.concatenate([np.full(lead, self.tok.pad_id, np.int32), hay, question]).astype(np.int32)
+        positions = [p + lead for p in positions]
+        assert len(body) == q_last + 1, (len(body), q_last)
+        tail = np.full(seq_len - len(body), self.tok.pad_id, np.int32)
+        n_ans = min(len(answer), len(tail))
+        tail[:n_ans] = answer[:n_ans]
+        tokens = np.concatenate([body, tail])
+        keys = key_positions(positions, key_spans)
+        return NiahSample(tokens=tokens, prompt_len=len(body), answer=answer.astype(np.int32),
+                          needle_positions=tuple(positions), depth=float(depth), key_positions=keys,
+                          offset=int(offset), lead=lead)
+
+    def _haystack(self, rng, needles, hay_len: int, depth: float, *, at_depth: int = 1, shuffle: bool = False):
+        """Needles among hay_len filler tokens -> (int32 [hay_len + sum(len(needles))], start of each
+        needle in it). needles[:at_depth] go, in order, at `depth` of the room before the end minus 2
+        chunks (so they are retrieved from memory, not seen in the question's chunk); the others at
+        uniformly random places, in a random order with `shuffle` (2hop)."""
         room = max(0, hay_len - 2 * self.S)
-        offsets = [int(round(depth * room))]
-        others = sorted(int(x) for x in rng.integers(0, room + 1, len(needles) - 1))
-        order = list(range(len(needles)))
-        if self.kind == "2hop":  # shuffle which needle comes where (the queried one keeps `depth`)
-            rest = [i for i in order if i != q_idx]
+        offsets = [int(round(depth * room))] * at_depth
+        others = sorted(int(x) for x in rng.integers(0, room + 1, len(needles) - at_depth))
+        rest = list(range(at_depth, len(needles)))
+        if shuffle:
             rng.shuffle(rest)
-            order = [q_idx] + rest
-        else:
-            order = [q_idx] + [i for i in order if i != q_idx]
-        placed = sorted(zip(offsets + others, order, strict=False))
-        start = int(rng.integers(0, max(1, len(self.haystack) - hay_len)))
-        # Index the window instead of rolling the whole haystack (4M tokens) for every example.
-        filler = self.haystack[(start + np.arange(hay_len)) % len(self.haystack)]
-        pieces, positions, cursor, out_len = [np.full(lead, self.tok.pad_id, np.int32)], [0] * len(needles), 0, lead
+        # Ties (needles at one filler offset) keep the order of their indices.
+        placed = sorted(zip(offsets + others, list(range(at_depth)) + rest, strict=True))
+        filler = self._filler(rng, hay_len)
+        pieces, positions, cursor, out_len = [], [0] * len(needles), 0, 0
         for off, i in placed:
             pieces.append(filler[cursor:off])
             out_len += off - cursor
@@ -230,17 +251,13 @@ class NiahTask:
             out_len += len(needles[i])
             cursor = off
         pieces.append(filler[cursor:])
-        pieces.append(question)
-        body = np.concatenate(pieces).astype(np.int32)
-        assert len(body) == q_last + 1, (len(body), q_last)
-        tail = np.full(seq_len - len(body), self.tok.pad_id, np.int32)
-        n_ans = min(len(answer), len(tail))
-        tail[:n_ans] = answer[:n_ans]
-        tokens = np.concatenate([body, tail])
-        keys = tuple(positions[i] + off + j for i, off, n in key_spans for j in range(n))
-        return NiahSample(tokens=tokens, prompt_len=len(body), answer=answer.astype(np.int32),
-                          needle_positions=tuple(positions), depth=float(depth), key_positions=keys,
-                          offset=int(offset), lead=lead)
+        return np.concatenate(pieces).astype(np.int32), positions
+
+    def _filler(self, rng, n: int) -> np.ndarray:
+        """n haystack tokens from a random start (wrapping around a short haystack)."""
+        start = int(rng.integers(0, max(1, len(self.haystack) - n)))
+        # Index the window instead of rolling the whole haystack (4M tokens) for every example.
+        return self.haystack[(start + np.arange(n)) % len(self.haystack)]
 
     def _key(self, seq_len: int, depth: float, index: int) -> list[int]:
         """The sample's seed."""
@@ -262,8 +279,196 @@ class NiahTask:
     def example(self, seq_len: int, index: int, depth: float | None = None) -> dict[str, np.ndarray]:
         """A fine-tuning example; depth drawn uniformly when not given."""
         if depth is None:
-            depth = float(np.random.default_rng([self.seed, 7, int(index)]).random())
+            depth = self.draw_depth(index)
         return self.sample(seq_len, depth, index).example(self.tok.pad_id)
+
+    def draw_depth(self, index: int) -> float:
+        """The needle depth of fine-tuning example `index`: uniform in [0, 1)."""
+        return float(np.random.default_rng([self.seed, 7, int(index)]).random())
+
+
+# --------------------------------------------------------------------------------------------------
+# A two-question conversation (issue 25)
+# --------------------------------------------------------------------------------------------------
+
+_PAD, _PROMPT, _ANSWER = 0, 1, 2  # roles of a conversation stream's tokens (ConversationSample.stream)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversationSample:
+    """Two questions on one haystack, the second asked after the answer to the first. Token indices
+    (key_positions, needle_positions) count from turn 1's first token, in the conversation without
+    the engine's alignment pads (turn 1, answer 1, turn 2, answer 2)."""
+
+    turns: tuple[np.ndarray, np.ndarray]  # int32 [P1], [P2]: what the user sends, without pads
+    answers: tuple[np.ndarray, np.ndarray]  # int32 [A1], [A2]: the passkey, the keyed value
+    key_positions: tuple[tuple[int, ...], tuple[int, ...]]  # per question: the values it copies (in turn 1)
+    needle_positions: tuple[int, ...]  # the passkey needle, the queried keyed needle, the distractors
+    offsets: tuple[int, int]  # each question's last token's index within its chunk, without pads
+    depth: float
+    chunk_size: int
+    seq_len: int  # the context length it was built for: its aligned stream fits in it
+
+    def pads(self, aligned: bool = True) -> tuple[int, int]:
+        """The pads the engine puts before each turn when it aligns prompts (else none)."""
+        if not aligned:
+            return (0, 0)
+        return turn_pads([len(t) for t in self.turns], [len(a) for a in self.answers], self.chunk_size)
+
+    def stream(self, pad_id: int, *, aligned: bool = True, answer1=None) -> tuple[np.ndarray, np.ndarray]:
+        """The conversation as the engine feeds it: [pads, turn 1, answer 1, pads, turn 2, answer 2] ->
+        (tokens int32 [N], role int32 [N]: 0 pad, 1 prompt, 2 answer). answer1: the model's own first
+        answer (what it is given back in evaluation) in place of the true one, of the same length."""
+        first = self.answers[0] if answer1 is None else np.asarray(answer1, np.int32)
+        if first.shape != self.answers[0].shape:
+            raise TaskError(f"answer1 has shape {first.shape}; give {len(self.answers[0])} tokens, the passkey's length")
+        pieces = []
+        for pad, turn, answer in zip(self.pads(aligned), self.turns, (first, self.answers[1]), strict=True):
+            pieces += [(np.full(pad, pad_id, np.int32), _PAD), (turn, _PROMPT), (answer, _ANSWER)]
+        tokens = np.concatenate([x for x, _ in pieces]).astype(np.int32)
+        role = np.concatenate([np.full(len(x), r, np.int32) for x, r in pieces])
+        return tokens, role
+
+    def needle_chunks(self, question: int, pads: int = 0) -> np.ndarray:
+        """Sorted chunk ids holding question `question`'s (0 or 1) key tokens; pads: the engine's pads
+        before turn 1 (every needle sits in turn 1, so the pads before turn 2 shift none)."""
+        return chunks_of(self.key_positions[question], self.chunk_size, pads)
+
+    def example(self, pad_id: int, aligned: bool = True) -> dict[str, np.ndarray]:
+        """Fine-tuning example, int32 [seq_len] each: "tokens" (the stream, then pad ids); "mask" (LM
+        loss on every real token up to the end of answer 2, none on the pads); "answer" (1 on both
+        answers); "needle" (1 on question 1's key tokens only: the trainer's recall reads the retrieval
+        of the first answer's chunk, diagnostics.answer_retrieval_row, which need not fetch question 2's
+        needle)."""
+        tokens, role = self.stream(pad_id, aligned=aligned)
+        out = {k: np.zeros(self.seq_len, np.int32) for k in ("tokens", "mask", "answer", "needle")}
+        out["tokens"][:] = pad_id
+        out["tokens"][: len(tokens)] = tokens
+        out["mask"][: len(tokens)] = role != _PAD
+        out["answer"][: len(tokens)] = role == _ANSWER
+        out["needle"][np.asarray(self.key_positions[0]) + self.pads(aligned)[0]] = 1
+        return out
+
+
+class ConversationTask:
+    """Two-question conversations (issue 25): one haystack holds the single task's passkey needle and
+    the multi task's keyed needles (the queried one and n_distractors others). Turn 1 is the haystack
+    and the passkey question -> the passkey; turn 2, asked after answer 1, is a few haystack tokens and
+    the keyed question -> the queried value. The formats are those of NiahTask (module docstring).
+
+    Each question's end offset is drawn uniformly in [0, S) (0 for align="chunk"): turn 1's last token
+    sits at offset o1 of its chunk, and turn 2's at o2 of the conversation without pads, counting
+    answer 1 (its filler tokens, 0 .. S - 1 of them, set o2). Turn 1 is as long as lets the aligned
+    stream (ConversationSample.stream) fill seq_len at most; depth places the passkey needle and,
+    right after it, the queried keyed needle; the distractors go to random places.
+
+    align: the layout of fine-tuning examples: "pad" the engine's (ModelConfig.prompt_align="chunk":
+    pads before each turn so that it ends on a chunk's first slot), "random" without pads (what
+    prompt_align="none" feeds), "chunk" both offsets 0, where the engine adds no pads: every align is
+    what an engine feeds for its offsets, so the task is registered for each (register_niah_tasks).
+    """
+
+    kind = "conversation"
+
+    def __init__(self, tokenizer, haystack, chunk_size: int, *, answer_len: int = 5, n_distractors: int = 5,
+                 alphabet: str = "auto", seed: int = 0, align: str = "random"):
+        # The pieces (encoder, alphabet, haystack, seeds, needle placement) are a multi task's.
+        self.niah = NiahTask("multi", tokenizer, haystack, chunk_size, answer_len=answer_len,
+                             n_distractors=n_distractors, alphabet=alphabet, seed=seed, align=align)
+        self.tok, self.S, self.seed, self.align = tokenizer, int(chunk_size), int(seed), align
+
+    def _build(self, rng):
+        """-> (needles, questions, answers, key spans per question (needle index among `needles`))."""
+        single, _, q1, a1, spans1 = self.niah._build(rng, "single")
+        multi, _, q2, a2, spans2 = self.niah._build(rng, "multi")
+        spans2 = [(i + len(single), off, n) for i, off, n in spans2]
+        return single + multi, (q1, q2), (a1, a2), (spans1, spans2)
+
+    def min_length(self) -> int:
+        """Shortest context (tokens) this task fits in: the needles, turn 1's question and 2 chunks of
+        room (NiahTask's rule), both answers, turn 2's question, and S - 1 tokens at most for each of
+        turn 1's alignment to the chunk grid, its pads, turn 2's filler and its pads."""
+        needles, questions, answers, _ = self._build(np.random.default_rng(0))
+        need = sum(map(len, needles)) + sum(map(len, questions)) + sum(map(len, answers)) + 2 * self.S + 4 * (self.S - 1)
+        return int(-(-need // self.S) * self.S)
+
+    def check_length(self, seq_len: int) -> None:
+        if seq_len < self.min_length():
+            raise TaskError(f"context length {seq_len} is too short for the NIAH conversation with chunk size "
+                            f"{self.S}: needs >= {self.min_length()} tokens")
+
+    def draw_offsets(self, key) -> tuple[int, int]:
+        """Both questions' offsets for the sample with seed `key`: 0 when aligned, else uniform in [0, S)."""
+        if self.align == "chunk":
+            return (0, 0)
+        o1, o2 = np.random.default_rng([*key, _OFFSET_STREAM]).integers(0, self.S, 2)
+        return int(o1), int(o2)
+
+    def sample(self, seq_len: int, depth: float, index: int, offsets=None) -> ConversationSample:
+        """Sample `index` (deterministic in (seed, seq_len, depth, index)). offsets: (o1, o2), or None to
+        draw them as `align` says."""
+        self.check_length(seq_len)
+        if not 0.0 <= depth <= 1.0:
+            raise TaskError(f"depth {depth} must be in [0, 1]")
+        key = self.niah._key(seq_len, depth, index)
+        offsets = self.draw_offsets(key) if offsets is None else tuple(int(o) for o in offsets)
+        if len(offsets) != 2 or not all(0 <= o < self.S for o in offsets):
+            raise TaskError(f"offsets {offsets} must be two offsets in [0, {self.S}) (the chunk size)")
+        rng = np.random.default_rng(key)
+        needles, (q1, q2), answers, spans = self._build(rng)
+        turn1_len, filler = conversation_layout(seq_len, self.S, offsets, [len(a) for a in answers], len(q2))
+        hay, positions = self.niah._haystack(rng, needles, turn1_len - len(q1) - sum(map(len, needles)), depth,
+                                             at_depth=2)
+        turns = (np.concatenate([hay, q1]).astype(np.int32),
+                 np.concatenate([self.niah._filler(rng, filler), q2]).astype(np.int32))
+        return ConversationSample(turns=turns, answers=tuple(a.astype(np.int32) for a in answers),
+                                  key_positions=tuple(key_positions(positions, s) for s in spans),
+                                  needle_positions=tuple(positions), offsets=offsets, depth=float(depth),
+                                  chunk_size=self.S, seq_len=int(seq_len))
+
+    def example(self, seq_len: int, index: int, depth: float | None = None) -> dict[str, np.ndarray]:
+        """A fine-tuning example (ConversationSample.example in the task's layout); depth drawn
+        uniformly when not given."""
+        depth = self.niah.draw_depth(index) if depth is None else depth
+        return self.sample(seq_len, depth, index).example(self.tok.pad_id, aligned=self.align == "pad")
+
+
+def turn_pads(turn_lens, answer_lens, chunk_size: int) -> tuple[int, ...]:
+    """The pads the engine's prompt alignment puts before each turn of a conversation whose turns
+    (turn_lens tokens) and answers (answer_lens tokens) alternate: chunking.prompt_padding at each
+    turn's start, with everything fed before it (earlier pads included) consumed."""
+    pads, consumed = [], 0
+    for n, a in zip(turn_lens, answer_lens, strict=True):
+        pads.append(prompt_padding(consumed, n, chunk_size))
+        consumed += pads[-1] + n + a
+    return tuple(pads)
+
+
+def conversation_layout(seq_len: int, chunk_size: int, offsets, answer_lens, question2_len: int) -> tuple[int, int]:
+    """-> (turn 1's length P1, filler tokens F before question 2): the longest turn 1 whose last token
+    sits at offset o1 of its chunk ((P1 - 1) % S == o1) and whose aligned conversation (pads, turn 1,
+    answer 1, pads, F + question2_len tokens, answer 2) fits in seq_len, with turn 2 ending at offset
+    o2 of the conversation without pads ((P1 + A1 + F + question2_len - 1) % S == o2)."""
+    S = chunk_size
+    (o1, o2), (a1, a2) = offsets, answer_lens
+    filler = (o2 - o1 - a1 - question2_len) % S
+    turn2 = filler + question2_len
+    # Aligned, turn 1 ends on a chunk's first slot, so what follows starts at 1 (mod S): turn 2's pads
+    # do not depend on P1.
+    after = a1 + prompt_padding(1 + a1, turn2, S) + turn2 + a2
+    chunks = (seq_len - 1 - after) // S  # turn 1 and its pads: chunks * S + 1 tokens
+    return chunks * S + 1 - (S - o1) % S, filler
+
+
+def key_positions(positions, key_spans) -> tuple[int, ...]:
+    """Token indices of the values that key spans (needle index, offset in it, length) locate, given
+    each needle's start."""
+    return tuple(positions[i] + off + j for i, off, n in key_spans for j in range(n))
+
+
+def chunks_of(positions, chunk_size: int, pads: int = 0) -> np.ndarray:
+    """Sorted chunk ids holding token indices `positions`, each shifted by `pads` tokens fed before."""
+    return np.unique((np.asarray(positions, np.int64) + pads) // chunk_size)
 
 
 def question_end(seq_len: int, chunk_size: int, offset: int, answer_len: int) -> int:
@@ -336,10 +541,13 @@ def default_haystack(tokenizer, max_tokens: int = 1 << 20, corpus: str = "defaul
 
 def make_niah_factory(kind: str, chunk_size: int = 63, haystack=None, **task_kwargs):
     """factory(seq_len, tokenizer, seed) -> NiahSource, the signature of drt_jax.data.mixture tasks.
+    kind: one of KINDS, or "conversation" (ConversationTask).
     haystack: a token array, or None for the default corpus (read on first use)."""
 
     def factory(seq_len: int, tokenizer, seed: int):
         hay = default_haystack(tokenizer) if haystack is None else haystack
+        if kind == ConversationTask.kind:
+            return NiahSource(ConversationTask(tokenizer, hay, chunk_size, seed=seed, **task_kwargs), seq_len)
         return NiahSource(NiahTask(kind, tokenizer, hay, chunk_size, seed=seed, **task_kwargs), seq_len)
 
     return factory
@@ -347,10 +555,11 @@ def make_niah_factory(kind: str, chunk_size: int = 63, haystack=None, **task_kwa
 
 def register_niah_tasks(chunk_size: int = 63, haystack=None, *, align: str = "pad", overwrite: bool = False,
                         **task_kwargs) -> list[str]:
-    """Registers "niah_single", "niah_multi", "niah_2hop" with the trainer's task mixture (when
-    drt_jax.data.mixture is importable). Call again with the model's chunk size and the run's layout
-    (align, DataConfig.niah_align) and overwrite=True when they are not the defaults (63, "pad").
-    Returns the names registered."""
+    """Registers "niah_single", "niah_multi", "niah_2hop" and "niah_conversation" with the trainer's task
+    mixture (when drt_jax.data.mixture is importable). Call again with the model's chunk size and the
+    run's layout (align, DataConfig.niah_align) and overwrite=True when they are not the defaults (63,
+    "pad"). The conversation is registered for every align: each lays it out as an engine feeds it
+    (ConversationTask). Returns the names registered."""
     if align not in ALIGNS:
         raise TaskError(f"align={align!r}: choose one of {', '.join(ALIGNS)}")
     try:
@@ -358,7 +567,7 @@ def register_niah_tasks(chunk_size: int = 63, haystack=None, *, align: str = "pa
     except ImportError:  # the data package (grain) is not installed here
         return []
     names = []
-    for kind in KINDS:
+    for kind in (*KINDS, ConversationTask.kind):
         name = f"niah_{kind}"
         register_task(name, make_niah_factory(kind, chunk_size, haystack, align=align, **task_kwargs), overwrite=overwrite)
         names.append(name)
