@@ -242,6 +242,9 @@ def merge_niah(paths: list[str]) -> dict:
     parts = [json.loads(pathlib.Path(path).read_text()) for path in paths]
     first = parts[0]
     for path, r in zip(paths, parts, strict=True):
+        if r.get("task") == "conversation":
+            raise ValueError(f"{path} is an eval.py niah --task conversation result, which merge does not join; "
+                             "evaluate all its lengths in one eval.py call")
         for key in ("checkpoint", "task", "depths", "top_k", "align"):
             if r.get(key) != first.get(key):
                 raise ValueError(f"{path}: {key} is {r.get(key)!r}, not {first.get(key)!r} as in {paths[0]}; merge one model's runs")

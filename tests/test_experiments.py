@@ -351,6 +351,10 @@ def test_plots_merge_joins_niah_results_over_lengths(tmp_path):
         plots.merge_niah([str(paths[1]), str(paths[2])])
     with pytest.raises(ValueError, match="repeat"):
         plots.merge_niah([str(paths[1]), str(paths[1])])
+    conversation = tmp_path / "conversation.json"
+    conversation.write_text(json.dumps({**result(65536, 1.0), "task": "conversation"}))
+    with pytest.raises(ValueError, match="conversation result, which merge does not join"):
+        plots.merge_niah([str(paths[1]), str(conversation)])
     assert plots.main(["merge", str(paths[0]), str(paths[1]), "--out", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["merged_from"] == [str(paths[0]), str(paths[1])]
 
