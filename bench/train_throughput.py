@@ -53,6 +53,15 @@ def commit() -> str:
         return "unknown"
 
 
+def header(argv) -> dict:
+    """What every result file records first: the device, jax, date, commit and the command."""
+    import jax
+
+    dev = jax.devices()[0]
+    return {"device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+            "commit": commit(), "command": "PYTHONPATH=. python bench/train_throughput.py " + " ".join(argv or sys.argv[1:])}
+
+
 def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, profile: bool = False):
     import jax
     import numpy as np
@@ -227,10 +236,8 @@ def main(argv=None) -> int:
     cases = [(m, t) for m, t in ORDER_DEFAULT if (args.models is None or m in args.models) and (args.lengths is None or t in args.lengths)]
     if args.models and not cases:  # other presets (e.g. tiny for a CPU smoke test)
         cases = [(m, t) for m in args.models for t in (args.lengths or [4096])]
-    dev = jax.devices()[0]
     result = {
-        "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-        "commit": commit(), "command": "PYTHONPATH=. python bench/train_throughput.py " + " ".join(argv or sys.argv[1:]),
+        **header(argv),
         "settings": {"batch": args.batch, "dtype": "bfloat16 compute, float32 params", "remat": args.remat, "timed_steps": args.steps,
                      "loss": "blocked cross-entropy (1024-token blocks)", "optimizer": "AdamW + clip"},
         "cases": [],
@@ -260,17 +267,10 @@ def main(argv=None) -> int:
 
 
 def loop_main(args, argv) -> int:
-    import jax
-
     from drt_jax.config import ConfigError
     from drt_jax.data.config import DataError
 
-    dev = jax.devices()[0]
-    result = {
-        "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-        "commit": commit(), "command": "PYTHONPATH=. python bench/train_throughput.py " + " ".join(argv or sys.argv[1:]),
-        "mode": "loop", "cases": [],
-    }
+    result = {**header(argv), "mode": "loop", "cases": []}
     try:
         row = run_loop_case(args.run, list(args.set), args.warmup, args.loop_steps, args.step_repeats, args.profile)
     except (ConfigError, DataError) as err:

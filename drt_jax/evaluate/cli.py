@@ -26,13 +26,15 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", default=None, help="JSON results file (default: eval_results/<command>.json)")
         sp.add_argument("--no-progress", action="store_true")
 
+    def text_source(sp, what: str):
+        sp.add_argument("--data", default=None, help=f"{what}; default: the run's own corpus (`default` for random:PRESET)")
+        sp.add_argument("--split", choices=["all", "train", "val"], default=None,
+                        help="val: the run's held-out split (the default for a run folder); train: its training split; "
+                             "all: the corpus from its start (the default for random:PRESET)")
+
     sp = sub.add_parser("ppl", help="perplexity by context length (sliding windows)")
     common(sp)
-    sp.add_argument("--data", default=None, help="text/jsonl/parquet file or folder, or a built-in corpus (default, python-all); "
-                    "default: the run's own corpus (`default` for random:PRESET)")
-    sp.add_argument("--split", choices=["all", "train", "val"], default=None,
-                    help="val: the run's held-out split (the default for a run folder); train: its training split; "
-                         "all: the corpus from its start (the default for random:PRESET)")
+    text_source(sp, "text/jsonl/parquet file or folder, or a built-in corpus (default, python-all)")
     sp.add_argument("--lengths", default="2K")
     sp.add_argument("--stride", type=int, default=-1, help="window stride in tokens (<=0: non-overlapping)")
     sp.add_argument("--max-windows", type=int, default=8)
@@ -53,11 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="samples per prefill; a batch holds prompts of one length once aligned (all of them unless "
                          "--prompt-align none, where only --align chunk gives equal lengths)")
     sp.add_argument("--offload", choices=["none", "host"], default="none")
-    sp.add_argument("--data", default=None, help="haystack corpus (file/folder, or default / python-all); "
-                    "default: the run's own corpus (`default` for random:PRESET)")
-    sp.add_argument("--split", choices=["all", "train", "val"], default=None,
-                    help="val: the run's held-out split (the default for a run folder); train: its training split; "
-                         "all: the corpus from its start (the default for random:PRESET)")
+    text_source(sp, "haystack corpus (file/folder, or default / python-all)")
     sp.add_argument("--plot", default=None, help="heatmap PNG (default: next to the JSON)")
     sp.add_argument("--seed", type=int, default=0)
 

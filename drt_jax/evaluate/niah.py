@@ -93,20 +93,25 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
                                     for s in batch])
                 gen, loss, retrieved = answer_diagnostics(eng, prompts, np.stack([s.answer for s in batch]))
                 for b, (i, s) in enumerate(zip(indices, batch, strict=True)):
-                    needle_chunks = s.needle_chunks(cfg.chunk_size, pads(s.prompt_len))
                     rows[i] = {"length": length, "depth": depth, "offset": s.offset, "pads": pads(s.prompt_len),
-                               "answer": s.answer.tolist(),
-                               "generated": gen[b].tolist(), "correct": score_exact(gen[b], s.answer),
-                               "answer_loss": float(loss[b]), "needles": list(s.needle_positions),
-                               "needle_chunks": needle_chunks.tolist(),
-                               "retrieved": {f"g{g}": retrieved[g, b].tolist() for g in range(len(retrieved))},
-                               "recall": {f"g{g}": chunk_recall(retrieved[g, b], needle_chunks)
-                                          for g in range(len(retrieved))}}
+                               "needles": list(s.needle_positions),
+                               **_answer_record(s.answer, gen[b], loss[b], retrieved[:, b],
+                                                s.needle_chunks(cfg.chunk_size, pads(s.prompt_len)))}
                 if progress is not None:
                     progress(len(batch))
             records.extend(rows[i] for i in sorted(rows))
     return {"task": task, "align": align, **_sweep_meta(cfg, lengths, depths, samples, offload),
             **_question_tables(records, lengths, depths, cfg), "records": records}
+
+
+def _answer_record(answer, generated, loss, retrieved, needle_chunks) -> dict:
+    """One answer's record: the true and generated tokens, exact match, teacher-forced loss, and per
+    retrieval group (retrieved [G, K]) the chunks fetched and the recall of needle_chunks among them."""
+    groups = range(len(retrieved))
+    return {"answer": answer.tolist(), "generated": generated.tolist(), "correct": score_exact(generated, answer),
+            "answer_loss": float(loss), "needle_chunks": needle_chunks.tolist(),
+            "retrieved": {f"g{g}": retrieved[g].tolist() for g in groups},
+            "recall": {f"g{g}": chunk_recall(retrieved[g], needle_chunks) for g in groups}}
 
 
 def _check_sweep(cfg, task, lengths, depths) -> bool:
@@ -195,12 +200,8 @@ def converse(engine, sample, aligning: bool) -> list[dict]:
     out = []
     for q, (turn, answer) in enumerate(zip(sample.turns, sample.answers, strict=True)):
         gen, loss, retrieved, state = answer_turn(engine, state, turn[None], answer[None], feed_answer=q == 0)
-        needle_chunks = sample.needle_chunks(q, pads[0])
-        out.append({"offset": sample.offsets[q], "answer": answer.tolist(), "generated": gen[0].tolist(),
-                    "correct": score_exact(gen[0], answer), "answer_loss": float(loss[0]),
-                    "needle_chunks": needle_chunks.tolist(),
-                    "retrieved": {f"g{g}": retrieved[g, 0].tolist() for g in range(len(retrieved))},
-                    "recall": {f"g{g}": chunk_recall(retrieved[g, 0], needle_chunks) for g in range(len(retrieved))}})
+        out.append({"offset": sample.offsets[q],
+                    **_answer_record(answer, gen[0], loss[0], retrieved[:, 0], sample.needle_chunks(q, pads[0]))})
     # The engine built the stream the sample describes (its pads; answer 2's last token is not fed).
     assert state.ntok == len(sample.stream(engine.cfg.pad_id, aligned=aligning)[0]) - 1, (state.ntok, pads)
     return out
