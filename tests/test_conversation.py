@@ -4,15 +4,15 @@ question."""
 
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drt_jax import DRT, ModelConfig, chunking
+from drt_jax import DRT, chunking
 from drt_jax.data import ByteTokenizer
 from drt_jax.tasks.niah import ConversationTask, TaskError, make_niah_factory
+from tests.test_prompt_align import _model
 
 TOK = ByteTokenizer()
 HAY = np.frombuffer(b"def f(x):\n    return x + 1\n" * 200, np.uint8).astype(np.int32)
@@ -124,12 +124,6 @@ def test_registered_with_the_mixture():
     assert ex["answer"].sum() == 10 and ex["needle"].sum() == 5 and ex["mask"].sum() > 900
     src = make_niah_factory("conversation", chunk_size=15, haystack=HAY, align="pad")(600, TOK, 0)
     np.testing.assert_array_equal(src[3]["tokens"], src.task.example(600, 3)["tokens"])
-
-
-def _model(**kw):
-    cfg = ModelConfig.from_preset("tiny", **kw)
-    params = nn.unbox(DRT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))["params"])
-    return cfg, params
 
 
 def test_engine_reads_the_example_as_its_own_conversation():
