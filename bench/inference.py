@@ -5,7 +5,7 @@
 Models: drt-133m (chunk memory on the device, and offloaded to host) and full-133m (full-attention KV
 cache), bf16 weights and compute, batch 1, random weights. Decode is timed from a synthetic state at each
 context length (ring buffers / caches and chunk memory filled with placeholder values, positions set
-to the context), over 2 chunks of steps (so chunk-boundary work - encoder, retrieval over all chunks,
+to the context), over 2 chunks of steps, best of 3 runs (so chunk-boundary work - encoder, retrieval over all chunks,
 top-k fetch - is included), feeding the argmax back on the device. The chunk memory capacity is the one
 for the largest context in every run (a worst case for the retrieval scoring at short contexts).
 Prefill: real segment prefill of a fresh prompt of --prefill-tokens (e.g. 16M with
@@ -82,12 +82,15 @@ def time_decode(eng, st, steps):
         lg, st = eng.step(st, tok)
         tok = jnp.argmax(lg, -1).astype(jnp.int32)
     lg.block_until_ready()
-    t = time.perf_counter()
-    for _ in range(steps):
-        lg, st = eng.step(st, tok)
-        tok = jnp.argmax(lg, -1).astype(jnp.int32)
-    lg.block_until_ready()
-    return (time.perf_counter() - t) / steps * 1e3, st
+    best = float("inf")
+    for _ in range(3):  # decode is bound by the host's dispatch: the best of 3 runs, not one jittery run
+        t = time.perf_counter()
+        for _ in range(steps):
+            lg, st = eng.step(st, tok)
+            tok = jnp.argmax(lg, -1).astype(jnp.int32)
+        lg.block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return best / steps * 1e3, st
 
 
 def main():

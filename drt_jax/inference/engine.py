@@ -132,8 +132,9 @@ class InferenceEngine:
         closes = cfg.uses_retrieval and (state.ntok + 1) % cfg.chunk_size == 0
         if closes:
             state = self.ensure_capacity(state, state.n_chunks + 1)
-        logits, dev, host_kv = self._decode[closes](self.params, state.dev, tokens, jnp.int32(state.pos),
-                                                    jnp.int32(state.n_chunks))
+        # numpy scalars travel with the call; jnp.int32(...) would dispatch two conversions per token.
+        logits, dev, host_kv = self._decode[closes](self.params, state.dev, tokens, np.int32(state.pos),
+                                                    np.int32(state.n_chunks))
         if closes and self.offload:
             state.host.write(state.n_chunks, *host_kv)
             dev = offload.fetch_retrieved(dev, state.host)
@@ -213,7 +214,6 @@ class InferenceEngine:
                                                   state.n_chunks, donate=self.donate, **static)
         else:
             segment = steps.compiled(steps.segment_device, self.donate, **static)
-            logits, dev = segment(self.params, state.dev, jnp.asarray(tokens), jnp.int32(state.pos),
-                                  jnp.int32(state.n_chunks))
+            logits, dev = segment(self.params, state.dev, tokens, np.int32(state.pos), np.int32(state.n_chunks))
         return logits, InferenceState(dev, pos=state.pos + L, ntok=state.ntok + n, n_chunks=state.n_chunks + C,
                                       host=state.host)

@@ -33,11 +33,21 @@ def _apply(cfg, params, dev: DeviceState, method, *args, **kwargs):
     return out, dev.replace(cache=variables["cache"])
 
 
+_CACHE_SHAPES: dict = {}
+
+
 def empty_cache(cfg, params, dev: DeviceState, batch: int, R: int):
-    """The model's cache of a fresh context (zeros), shaped by tracing a decode step on `dev` (no cache yet)."""
-    step = functools.partial(decode_step, cfg=cfg, R=R, closes_chunk=False, offload=dev.mem_k is None)
-    _, traced, _ = jax.eval_shape(step, params, dev, jnp.zeros((batch,), jnp.int32), jnp.int32(0), jnp.int32(0))
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), traced.cache)
+    """The model's cache of a fresh context (zeros), shaped by tracing a decode step on `dev` (no cache yet).
+
+    The trace runs once per (config, batch, ring, offload): tracing the model costs about as much as a
+    1M-token prefill on a GPU, and every fresh prompt starts from here."""
+    offload = dev.mem_k is None
+    key = (cfg, batch, R, offload)
+    if key not in _CACHE_SHAPES:
+        step = functools.partial(decode_step, cfg=cfg, R=R, closes_chunk=False, offload=offload)
+        _, traced, _ = jax.eval_shape(step, params, dev, jnp.zeros((batch,), jnp.int32), jnp.int32(0), jnp.int32(0))
+        _CACHE_SHAPES[key] = traced.cache
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _CACHE_SHAPES[key])
 
 
 def decode_step(params, dev: DeviceState, tokens, pos, n_chunks, *, cfg, R: int, closes_chunk: bool, offload: bool):
