@@ -238,3 +238,23 @@ def test_offload_with_repeated_reads_matches_device_memory(monkeypatch):
     # GCA decides the logits here: reading nothing moves them by far more than the tolerance.
     blind = _teacher_forced(InferenceEngine(cfg, _without_gca(params), **kw), tokens, prompt)
     assert np.abs(blind - want).max() > 1e-2
+
+
+def test_chunk_memory_that_cannot_fit_the_device_is_a_one_line_error(monkeypatch):
+    from drt_jax.inference import InferenceError, memory
+
+    cfg, params, tokens, ref, eng = _setup("rope")
+    st = eng.init_state()
+    dev_bytes = memory.device_bytes(cfg, B, 16, offload=False)
+    # The estimate is what the state's memory arrays hold.
+    assert dev_bytes == sum(x.nbytes for x in (st.dev.mem_lmk, st.dev.mem_k, st.dev.mem_v))
+    monkeypatch.setattr(memory, "device_free_bytes", lambda: dev_bytes - 1)
+    with pytest.raises(InferenceError, match=r"needs .* GiB on the device.*offload='host'"):
+        eng.init_state()
+    # Growing checks the new capacity too, before anything is allocated.
+    monkeypatch.setattr(memory, "device_free_bytes", lambda: 2 * dev_bytes - 1)
+    with pytest.raises(InferenceError, match="32 chunks"):
+        eng.ensure_capacity(st, 17)
+    # Offloaded, only the landmark keys live on the device: the same budget holds 16x more chunks.
+    off = InferenceEngine(cfg, params, batch_size=B, max_chunks=256, memory_block=16, offload="host")
+    assert off.init_state().host.k.shape[1] == 256

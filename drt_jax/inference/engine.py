@@ -101,12 +101,27 @@ class InferenceEngine:
     def init_state(self, max_chunks: int | None = None) -> InferenceState:
         cfg = self.cfg
         E = self._round_capacity(max_chunks or self.initial_chunks) if cfg.uses_retrieval else 0
+        self._check_fits(E)
         dev = memory.empty(cfg, self.B, E, offload=self.offload)
         dev = dev.replace(cache=steps.empty_cache(cfg, self.params, dev, self.B, self.R))
         host = None
         if self.offload:
             host = HostMemory.zeros((self.B, E, cfg.chunk_size, cfg.kv_heads, cfg.head_dim), cfg.dtype)
         return InferenceState(dev, host=host)
+
+    def _check_fits(self, capacity: int) -> None:
+        """A one-line error, before any allocation, when the chunk memory at `capacity` rows cannot fit
+        the device (XLA's out-of-memory error would come from deep inside the first step)."""
+        need = memory.device_bytes(self.cfg, self.B, capacity, offload=self.offload)
+        free = memory.device_free_bytes()
+        if free is None or need <= free:
+            return
+        gib = 2**30
+        fix = "a smaller batch, a larger device or XLA_PYTHON_CLIENT_MEM_FRACTION up to 0.95"
+        if not self.offload:
+            fix = "offload='host' (eval.py --offload host), " + fix
+        raise InferenceError(f"the chunk memory for {capacity:,} chunks x batch {self.B} needs {need / gib:.1f} GiB on "
+                             f"the device, which has {free / gib:.1f} GiB free: use {fix}")
 
     def _round_capacity(self, n: int) -> int:
         return max(1, math.ceil(n / self.memory_block)) * self.memory_block
@@ -119,6 +134,7 @@ class InferenceEngine:
         if not self.cfg.uses_retrieval or n_chunks <= self.capacity(state):
             return state
         E = self._round_capacity(n_chunks)
+        self._check_fits(E)
         host = state.host.grown(E) if state.host is not None else None
         return dataclasses.replace(state, dev=memory.grow(state.dev, E), host=host)
 

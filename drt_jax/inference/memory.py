@@ -72,6 +72,24 @@ def empty(cfg: ModelConfig, batch: int, capacity: int, *, offload: bool) -> Devi
     return dev.replace(mem_k=jnp.zeros((batch, capacity, S, Hkv, Dh), dt), mem_v=jnp.zeros((batch, capacity, S, Hkv, Dh), dt))
 
 
+def device_bytes(cfg: ModelConfig, batch: int, capacity: int, *, offload: bool) -> int:
+    """Bytes of the chunk memory's device arrays at `capacity` rows: landmark keys, and the K/V unless
+    they are offloaded."""
+    if not cfg.uses_retrieval:
+        return 0
+    row = cfg.d_model + (0 if offload else 2 * cfg.chunk_size * cfg.kv_heads * cfg.head_dim)
+    return batch * capacity * row * jnp.dtype(cfg.dtype).itemsize
+
+
+def device_free_bytes() -> int | None:
+    """Bytes the default device can still allocate (its allocator's limit less what is in use), or None
+    where the backend does not say (CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
 def grow(dev: DeviceState, capacity: int) -> DeviceState:
     """Pads the memory rows to `capacity` (the ring, retrieval and cache are unchanged)."""
     pad = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, capacity - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
