@@ -83,7 +83,7 @@ def time_decode(eng, st, steps):
         tok = jnp.argmax(lg, -1).astype(jnp.int32)
     lg.block_until_ready()
     best = float("inf")
-    for _ in range(3):  # decode is bound by the host's dispatch: the best of 3 runs, not one jittery run
+    for _ in range(3):  # host dispatch and launch gaps vary by tenths of a ms between runs: the best of 3
         t = time.perf_counter()
         for _ in range(steps):
             lg, st = eng.step(st, tok)

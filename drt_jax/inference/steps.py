@@ -39,8 +39,8 @@ _CACHE_SHAPES: dict = {}
 def empty_cache(cfg, params, dev: DeviceState, batch: int, R: int):
     """The model's cache of a fresh context (zeros), shaped by tracing a decode step on `dev` (no cache yet).
 
-    The trace runs once per (config, batch, ring, offload): tracing the model costs about as much as a
-    1M-token prefill on a GPU, and every fresh prompt starts from here."""
+    The trace runs once per (config, batch, ring, offload): every fresh prompt starts from here, and
+    tracing drt-133m costs about 0.3 s of host time, a third of a 1M-token prefill on an H100."""
     offload = dev.mem_k is None
     key = (cfg, batch, R, offload)
     if key not in _CACHE_SHAPES:
