@@ -5,8 +5,9 @@ steps after the run's first step) into <run_dir>/profile/, with the host phases 
 by TraceAnnotations (`PHASES`). `summarize` reads the Perfetto JSON of such a trace and returns:
 
   host:   for each phase, its total and per-step milliseconds on the main Python thread;
-  device: the wall span of the traced steps, the time at least one GPU kernel was running (busy), and
-          the busiest kernels by total time (what the step spends its time on).
+  device: the wall span of the traced steps, the time at least one GPU kernel was running (busy), the
+          busiest kernels by total time, and the time by kind of kernel (`KINDS`: attention, GCA,
+          matmuls, copies, other fusions), i.e. what the step spends its time on.
 
     python -m drt_jax.train.profiling runs/<name>/profile          # prints the summary as JSON
 """
@@ -70,6 +71,26 @@ def _union_us(intervals) -> float:
     return total
 
 
+# Kernel kinds by name, first match wins: what a step's device time is spent on, beside the busiest
+# kernels one by one. XLA names its fused GEMMs gemm_fusion*, cuBLAS's Hopper kernels are nvjet_*.
+KINDS = (
+    ("attention", ("sdpa", "flash", "attention", "splash")),
+    ("gca", ("gca",)),
+    ("matmul", ("gemm", "nvjet", "cublas", "cutlass", "sm90_xmma", "dot")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("fusion", ("fusion", "reduce", "loop_", "input_", "triton")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind (KINDS) of a GPU kernel by its name, or "other"."""
+    low = name.lower()
+    for kind, marks in KINDS:
+        if any(m in low for m in marks):
+            return kind
+    return "other"
+
+
 def summarize(directory: str | pathlib.Path, top: int = 15) -> dict:
     """The summary of the newest trace under `directory` (see the module docstring)."""
     path = newest_trace(directory)
@@ -102,15 +123,18 @@ def summarize(directory: str | pathlib.Path, top: int = 15) -> dict:
         hi = max(e["ts"] + e["dur"] for e in kernels)
         inside = [(max(e["ts"], lo), min(e["ts"] + e["dur"], hi)) for e in kernels if e["ts"] < hi and e["ts"] + e["dur"] > lo]
         busy = _union_us(inside)
-        by_name = collections.Counter()
+        by_name, by_kind = collections.Counter(), collections.Counter()
         for e in kernels:
             by_name[e["name"]] += e["dur"]
+            by_kind[kernel_kind(e["name"])] += e["dur"]
         total = sum(by_name.values())
         out["device"] = {
             "span_ms": (hi - lo) / 1e3, "busy_ms": busy / 1e3, "busy_fraction": busy / max(hi - lo, 1e-9),
             "span_ms_per_step": (hi - lo) / 1e3 / n_steps, "busy_ms_per_step": busy / 1e3 / n_steps,
             "top_kernels": [{"name": k[:120], "ms_per_step": v / 1e3 / n_steps, "share": v / total}
                             for k, v in by_name.most_common(top)],
+            "by_kind": {k: {"ms_per_step": v / 1e3 / n_steps, "share": v / total, "kernels": sum(
+                1 for n in by_name if kernel_kind(n) == k)} for k, v in by_kind.most_common()},
         }
     return out
 
