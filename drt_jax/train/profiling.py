@@ -71,7 +71,7 @@ def _union_us(intervals) -> float:
     return total
 
 
-# Kernel kinds by name, first match wins: what a step's device time is spent on, beside the busiest
+# Kernel kinds by name, first match wins: what a step's GPU kernels spend their time on, beside the busiest
 # kernels one by one. XLA names its fused GEMMs gemm_fusion*, cuBLAS's Hopper kernels are nvjet_*.
 KINDS = (
     ("attention", ("sdpa", "flash", "attention", "splash")),
