@@ -73,12 +73,10 @@ def empty(cfg: ModelConfig, batch: int, capacity: int, *, offload: bool) -> Devi
 
 
 def device_bytes(cfg: ModelConfig, batch: int, capacity: int, *, offload: bool) -> int:
-    """Bytes of the chunk memory's device arrays at `capacity` rows: landmark keys, and the K/V unless
-    they are offloaded."""
-    if not cfg.uses_retrieval:
-        return 0
-    row = cfg.d_model + (0 if offload else 2 * cfg.chunk_size * cfg.kv_heads * cfg.head_dim)
-    return batch * capacity * row * jnp.dtype(cfg.dtype).itemsize
+    """Bytes of the chunk memory's device arrays at `capacity` rows (those of `empty`, without
+    allocating them): landmark keys, and the K/V unless they are offloaded."""
+    dev = jax.eval_shape(lambda: empty(cfg, batch, capacity, offload=offload))
+    return sum(x.size * x.dtype.itemsize for x in (dev.mem_lmk, dev.mem_k, dev.mem_v) if x is not None)
 
 
 def device_free_bytes() -> int | None:

@@ -128,13 +128,14 @@ def summarize(directory: str | pathlib.Path, top: int = 15) -> dict:
             by_name[e["name"]] += e["dur"]
             by_kind[kernel_kind(e["name"])] += e["dur"]
         total = sum(by_name.values())
+        names_per_kind = collections.Counter(kernel_kind(n) for n in by_name)
         out["device"] = {
             "span_ms": (hi - lo) / 1e3, "busy_ms": busy / 1e3, "busy_fraction": busy / max(hi - lo, 1e-9),
             "span_ms_per_step": (hi - lo) / 1e3 / n_steps, "busy_ms_per_step": busy / 1e3 / n_steps,
             "top_kernels": [{"name": k[:120], "ms_per_step": v / 1e3 / n_steps, "share": v / total}
                             for k, v in by_name.most_common(top)],
-            "by_kind": {k: {"ms_per_step": v / 1e3 / n_steps, "share": v / total, "kernels": sum(
-                1 for n in by_name if kernel_kind(n) == k)} for k, v in by_kind.most_common()},
+            "by_kind": {k: {"ms_per_step": v / 1e3 / n_steps, "share": v / total, "kernels": names_per_kind[k]}
+                        for k, v in by_kind.most_common()},
         }
     return out
 
