@@ -2,8 +2,8 @@
 outputs), so masking here is about padding and the last position of every sequence.
 
 `blocked_cross_entropy` never materialises the [B, T, V] float32 logits: it walks over blocks of
-tokens and recomputes each block's logits in the backward pass (at 64K tokens and a 50K vocabulary
-the full logits alone are over 13 GB in float32).
+tokens (at 64K tokens and a 50K vocabulary the full logits alone are over 13 GB in float32), and when
+differentiated takes each block's gradients in the same pass, from logits it computes once.
 """
 
 from __future__ import annotations
@@ -43,42 +43,83 @@ def next_token_loss(logits, tokens, pad_id: int):
     return cross_entropy(logits, targets, mask)
 
 
-@jax.custom_vjp
-def _block_token_loss(h, embedding, t):
-    """Per-token cross-entropy of one block's tied logits. h [B, k, d] (compute dtype), embedding [V, d]
-    (float32 master weights), t int [B, k] -> [B, k] float32.
-
-    The logits [B, k, V] are computed in the compute dtype with float32 accumulation, and in the
-    backward pass recomputed (only h, t and the log-normaliser are kept) and differentiated with the
-    compute dtype's matmuls: d logits = softmax - one_hot(t) is cast to the compute dtype before the
-    two products, so no float32 (tf32) GEMM of the vocabulary's width runs.
-    """
-    return _block_token_loss_fwd(h, embedding, t)[0]
+def _padded_vocab(V: int) -> int:
+    """The logits' width: a large vocabulary rounded up to a multiple of 128 (50,265, odd, leaves GEMMs of
+    that width unaligned and XLA padding them on every call), a small one to a multiple of 8."""
+    m = 128 if V >= 4096 else 8
+    return -(-V // m) * m
 
 
-def _logits(h, embedding):
-    return jnp.einsum("bkd,vd->bkv", h, embedding.astype(h.dtype), preferred_element_type=jnp.float32)
+def _block_logits(h, emb, V: int):
+    """h [B, k, d], emb [Vp, d] in h's dtype -> float32 logits [B, k, Vp], the padded columns at -inf."""
+    logits = jnp.einsum("bkd,vd->bkv", h, emb, preferred_element_type=jnp.float32)
+    if emb.shape[0] != V:
+        logits = jnp.where(jnp.arange(emb.shape[0]) < V, logits, -jnp.inf)
+    return logits
 
 
-def _block_token_loss_fwd(h, embedding, t):
-    logits = _logits(h, embedding)
+def _block_loss(h, emb, t, V: int):
+    """-> (per-token loss [B, k] float32, logits, log-normaliser)."""
+    logits = _block_logits(h, emb, V)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return lse - picked, (h, embedding, t, lse)
+    return lse - picked, logits, lse
 
 
-def _block_token_loss_bwd(res, g):
-    h, embedding, t, lse = res
-    logits = _logits(h, embedding)
-    one_hot = jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype)
-    d_logits = ((jnp.exp(logits - lse[..., None]) - one_hot) * g[..., None]).astype(h.dtype)
-    dh = jnp.einsum("bkv,vd->bkd", d_logits, embedding.astype(h.dtype), preferred_element_type=jnp.float32)
-    d_embedding = jnp.einsum("bkv,bkd->vd", d_logits, h, preferred_element_type=jnp.float32)
-    zero_t = np.zeros(t.shape, jax.dtypes.float0)
-    return dh.astype(h.dtype), d_embedding.astype(embedding.dtype), zero_t
+def _sums(hidden, embedding, targets, weights, extra):
+    """hidden [nb, B, k, d], embedding [V, d], targets/weights [nb, B, k], extra [nb, n, B, k] ->
+    (sum of weighted token losses, sums [n] of the token losses under each extra mask)."""
+    V = embedding.shape[0]
+    emb = jnp.pad(embedding.astype(hidden.dtype), ((0, _padded_vocab(V) - V), (0, 0)))
+
+    def step(carry, xs):
+        total, sums = carry
+        h, t, w, e = xs
+        token_loss = _block_loss(h, emb, t, V)[0]
+        return (total + jnp.sum(token_loss * w), sums + jnp.sum(token_loss * e, axis=(1, 2))), None
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(extra.shape[1], jnp.float32))
+    return jax.lax.scan(step, init, (hidden, targets, weights, extra))[0]
 
 
-_block_token_loss.defvjp(_block_token_loss_fwd, _block_token_loss_bwd)
+_blocked_sums = jax.custom_vjp(_sums)
+
+
+def _sums_fwd(hidden, embedding, targets, weights, extra):
+    """The gradients are taken here, in the same pass as the loss: the loss is linear in each token's
+    loss with the known weights, so d total / d logits = (softmax - one_hot) * weight is complete once
+    a block's logits exist, and the backward pass only scales by the incoming cotangent. This saves the
+    recomputation of every block's logits (a quarter of the head's vocabulary-wide GEMMs) and keeps
+    only dh [nb, B, k, d] and d embedding [V, d]. d logits is cast to the compute dtype before both
+    products, so no float32 (tf32) GEMM of the vocabulary's width runs."""
+    V = embedding.shape[0]
+    Vp = _padded_vocab(V)
+    emb = jnp.pad(embedding.astype(hidden.dtype), ((0, Vp - V), (0, 0)))
+
+    def step(carry, xs):
+        total, sums, d_emb = carry
+        h, t, w, e = xs
+        token_loss, logits, lse = _block_loss(h, emb, t, V)
+        one_hot = jax.nn.one_hot(t, Vp, dtype=jnp.float32)
+        d_logits = ((jnp.exp(logits - lse[..., None]) - one_hot) * w[..., None]).astype(h.dtype)
+        dh = jnp.einsum("bkv,vd->bkd", d_logits, emb, preferred_element_type=jnp.float32).astype(h.dtype)
+        d_emb = d_emb + jnp.einsum("bkv,bkd->vd", d_logits, h, preferred_element_type=jnp.float32)
+        carry = (total + jnp.sum(token_loss * w), sums + jnp.sum(token_loss * e, axis=(1, 2)), d_emb)
+        return carry, (dh, token_loss)
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(extra.shape[1], jnp.float32), jnp.zeros((Vp, emb.shape[1]), jnp.float32))
+    (total, sums, d_emb), (dh, token_loss) = jax.lax.scan(step, init, (hidden, targets, weights, extra))
+    return (total, sums), (dh, d_emb[:V], token_loss, np.zeros(targets.shape, jax.dtypes.float0))
+
+
+def _sums_bwd(res, g):
+    dh, d_emb, token_loss, zero_t = res
+    g_total, g_sums = g
+    d_extra = g_sums[None, :, None, None] * token_loss[:, None]
+    return (g_total * dh).astype(dh.dtype), g_total * d_emb, zero_t, g_total * token_loss, d_extra
+
+
+_blocked_sums.defvjp(_sums_fwd, _sums_bwd)
 
 
 def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int = 1024, metric_masks=None):
@@ -86,9 +127,10 @@ def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int =
 
     hidden [B, T, d], embedding [V, d], targets/mask [B, T] -> (mean loss, total weight): `mask` weights
     each token's loss (0/1, or larger for tokens that should count more) and the mean is the weighted
-    one. Each block's logits [B, block, V] live only inside one scan step (`_block_token_loss`).
-    metric_masks [n, B, T]: also return sums [n] of the unweighted per-token loss under each mask (for
-    reporting losses on subsets, e.g. corpus vs answer tokens; no gradient flows through them).
+    one. Each block's logits [B, block, V] live only inside one scan step; under differentiation the
+    same step also takes the block's gradients (`_sums_fwd`). metric_masks [n, B, T]: also return sums
+    [n] of the unweighted per-token loss under each mask (for reporting losses on subsets, e.g. corpus
+    vs answer tokens; the training loss's gradient does not pass through them).
     """
     B, T, d = hidden.shape
     block = min(block_size, T)
@@ -96,19 +138,9 @@ def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int =
     pad = nb * block - T
     blocked = lambda x: jnp.pad(x, ((0, 0), (0, pad))).reshape(B, nb, block).swapaxes(0, 1)
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, nb, block, d).swapaxes(0, 1)
-    targets, weights = blocked(targets), blocked(mask)
     extra = jnp.zeros((0, B, T), jnp.float32) if metric_masks is None else jnp.asarray(metric_masks, jnp.float32)
     extra = jax.vmap(blocked)(extra).swapaxes(0, 1)  # [nb, n, B, block]
-
-    def step(carry, xs):
-        total, sums = carry
-        h, t, m, e = xs
-        token_loss = _block_token_loss(h, embedding, t)
-        part = jnp.sum(jax.lax.stop_gradient(token_loss) * e, axis=(1, 2))
-        return (total + jnp.sum(token_loss * m), sums + part), None
-
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(extra.shape[1], jnp.float32))
-    (total, sums), _ = jax.lax.scan(step, init, (hidden, targets, weights, extra))
+    total, sums = _blocked_sums(hidden, embedding, blocked(targets), blocked(mask), jax.lax.stop_gradient(extra))
     count = jnp.sum(mask)
     mean = total / jnp.maximum(count, 1.0)
     return (mean, count) if metric_masks is None else (mean, count, sums)
