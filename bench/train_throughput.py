@@ -62,7 +62,8 @@ def header(argv) -> dict:
             "commit": commit(), "command": "PYTHONPATH=. python bench/train_throughput.py " + " ".join(argv or sys.argv[1:])}
 
 
-def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, profile: bool = False):
+def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, profile: bool = False,
+             hlo_dir: str | None = None):
     import jax
     import numpy as np
 
@@ -93,6 +94,13 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
     lowered = step.lower(state, batches[0])
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    if hlo_dir:
+        # The optimized HLO names every fusion a trace lists, with the ops inside it.
+        import gzip
+
+        pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+        with gzip.open(pathlib.Path(hlo_dir) / f"{pathlib.Path(name).stem}-{seq_len}-{remat}.hlo.txt.gz", "wt") as f:
+            f.write(compiled.as_text())
     mem = compiled.memory_analysis()
     est = None
     if mem is not None:
@@ -119,7 +127,7 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
         from drt_jax.train.profiling import summarize
 
         jax.profiler.stop_trace()
-        summary = summarize(trace_dir, top=25)
+        summary = summarize(trace_dir, top=25, traced_steps=steps)
         shutil.rmtree(trace_dir, ignore_errors=True)
     flops_seq = train_flops_per_sequence(cfg, seq_len)
     flops = batch * flops_seq
@@ -220,6 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="sequences per step")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining cases after this many seconds")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_throughput.json"))
+    parser.add_argument("--hlo-dir", default=None, help="step mode: write each case's optimized HLO (gzipped text) here")
     parser.add_argument("--run", help="loop mode: a run config (configs/<name> or a .py path)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="loop mode: overrides of the run config")
     parser.add_argument("--warmup", type=int, default=30, help="loop mode: loop steps before timing (compile, warm-up)")
@@ -252,7 +261,8 @@ def main(argv=None) -> int:
         else:
             t0 = time.time()
             try:
-                row.update(run_case(name, seq_len, args.steps, args.remat, args.batch, profile=args.profile > 0))
+                row.update(run_case(name, seq_len, args.steps, args.remat, args.batch, profile=args.profile > 0,
+                                    hlo_dir=args.hlo_dir))
             except Exception as err:  # noqa: BLE001 - record and continue
                 text = " ".join(str(err).split())
                 oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text

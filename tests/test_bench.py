@@ -18,13 +18,27 @@ def test_train_throughput_counts_every_sequence_of_a_batch(tmp_path):
     out = tmp_path / "tt.json"
     bench = _bench("train_throughput")
     assert bench.main(["--models", "tiny", "--lengths", "64", "--batch", "3", "--steps", "1", "--remat", "none",
-                       "--out", str(out)]) == 0
+                       "--out", str(out), "--hlo-dir", str(tmp_path / "hlo")]) == 0
     result = json.loads(out.read_text())
     (row,) = result["cases"]
     assert row["status"] == "ok", row
     assert result["settings"]["batch"] == 3
     assert row["tokens_per_step"] == 3 * 64
     assert abs(row["tokens_per_s"] * row["step_s"] - 3 * 64) < 1e-6
+    import gzip
+
+    assert gzip.open(tmp_path / "hlo" / "tiny-64-none.hlo.txt.gz", "rt").read().startswith("HloModule")
+
+
+def test_loss_head_bench_times_each_block_size_and_reports_the_loss(tmp_path):
+    out = tmp_path / "lh.json"
+    _bench("loss_head").main(["--tokens", "96", "--blocks", "32", "96", "--d-model", "16", "--vocab", "300",
+                              "--repeats", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [(c["tokens"], c["block"]) for c in result["cases"]] == [(96, 32), (96, 96)]
+    losses = [c["loss"] for c in result["cases"]]
+    assert abs(losses[0] - losses[1]) < 1e-3 and 5.0 < losses[0] < 7.0  # about log(300) for random logits
+    assert result["command"].startswith("PYTHONPATH=. python bench/loss_head.py")
 
 
 def test_train_throughput_loop_mode_times_the_loop_against_its_step(tmp_path):

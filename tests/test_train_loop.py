@@ -114,5 +114,31 @@ def test_trace_summary_splits_device_time_by_kind_of_kernel(tmp_path):
     kinds = summarize(tmp_path)["device"]["by_kind"]
     got = {k: round(v["ms_per_step"] * 1e3) for k, v in kinds.items()}
     assert got == {"matmul": 400, "attention": 200, "fusion": 100, "gca": 50, "copy": 10, "other": 5}
+    assert summarize(tmp_path, traced_steps=2)["device"]["by_kind"]["matmul"]["ms_per_step"] == 0.2
     assert kinds["matmul"]["kernels"] == 2 and list(kinds)[0] == "matmul"
     assert abs(sum(v["share"] for v in kinds.values()) - 1) < 1e-9
+
+
+def test_trace_summary_finds_the_steps_on_a_main_thread_of_any_name(tmp_path):
+    """The step annotations mark the main thread, named "python" or not: the steps, the host phases
+    on that thread and the per-step device time all count them."""
+    import gzip
+    import json
+
+    from drt_jax.train.profiling import summarize
+
+    events = [{"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "thread_name", "pid": 1, "tid": 3, "args": {"name": "MainThread"}}]
+    for i in range(4):
+        events.append({"ph": "X", "pid": 1, "tid": 3, "name": "train", "ts": 1000 * i, "dur": 900, "args": {"step_num": str(i)}})
+        events.append({"ph": "X", "pid": 1, "tid": 3, "name": "dispatch", "ts": 1000 * i + 10, "dur": 200})
+        events.append({"ph": "X", "pid": 7, "tid": 1, "name": "nvjet_gemm", "ts": 1000 * i + 100, "dur": 500})
+    events.append({"ph": "X", "pid": 1, "tid": 4, "name": "dispatch", "ts": 0, "dur": 5000})  # another thread
+    trace = tmp_path / "plugins" / "profile" / "x" / "perfetto_trace.json.gz"
+    trace.parent.mkdir(parents=True)
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = summarize(tmp_path)
+    assert summary["steps"] == 4
+    assert summary["host_ms_per_step"] == {"dispatch": 0.2}
+    assert summary["device"]["by_kind"]["matmul"]["ms_per_step"] == 0.5

@@ -91,8 +91,10 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def summarize(directory: str | pathlib.Path, top: int = 15) -> dict:
-    """The summary of the newest trace under `directory` (see the module docstring)."""
+def summarize(directory: str | pathlib.Path, top: int = 15, traced_steps: int | None = None) -> dict:
+    """The summary of the newest trace under `directory` (see the module docstring). `traced_steps`:
+    the number of steps the caller traced, for the per-step figures of a trace without step
+    annotations (otherwise they are counted from the annotations)."""
     path = newest_trace(directory)
     data = json.load(gzip.open(path))
     events = data["traceEvents"] if isinstance(data, dict) else data
@@ -101,15 +103,17 @@ def summarize(directory: str | pathlib.Path, top: int = 15) -> dict:
         if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):
             names[(e["name"], e["pid"], e.get("tid"))] = e["args"]["name"]
     gpu_pids = {pid for (kind, pid, _), n in names.items() if kind == "process_name" and "/device:GPU" in n}
-    main = [tid for (kind, _, tid), n in names.items() if kind == "thread_name" and n == "python"]
     spans = [e for e in events if e.get("ph") == "X"]
-    steps = [e for e in spans if e["name"].startswith("train") and e.get("tid") in main and "step_num" in e.get("args", {})]
+    # The step annotations mark the main thread, whatever the profiler named it ("python", "MainThread").
+    steps = [e for e in spans if e["name"].startswith("train") and e.get("pid") not in gpu_pids
+             and "step_num" in e.get("args", {})]
+    main = {e.get("tid") for e in steps} | {tid for (kind, _, tid), n in names.items() if kind == "thread_name" and n == "python"}
     phase_ms = collections.defaultdict(float)
     for e in spans:
         if e.get("tid") in main and e["name"] in PHASES:
             phase_ms[e["name"]] += e["dur"] / 1e3
-    n_steps = max(len(steps), 1)
-    out = {"trace": str(path), "steps": len(steps)}
+    n_steps = max(len(steps) or traced_steps or 1, 1)
+    out = {"trace": str(path), "steps": len(steps) or traced_steps or 0}
     if steps:
         t0 = min(e["ts"] for e in steps)
         t1 = max(e["ts"] + e["dur"] for e in steps)
