@@ -138,11 +138,13 @@ def test_plots_and_raw_result_paths_exist():
     assert not missing, f"docs/results.md names files that do not exist: {missing}"
 
 
-def test_the_training_throughput_section_ends_with_issue_23s_subsection():
+def test_the_training_throughput_section_ends_with_issue_23s_subsections():
     text = RESULTS.read_text()
     section = text.split("\n## Training throughput\n", 1)[1].split("\n## ", 1)[0]
     assert "\n### Trainer loop vs step (issue 23)\n" in section
-    assert section.rstrip().split("\n### ")[-1].startswith("Trainer loop vs step (issue 23)")
+    titles = [part.split("\n", 1)[0] for part in section.split("\n### ")[1:]]
+    tail = titles[titles.index("Trainer loop vs step (issue 23)"):]
+    assert all(t.endswith("(issue 23)") for t in tail), titles
 
 
 def test_bench_plots_of_the_page(tmp_path):
