@@ -122,7 +122,22 @@ def _sums_bwd(res, g):
 _blocked_sums.defvjp(_sums_fwd, _sums_bwd)
 
 
-def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int = 1024, metric_masks=None):
+LOGITS_BLOCK_BYTES = 1 << 30
+
+
+def auto_block_size(batch: int, num_tokens: int, vocab: int) -> int:
+    """Tokens per sequence in one block of the blocked loss when none is given: the largest power of
+    two (at least 128, at most the sequence) whose float32 logits for the whole batch fit in
+    LOGITS_BLOCK_BYTES. Fewer, larger blocks run the head's GEMMs faster (drt-133m's head at 16K:
+    9.7 ms with 4,096-token blocks, 11.1 ms with 1,024); the budget keeps a large batch's block small."""
+    fit = LOGITS_BLOCK_BYTES // (4 * _padded_vocab(vocab) * max(batch, 1))
+    block = 128
+    while block * 2 <= fit:
+        block *= 2
+    return min(block, num_tokens)
+
+
+def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int | None = None, metric_masks=None):
     """Cross-entropy of tied logits hidden @ embedding^T without materialising them all.
 
     hidden [B, T, d], embedding [V, d], targets/mask [B, T] -> (mean loss, total weight): `mask` weights
@@ -130,10 +145,11 @@ def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int =
     one. Each block's logits [B, block, V] live only inside one scan step; under differentiation the
     same step also takes the block's gradients (`_sums_fwd`). metric_masks [n, B, T]: also return sums
     [n] of the unweighted per-token loss under each mask (for reporting losses on subsets, e.g. corpus
-    vs answer tokens; the training loss's gradient does not pass through them).
+    vs answer tokens; the training loss's gradient does not pass through them). block_size: tokens
+    per sequence in a block; None or 0 picks it from the batch and vocabulary (`auto_block_size`).
     """
     B, T, d = hidden.shape
-    block = min(block_size, T)
+    block = min(block_size or auto_block_size(B, T, embedding.shape[0]), T)
     nb = -(-T // block)
     pad = nb * block - T
     blocked = lambda x: jnp.pad(x, ((0, 0), (0, pad))).reshape(B, nb, block).swapaxes(0, 1)

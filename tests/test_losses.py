@@ -3,7 +3,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from drt_jax.losses import blocked_cross_entropy, cross_entropy, next_token_targets
+from drt_jax.losses import auto_block_size, blocked_cross_entropy, cross_entropy, next_token_targets
 
 
 def test_targets_shift_and_mask_padding():
@@ -84,3 +84,14 @@ def test_blocked_cross_entropy_backward_runs_three_vocabulary_matmuls_in_the_com
     wide = [avals for avals in dots if any(104 in a.shape for a in avals)]
     assert len(wide) == 3, wide
     assert all(a.dtype == jnp.bfloat16 for avals in wide for a in avals), wide
+
+
+def test_auto_block_size_keeps_a_blocks_float32_logits_within_its_budget():
+    assert auto_block_size(1, 16384, 50265) == 4096  # 4096 x 50304 x 4 bytes = 0.77 GiB
+    assert auto_block_size(8, 16384, 50265) == 512
+    assert auto_block_size(64, 16384, 50265) == 128  # never below 128 tokens
+    assert auto_block_size(16, 4096, 259) == 4096  # a small vocabulary: the whole sequence
+    assert auto_block_size(1, 1000, 50265) == 1000
+    hidden, emb, targets, weights = _ce_inputs(jnp.float32)
+    auto = blocked_cross_entropy(hidden, emb, targets, weights)[0]
+    np.testing.assert_allclose(auto, blocked_cross_entropy(hidden, emb, targets, weights, block_size=16)[0], rtol=1e-6)

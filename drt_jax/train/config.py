@@ -138,8 +138,9 @@ class TrainConfig:
       micro-batches (a scan inside the step). eval_every: held-out loss every N steps (0: only at the
       end), over eval_steps batches. checkpoint_every: async save every N steps (and at the end);
       keep_checkpoints: keep the last K. run_dir: "runs/{name}" by default; an existing run there is
-      resumed from its latest checkpoint. loss_block_size: tokens per block of the blocked
-      cross-entropy. answer_loss_weight: weight of task answer tokens (data.mixture tasks that mark
+      resumed from its latest checkpoint. loss_block_size: tokens per sequence in a block of the
+      blocked cross-entropy (0: the largest power of two whose float32 logits for the batch fit in
+      1 GiB, losses.auto_block_size). answer_loss_weight: weight of task answer tokens (data.mixture tasks that mark
       them, e.g. NIAH) in the loss, relative to 1 for every other token; 1 is the authors' plain LM
       loss over the whole example (spec 7.4). init_from: a run folder whose latest checkpoint's
       parameters start this run when it has no checkpoint of its own (fine-tuning a pretrained model,
@@ -166,7 +167,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     run_dir: str = "runs/{name}"
-    loss_block_size: int = 1024
+    loss_block_size: int = 0
     progress_bar: bool = True
     answer_loss_weight: float = 1.0
     init_from: str = ""
@@ -179,8 +180,10 @@ class TrainConfig:
     def __post_init__(self):
         for field in ("steps", "batch", "grad_accum", "eval_steps", "checkpoint_every", "keep_checkpoints", "log_every", "loss_block_size"):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"train.{field}={value!r} must be an integer >= 1")
+            least = 0 if field == "loss_block_size" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"train.{field}={value!r} must be an integer >= {least}"
+                                  + (" (0: chosen from the batch and vocabulary)" if least == 0 else ""))
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every={self.eval_every} must be >= 0 (0: evaluate only at the end)")
         if not isinstance(self.time_limit_s, (int, float)) or self.time_limit_s < 0:
