@@ -112,8 +112,9 @@ def summarize(directory: str | pathlib.Path, top: int = 15, traced_steps: int | 
     for e in spans:
         if e.get("tid") in main and e["name"] in PHASES:
             phase_ms[e["name"]] += e["dur"] / 1e3
-    n_steps = max(len(steps) or traced_steps or 1, 1)
-    out = {"trace": str(path), "steps": len(steps) or traced_steps or 0}
+    counted = len(steps) or traced_steps or 0
+    n_steps = max(counted, 1)
+    out = {"trace": str(path), "steps": counted}
     if steps:
         t0 = min(e["ts"] for e in steps)
         t1 = max(e["ts"] + e["dur"] for e in steps)
