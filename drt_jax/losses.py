@@ -50,6 +50,12 @@ def _padded_vocab(V: int) -> int:
     return -(-V // m) * m
 
 
+def _compute_embedding(embedding, dtype):
+    """embedding [V, d] -> (V, the table in the compute dtype with its rows padded to _padded_vocab(V))."""
+    V = embedding.shape[0]
+    return V, jnp.pad(embedding.astype(dtype), ((0, _padded_vocab(V) - V), (0, 0)))
+
+
 def _block_logits(h, emb, V: int):
     """h [B, k, d], emb [Vp, d] in h's dtype -> float32 logits [B, k, Vp], the padded columns at -inf."""
     logits = jnp.einsum("bkd,vd->bkv", h, emb, preferred_element_type=jnp.float32)
@@ -69,8 +75,7 @@ def _block_loss(h, emb, t, V: int):
 def _sums(hidden, embedding, targets, weights, extra):
     """hidden [nb, B, k, d], embedding [V, d], targets/weights [nb, B, k], extra [nb, n, B, k] ->
     (sum of weighted token losses, sums [n] of the token losses under each extra mask)."""
-    V = embedding.shape[0]
-    emb = jnp.pad(embedding.astype(hidden.dtype), ((0, _padded_vocab(V) - V), (0, 0)))
+    V, emb = _compute_embedding(embedding, hidden.dtype)
 
     def step(carry, xs):
         total, sums = carry
@@ -92,9 +97,8 @@ def _sums_fwd(hidden, embedding, targets, weights, extra):
     recomputation of every block's logits (a quarter of the head's vocabulary-wide GEMMs) and keeps
     only dh [nb, B, k, d] and d embedding [V, d]. d logits is cast to the compute dtype before both
     products, so no float32 (tf32) GEMM of the vocabulary's width runs."""
-    V = embedding.shape[0]
-    Vp = _padded_vocab(V)
-    emb = jnp.pad(embedding.astype(hidden.dtype), ((0, Vp - V), (0, 0)))
+    V, emb = _compute_embedding(embedding, hidden.dtype)
+    Vp = emb.shape[0]
 
     def step(carry, xs):
         total, sums, d_emb = carry

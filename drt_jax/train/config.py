@@ -178,12 +178,13 @@ class TrainConfig:
     profile_steps: int = 0
 
     def __post_init__(self):
-        for field in ("steps", "batch", "grad_accum", "eval_steps", "checkpoint_every", "keep_checkpoints", "log_every", "loss_block_size"):
+        for field in ("steps", "batch", "grad_accum", "eval_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             value = getattr(self, field)
-            least = 0 if field == "loss_block_size" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ConfigError(f"train.{field}={value!r} must be an integer >= {least}"
-                                  + (" (0: chosen from the batch and vocabulary)" if least == 0 else ""))
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"train.{field}={value!r} must be an integer >= 1")
+        block = self.loss_block_size
+        if not isinstance(block, int) or isinstance(block, bool) or block < 0:
+            raise ConfigError(f"train.loss_block_size={block!r} must be an integer >= 0 (0: chosen from the batch and vocabulary)")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every={self.eval_every} must be >= 0 (0: evaluate only at the end)")
         if not isinstance(self.time_limit_s, (int, float)) or self.time_limit_s < 0:

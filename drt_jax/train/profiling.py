@@ -128,12 +128,14 @@ def summarize(directory: str | pathlib.Path, top: int = 15, traced_steps: int | 
         hi = max(e["ts"] + e["dur"] for e in kernels)
         inside = [(max(e["ts"], lo), min(e["ts"] + e["dur"], hi)) for e in kernels if e["ts"] < hi and e["ts"] + e["dur"] > lo]
         busy = _union_us(inside)
-        by_name, by_kind = collections.Counter(), collections.Counter()
+        by_name, by_kind, names_per_kind = collections.Counter(), collections.Counter(), collections.Counter()
         for e in kernels:
             by_name[e["name"]] += e["dur"]
-            by_kind[kernel_kind(e["name"])] += e["dur"]
+        for name, dur in by_name.items():  # a kind per distinct name, not per launch
+            kind = kernel_kind(name)
+            by_kind[kind] += dur
+            names_per_kind[kind] += 1
         total = sum(by_name.values())
-        names_per_kind = collections.Counter(kernel_kind(n) for n in by_name)
         out["device"] = {
             "span_ms": (hi - lo) / 1e3, "busy_ms": busy / 1e3, "busy_fraction": busy / max(hi - lo, 1e-9),
             "span_ms_per_step": (hi - lo) / 1e3 / n_steps, "busy_ms_per_step": busy / 1e3 / n_steps,
