@@ -222,3 +222,25 @@ def test_one_hot_embedding_equals_the_gather(dtype, monkeypatch):
     tol = 1e-5 if dtype == "float32" else 2e-2  # bf16: the gather's gradient adds in bf16, the GEMM in f32
     for a, b in zip(jax.tree_util.tree_leaves(one_hot_grads), jax.tree_util.tree_leaves(gather_grads), strict=True):
         assert float(jnp.linalg.norm(a - b)) <= tol * float(jnp.linalg.norm(b)) + 1e-12
+
+
+def test_embed_tokens_broadcasts_the_landmark_row_as_the_slots_gather_would(monkeypatch):
+    """A gathered table embeds tokens and broadcasts the landmark row (its gradient a sum, not C
+    scatter-adds into one row): the same slot inputs as embedding the landmark-inserted slots, bit for
+    bit, and the same embedding gradient, for a length that leaves the last chunk padded."""
+    import drt_jax.model as model_module
+
+    monkeypatch.setattr(model_module, "ONE_HOT_EMBED_MAX_VOCAB", 0)
+    cfg = small_config(dtype="float32")
+    tokens, params = _init(cfg, T=3 * cfg.chunk_size + 5)
+    tokens = tokens.at[0, 2].set(-1)
+    params = nn.unbox(params)
+    model = DRT(cfg)
+    via_tokens = lambda p: model.apply({"params": p}, tokens, method=DRT.embed_tokens)  # noqa: E731
+    via_slots = lambda p: model.apply({"params": p}, model.apply({"params": p}, tokens, method=DRT._slots), method=DRT.embed_slots)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(via_tokens(params)), np.asarray(via_slots(params)))
+    cot = jax.random.normal(jax.random.PRNGKey(3), via_slots(params).shape)
+    grad = lambda f: jax.grad(lambda p: jnp.sum(f(p) * cot))(params)["embed"]["embedding"]  # noqa: E731
+    g_tokens, g_slots = grad(via_tokens), grad(via_slots)
+    assert float(jnp.abs(g_slots[cfg.landmark_id]).max()) > 0
+    np.testing.assert_allclose(np.asarray(g_tokens), np.asarray(g_slots), rtol=1e-5, atol=1e-6)
