@@ -64,10 +64,26 @@ def _block_logits(h, emb, V: int):
     return logits
 
 
+def _online_max_sum(a, b):
+    (m1, s1), (m2, s2) = a, b
+    m = jnp.maximum(m1, m2)
+    base = jnp.where(m == -jnp.inf, 0.0, m)  # two empty partial sums stay (-inf, 0), not nan
+    return m, s1 * jnp.exp(m1 - base) + s2 * jnp.exp(m2 - base)
+
+
+def logsumexp_one_pass(x):
+    """log sum exp over the last axis of float32 x [..., V] in one read of x: a running (max, sum of
+    exp(x - max)) pair, rescaled as the max grows. jax.nn.logsumexp reads x twice (the max, then the
+    sum), and on a block of vocabulary-wide logits each read is a pass over the block in memory."""
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(0.0, x.dtype))
+    m, s = jax.lax.reduce((x, jnp.ones_like(x)), init, _online_max_sum, (x.ndim - 1,))
+    return m + jnp.log(s)
+
+
 def _block_loss(h, emb, t, V: int):
     """-> (per-token loss [B, k] float32, logits, log-normaliser)."""
     logits = _block_logits(h, emb, V)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    lse = logsumexp_one_pass(logits)
     picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
     return lse - picked, logits, lse
 

@@ -95,3 +95,20 @@ def test_auto_block_size_keeps_a_blocks_float32_logits_within_its_budget():
     hidden, emb, targets, weights = _ce_inputs(jnp.float32)
     auto = blocked_cross_entropy(hidden, emb, targets, weights)[0]
     np.testing.assert_allclose(auto, blocked_cross_entropy(hidden, emb, targets, weights, block_size=16)[0], rtol=1e-6)
+
+
+def test_logsumexp_one_pass_matches_float64_with_masked_columns_and_empty_rows():
+    """The single-read log-normaliser against float64, on rows of several scales, with -inf columns (the
+    padded vocabulary) and a row that is all -inf (the result is -inf, not nan)."""
+    from scipy.special import logsumexp as lse64
+
+    from drt_jax.losses import logsumexp_one_pass
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 1000)) * np.array([0.1, 1, 5, 30, 100, 1])[:, None]).astype(np.float32)
+    x[:, 990:] = -np.inf
+    x[5] = -np.inf
+    got = np.asarray(jax.jit(logsumexp_one_pass)(jnp.asarray(x)))
+    want = lse64(x.astype(np.float64), axis=-1)
+    assert got[5] == -np.inf
+    np.testing.assert_allclose(got[:5], want[:5], rtol=2e-6, atol=2e-6)
