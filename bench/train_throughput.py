@@ -72,7 +72,7 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
     from drt_jax.train.config import DEFAULT_RULES, MeshConfig, OptimConfig, TrainConfig
     from drt_jax.train.metrics import peak_flops_per_device, train_flops_per_sequence
     from drt_jax.train.optim import make_optimizer
-    from drt_jax.train.step import init_state, make_train_step, state_spec
+    from drt_jax.train.step import init_state, make_train_step, resolve_remat, state_spec
 
     cfg = ModelConfig.from_preset(name).replace(dtype="bfloat16", param_dtype="float32", remat=remat)
     device = jax.devices()[0]
@@ -81,7 +81,7 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
     spec = state_spec(cfg, tx, mesh, DEFAULT_RULES)
     bsh = mesh_lib.batch_sharding(mesh, DEFAULT_RULES)
     block = TrainConfig().loss_block_size
-    step = make_train_step(cfg, tx, schedule, spec, bsh, grad_accum=1, block_size=block)
+    build = lambda c: make_train_step(c, tx, schedule, spec, bsh, grad_accum=1, block_size=block)  # noqa: E731
     state = init_state(cfg, tx, spec, seed=0)
     rng = np.random.RandomState(seq_len)
     batches = [
@@ -92,15 +92,17 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
     ]
     tokens_per_step = int(batches[0]["tokens"].size)
     t0 = time.perf_counter()
-    lowered = step.lower(state, batches[0])
-    compiled = lowered.compile()
+    # "auto" resolves as train.py does: the first of none/dots/full whose step fits the free memory.
+    batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batches[0].items()}
+    cfg, step = resolve_remat(cfg, build, (spec.abstract, batch_abs), say=lambda *_: None)
+    compiled = step.lower(state, batches[0]).compile() if hasattr(step, "lower") else step
     compile_s = time.perf_counter() - t0
     if hlo_dir:
         # The optimized HLO names every fusion a trace lists, with the ops inside it.
         import gzip
 
         pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
-        with gzip.open(pathlib.Path(hlo_dir) / f"{pathlib.Path(name).stem}-{seq_len}-{remat}.hlo.txt.gz", "wt") as f:
+        with gzip.open(pathlib.Path(hlo_dir) / f"{pathlib.Path(name).stem}-{seq_len}-{cfg.remat}.hlo.txt.gz", "wt") as f:
             f.write(compiled.as_text())
     mem = compiled.memory_analysis()
     est = None
@@ -136,7 +138,7 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
     stats = device.memory_stats() or {}
     del state, batches
     return {
-        "status": "ok", "step_s": dt, "tokens_per_s": tokens_per_step / dt, "tokens_per_step": tokens_per_step,
+        "status": "ok", "remat": cfg.remat, "step_s": dt, "tokens_per_s": tokens_per_step / dt, "tokens_per_step": tokens_per_step,
         "model_tflops_per_s": flops / dt / 1e12,
         "mfu": (flops / dt / peak) if peak else None, "compile_s": compile_s, "loss": loss0,
         "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "compiled_bytes_estimate": est,
@@ -225,7 +227,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--lengths", nargs="*", type=int, default=None)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the compile/warm-up step")
-    parser.add_argument("--remat", default="full")
+    parser.add_argument("--remat", default="auto", choices=("auto", "none", "dots", "full"),
+                        help="auto (the presets' default): the least recomputation whose step fits, as train.py picks it")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining cases after this many seconds")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_throughput.json"))

@@ -30,7 +30,7 @@ MODEL = ModelConfig(
     top_k=8,
 )
 
-# --- run: bf16 compute over fp32 master weights, per-layer remat; the paper's optimizer settings.
+# --- run: bf16 compute over fp32 master weights, the least remat that fits the device; the paper's optimizer settings.
 # Set data.corpus and data.tokenizer (a GPT-2-style tokenizer.json) for a real pretraining run; the
 # model's vocabulary and special ids are always taken from the tokenizer.
 from drt_jax.data.config import DataConfig  # noqa: E402
@@ -38,7 +38,7 @@ from drt_jax.train.config import OptimConfig, RunConfig, TrainConfig  # noqa: E4
 
 RUN = RunConfig(
     name=MODEL.name,
-    model=MODEL.replace(dtype="bfloat16", param_dtype="float32", remat="full"),
+    model=MODEL.replace(dtype="bfloat16", param_dtype="float32", remat="auto"),
     data=DataConfig(corpus="default", tokenizer="byte", seq_len=16384),
     optim=OptimConfig(peak_lr=2e-3, end_lr=4e-4, warmup_fraction=0.02, weight_decay=0.1, clip_norm=1.0),
     train=TrainConfig(steps=20000, batch=8, eval_every=1000, eval_steps=16, checkpoint_every=1000, keep_checkpoints=3),

@@ -17,7 +17,7 @@ from typing import Any
 ARCHS = ("drt", "swa", "full")
 POSITIONS = ("rope", "alibi")
 GCA_RESIDUALS = ("authors", "standard")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "auto")
 PROMPT_ALIGNS = ("chunk", "none")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: CPU tests under jax.enable_x64
 
@@ -49,6 +49,11 @@ class ModelConfig:
     gumbel_scale: the training noise's scale (1: the authors' standard Gumbel). Trained scores of a
       small model spread much less than the noise (std 0.6 against 1.28 for drt-20m), so training
       reads mostly random chunks while evaluation reads the clean top-k; smaller values narrow the gap.
+    remat: what the backward pass recomputes, per layer. "none" keeps every activation (fastest),
+      "dots" keeps the matmul outputs and recomputes the rest, "full" keeps only each layer's input.
+      "auto": the trainer compiles its step with none, then dots, then full, and trains with the first
+      that fits the device's free memory (train.step.resolve_remat); outside the trainer, where no
+      gradient is taken, it is "none".
     position: "rope" (default: fused GPU/TPU attention supports it) or "alibi" (authors' choice).
     prompt_align: where inference puts a prompt's end (drt only). "chunk" (default): the engine
       left-pads every prompt it prefills with pad_id so that its last token is the first slot of a

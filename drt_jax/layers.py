@@ -259,8 +259,9 @@ class ChunkEncoder(nn.Module):
 
 
 def maybe_remat(layer_cls, cfg: ModelConfig):
-    """Wraps a layer class in nn.remat according to cfg.remat ("none", "full", "dots")."""
-    if cfg.remat == "none":
+    """Wraps a layer class in nn.remat according to cfg.remat ("none", "full", "dots"; "auto" is resolved
+    by the trainer before it builds its step, and means "none" here)."""
+    if cfg.remat in ("none", "auto"):
         return layer_cls
     policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     return nn.remat(layer_cls, policy=policy, prevent_cse=True)

@@ -284,3 +284,45 @@ def test_init_from_and_time_limit(tmp_path):
     summary = train(limited, print_fn=printed.append)
     assert summary.end_step < 1000 and any("time_limit_s" in line for line in printed)
     assert load_for_eval(limited.run_dir)[0] == limited.model  # the stop left a readable checkpoint
+
+
+def test_remat_auto_trains_with_the_least_recomputation_that_fits(tmp_path, monkeypatch):
+    """remat="auto" compiles the step with none, dots, full in turn and trains with the first whose
+    allocation fits the free memory: given room only for full's step, a run picks full and trains with
+    that compiled step (its loss equals a remat=full run's); with room for none it picks none; with room
+    for nothing it is a one-line ConfigError; a device that reports no limit trains with none."""
+    import drt_jax.train.step as step_module
+    from drt_jax.config import ConfigError
+    from drt_jax.train import mesh as mesh_lib
+    from drt_jax.train.optim import make_optimizer
+    from drt_jax.train.step import make_train_step, resolve_remat, state_spec, step_bytes
+
+    corpus = write_corpus(tmp_path / "corpus")
+    base = small_run(tmp_path, corpus, steps=3, eval_every=0, grad_accum=1)
+    base = base.replace(model=base.model.replace(remat="auto", dropout_rate=0.0))
+    tx, schedule = make_optimizer(base.optim, 3)
+    mesh = mesh_lib.make_mesh(base.mesh)
+    spec = state_spec(base.model, tx, mesh, base.mesh.rules)
+    bsh = mesh_lib.batch_sharding(mesh, base.mesh.rules)
+    build = lambda cfg: make_train_step(cfg, tx, schedule, spec, bsh, grad_accum=1, block_size=0)  # noqa: E731
+    batch = {k: jax.ShapeDtypeStruct((4, 64), np.int32, sharding=bsh) for k in ("tokens", "mask")}
+    need = {p: step_bytes(build(base.model.replace(remat=p)).lower(spec.abstract, batch).compile()) for p in ("none", "dots", "full")}
+    assert need["full"] < need["none"], need  # else the test could not tell the policies apart
+
+    free_for = lambda policy: int(need[policy] / step_module.STEP_MEMORY_SHARE) + 1  # noqa: E731
+    for policy in ("none", "full"):
+        cfg, _ = resolve_remat(base.model, build, (spec.abstract, batch), free_bytes=free_for(policy), say=lambda *_: None)
+        want = policy if policy == "none" else next(p for p in ("dots", "full") if need[p] <= need["full"])
+        assert cfg.remat == want
+    with pytest.raises(ConfigError, match="does not fit.*lower train.batch"):
+        resolve_remat(base.model, build, (spec.abstract, batch), free_bytes=need["full"] // 2, say=lambda *_: None)
+    monkeypatch.setattr(step_module, "device_free_bytes", lambda: None)
+    assert resolve_remat(base.model, build, (spec.abstract, batch), say=lambda *_: None)[0].remat == "none"
+
+    monkeypatch.setattr(step_module, "device_free_bytes", lambda: free_for("full"))
+    printed = []
+    auto = train(base.replace(train=dataclasses.replace(base.train, run_dir=str(tmp_path / "auto"))), print_fn=printed.append)
+    assert any("remat auto: " in line for line in printed), printed
+    full = train(base.replace(model=base.model.replace(remat="full"),
+                              train=dataclasses.replace(base.train, run_dir=str(tmp_path / "full"))), print_fn=lambda *_: None)
+    assert auto.last_loss == pytest.approx(full.last_loss, rel=1e-5)

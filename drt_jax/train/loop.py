@@ -30,7 +30,7 @@ from drt_jax.train.metrics import MetricWriter, peak_flops_per_device, train_flo
 from drt_jax.train.optim import make_optimizer
 from drt_jax.train.prefetch import DevicePrefetcher
 from drt_jax.train.profiling import StepProfiler
-from drt_jax.train.step import init_state, make_eval_step, make_train_step, state_spec
+from drt_jax.train.step import init_state, make_eval_step, make_train_step, resolve_remat, state_spec
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,11 @@ def setup(run: RunConfig, *, print_fn=print) -> Trainer:
     batch_sh = mesh_lib.batch_sharding(mesh, rules)
     # Task mixtures carry answer/needle marks: the step then reports corpus and answer losses and recall.
     train_keys = ("tokens", "mask") + (TASK_FIELDS if run.data.mixture else ())
-    step_fn = make_train_step(run.model, tx, schedule, spec, batch_sh, grad_accum=tc.grad_accum,
-                              block_size=tc.loss_block_size, batch_keys=train_keys, answer_weight=tc.answer_loss_weight)
+    build = lambda cfg: make_train_step(cfg, tx, schedule, spec, batch_sh, grad_accum=tc.grad_accum,  # noqa: E731
+                                        block_size=tc.loss_block_size, batch_keys=train_keys,
+                                        answer_weight=tc.answer_loss_weight)
+    batch_abs = {k: jax.ShapeDtypeStruct((tc.batch, run.data.seq_len), np.int32, sharding=batch_sh) for k in train_keys}
+    _, step_fn = resolve_remat(run.model, build, (spec.abstract, batch_abs), say=say)
     eval_fn = make_eval_step(run.model, spec, batch_sh, block_size=tc.loss_block_size)
     return Trainer(run=run, tokenizer=tokenizer, mesh=mesh, batch_sharding=batch_sh, data_cfg=data_cfg,
                    train_iter=train_iter, train_keys=train_keys, spec=spec, ckpt=ckpt, state=state, start=start,

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from drt_jax.config import ModelConfig
+from drt_jax.config import ConfigError, ModelConfig
 from drt_jax.diagnostics import needle_recall
+from drt_jax.inference.memory import device_free_bytes
 from drt_jax.losses import blocked_cross_entropy, next_token_targets
 from drt_jax.model import DRT
 from drt_jax.train import mesh as mesh_lib
@@ -221,3 +222,45 @@ def make_eval_step(cfg: ModelConfig, spec: StateSpec, batch_sharding, *, block_s
     rep = mesh_lib.replicated(spec.mesh)
     return jax.jit(evaluate, in_shardings=(spec.param_shardings, {"tokens": batch_sharding, "mask": batch_sharding}),
                    out_shardings=(rep, rep))
+
+
+# remat="auto" tries these in turn: the least recomputation first.
+REMAT_SEARCH = ("none", "dots", "full")
+# The share of the device's free memory a training step may allocate; the rest is for the eval step,
+# the prefetched batches and the allocator's fragmentation.
+STEP_MEMORY_SHARE = 0.85
+
+
+def step_bytes(compiled) -> int | None:
+    """Device bytes a compiled step allocates beyond its arguments (already resident): temporaries, and
+    outputs that do not reuse a donated input. None where the backend has no memory analysis."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    return int(mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+
+
+def resolve_remat(cfg: ModelConfig, build, args, *, free_bytes: int | None = None, say=print):
+    """-> (cfg, step). For cfg.remat "auto": the first of REMAT_SEARCH whose compiled step fits
+    STEP_MEMORY_SHARE of the device's free memory, and that step already compiled (so the trainer does
+    not compile it twice); where the device does not report its memory (CPU), "none". Otherwise cfg and
+    build(cfg) as they are. build(cfg) -> jitted step; args: its abstract arguments (ShapeDtypeStruct
+    with shardings); free_bytes: the memory to fit (default: what the device reports free)."""
+    if cfg.remat != "auto":
+        return cfg, build(cfg)
+    free = device_free_bytes() if free_bytes is None else free_bytes
+    if free is None:
+        say("remat auto: the device reports no memory limit; training with remat=none")
+        return cfg.replace(remat="none"), build(cfg.replace(remat="none"))
+    tried = []
+    for policy in REMAT_SEARCH:
+        compiled = build(cfg.replace(remat=policy)).lower(*args).compile()
+        need = step_bytes(compiled)
+        tried.append(f"{policy}: {need / 2**30:.2f} GiB")
+        if need <= STEP_MEMORY_SHARE * free:
+            say(f"remat auto: {policy} (the step allocates {need / 2**30:.2f} GiB of {free / 2**30:.2f} GiB free)")
+            return cfg.replace(remat=policy), compiled
+    raise ConfigError(
+        f"the training step does not fit {STEP_MEMORY_SHARE:.0%} of the device's {free / 2**30:.2f} GiB free with any "
+        f"remat ({'; '.join(tried)}); lower train.batch or data.seq_len, or raise train.grad_accum or mesh.fsdp"
+    )
