@@ -2,7 +2,9 @@
 """Training throughput: tokens/s, MFU and peak device memory of one training step.
 
 Models drt-133m, swa-133m, full-133m at 4K/16K/32K/64K tokens per sequence, batch 1 (--batch), bf16
-compute over fp32 master weights, per-layer remat, blocked cross-entropy, AdamW; synthetic random tokens.
+compute over fp32 master weights, blocked cross-entropy, AdamW; synthetic random tokens. --remat (default
+auto, as train.py resolves it: the least recomputation whose step fits the free memory; each row records
+the policy it ran).
 A model is a preset name or a file with MODEL (e.g. experiments/configs/swa-20m.py).
 The step is the trainer's own (drt_jax.train.step.make_train_step on a 1-device mesh). Each case:
 one compile+warm-up step, then --steps timed steps. An out-of-memory failure is recorded as a miss.
