@@ -81,10 +81,14 @@ def logsumexp_one_pass(x):
 
 
 def _block_loss(h, emb, t, V: int):
-    """-> (per-token loss [B, k] float32, logits, log-normaliser)."""
+    """-> (per-token loss [B, k] float32, logits, log-normaliser).
+
+    The target's logit is the dot product of h with the target's embedding row, not a pick from the
+    logits: XLA lowers the pick to a masked sum over the vocabulary, one more read of the block's float32
+    logits (at 16K tokens and 50K entries, 3.3 GB per step), where the row gather reads d values."""
     logits = _block_logits(h, emb, V)
     lse = logsumexp_one_pass(logits)
-    picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    picked = jnp.einsum("bkd,bkd->bk", h, jnp.take(emb, t, axis=0), preferred_element_type=jnp.float32)
     return lse - picked, logits, lse
 
 

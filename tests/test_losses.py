@@ -112,3 +112,20 @@ def test_logsumexp_one_pass_matches_float64_with_masked_columns_and_empty_rows()
     want = lse64(x.astype(np.float64), axis=-1)
     assert got[5] == -np.inf
     np.testing.assert_allclose(got[:5], want[:5], rtol=2e-6, atol=2e-6)
+
+
+def test_the_target_logit_is_a_dot_with_its_embedding_row_not_a_read_of_the_logits(monkeypatch):
+    """The picked logit comes from h . emb[target] (a row gather), not from the block's logits (which XLA
+    reads in full to pick from): shifting every logit by 5 moves the log-normaliser by 5 and leaves the
+    picked term alone, so each token's loss moves by exactly 5."""
+    import drt_jax.losses as losses
+
+    key_h, key_e, key_t = jax.random.split(jax.random.PRNGKey(4), 3)
+    h = jax.random.normal(key_h, (2, 8, 16), jnp.float32)
+    emb = jax.random.normal(key_e, (40, 16), jnp.float32)
+    t = jax.random.randint(key_t, (2, 8), 0, 37)
+    base, _, _ = losses._block_loss(h, emb, t, 37)
+    block_logits = losses._block_logits
+    monkeypatch.setattr(losses, "_block_logits", lambda h, e, V: block_logits(h, e, V) + 5.0)
+    shifted, _, _ = losses._block_loss(h, emb, t, 37)
+    np.testing.assert_allclose(np.asarray(shifted - base), 5.0, rtol=0, atol=1e-4)
