@@ -49,7 +49,12 @@ ORDER_DEFAULT = [
 
 
 def commit() -> str:
+    """The short commit of this checkout; "unknown" outside a git checkout of its own (an exported tree
+    inside another repository would otherwise report that repository's commit)."""
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        if not top or pathlib.Path(top).resolve() != REPO:
+            return "unknown"
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or "unknown"
     except OSError:
         return "unknown"

@@ -142,3 +142,21 @@ def test_trace_summary_finds_the_steps_on_a_main_thread_of_any_name(tmp_path):
     assert summary["steps"] == 4
     assert summary["host_ms_per_step"] == {"dispatch": 0.2}
     assert summary["device"]["by_kind"]["matmul"]["ms_per_step"] == 0.5
+
+
+def test_git_commit_is_unknown_for_a_tree_inside_another_repository(tmp_path, monkeypatch):
+    """A run folder's git_commit.txt names this project's commit, never that of a repository around an
+    exported copy of it; in this checkout it is this checkout's HEAD."""
+    import subprocess
+
+    import drt_jax.train.loop as loop
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=loop.REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    if head:
+        assert loop.git_commit().split("-")[0] == head
+    outer = tmp_path / "outer"
+    (outer / "tree").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=outer, check=True)
+    subprocess.run(["git", "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "x"], cwd=outer, check=True)
+    monkeypatch.setattr(loop, "REPO_ROOT", (outer / "tree").resolve())
+    assert loop.git_commit() == "unknown"

@@ -38,7 +38,13 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str:
+    """The commit of the code that runs ("-dirty" with uncommitted changes), or "unknown" where the project
+    is not a git checkout of its own: an exported tree inside another repository would otherwise report
+    that repository's commit."""
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        if top.returncode or pathlib.Path(top.stdout.strip()).resolve() != REPO_ROOT:
+            return "unknown"
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         if head.returncode:
             return "unknown"
