@@ -249,6 +249,11 @@ def resolve_remat(cfg: ModelConfig, build, args, *, free_bytes: int | None = Non
     if cfg.remat != "auto":
         return cfg, build(cfg)
     free = device_free_bytes() if free_bytes is None else free_bytes
+    if free is not None and jax.process_count() > 1:
+        # Every process must compile the same program: all fit the smallest free memory among them.
+        from jax.experimental import multihost_utils
+
+        free = int(multihost_utils.process_allgather(jnp.asarray(free, jnp.float32)).min())
     if free is None:
         say("remat auto: the device reports no memory limit; training with remat=none")
         return cfg.replace(remat="none"), build(cfg.replace(remat="none"))
