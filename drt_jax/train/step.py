@@ -261,6 +261,9 @@ def resolve_remat(cfg: ModelConfig, build, args, *, free_bytes: int | None = Non
     for policy in REMAT_SEARCH:
         compiled = build(cfg.replace(remat=policy)).lower(*args).compile()
         need = step_bytes(compiled)
+        if need is None:
+            say(f"remat auto: the compiler gives no memory analysis; training with remat={policy}")
+            return cfg.replace(remat=policy), compiled
         tried.append(f"{policy}: {need / 2**30:.2f} GiB")
         if need <= STEP_MEMORY_SHARE * free:
             say(f"remat auto: {policy} (the step allocates {need / 2**30:.2f} GiB of {free / 2**30:.2f} GiB free)")
