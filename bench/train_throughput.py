@@ -33,7 +33,6 @@ import argparse
 import datetime
 import json
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -48,25 +47,16 @@ ORDER_DEFAULT = [
 ]
 
 
-def commit() -> str:
-    """The short commit of this checkout; "unknown" outside a git checkout of its own (an exported tree
-    inside another repository would otherwise report that repository's commit)."""
-    try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        if not top or pathlib.Path(top).resolve() != REPO:
-            return "unknown"
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def header(argv) -> dict:
     """What every result file records first: the device, jax, date, commit and the command."""
     import jax
 
+    sys.path.insert(0, str(REPO))
+    from drt_jax.train.loop import git_commit
+
     dev = jax.devices()[0]
     return {"device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-            "commit": commit(), "command": "PYTHONPATH=. python bench/train_throughput.py " + " ".join(argv or sys.argv[1:])}
+            "commit": git_commit(), "command": "PYTHONPATH=. python bench/train_throughput.py " + " ".join(argv or sys.argv[1:])}
 
 
 def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, profile: bool = False,

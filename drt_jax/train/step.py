@@ -256,7 +256,8 @@ def resolve_remat(cfg: ModelConfig, build, args, *, free_bytes: int | None = Non
         free = int(multihost_utils.process_allgather(jnp.asarray(free, jnp.float32)).min())
     if free is None:
         say("remat auto: the device reports no memory limit; training with remat=none")
-        return cfg.replace(remat="none"), build(cfg.replace(remat="none"))
+        cfg = cfg.replace(remat="none")
+        return cfg, build(cfg)
     tried = []
     for policy in REMAT_SEARCH:
         compiled = build(cfg.replace(remat=policy)).lower(*args).compile()
