@@ -123,7 +123,7 @@ class SelfAttention(nn.Module):
         if self.bidirectional:
             # The encoder always uses RoPE with positions 0..S inside the chunk (spec 2.4).
             q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
-            out = bidirectional_attention(q, k, v)
+            out = bidirectional_attention(q, k, v, impl=cfg.attention_impl, kernel_mesh=self.kernel_mesh)
         else:
             slopes = None
             if cfg.position == "rope":
@@ -237,6 +237,7 @@ class ChunkEncoder(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool = True
+    kernel_mesh: KernelMesh | None = None
 
     @nn.compact
     def __call__(self, u):
@@ -248,7 +249,8 @@ class ChunkEncoder(nn.Module):
         positions = jnp.arange(S1)
         layer_cls = maybe_remat(LowerLayer, cfg)
         for i in range(cfg.encoder_layers):
-            x = layer_cls(cfg, self.deterministic, bidirectional=True, name=f"layer_{i}")(x, positions)
+            x = layer_cls(cfg, self.deterministic, bidirectional=True, kernel_mesh=self.kernel_mesh,
+                          name=f"layer_{i}")(x, positions)
         e = RMSNorm(cfg.encoder_norm_eps, cfg.dtype, name="final_norm")(x).reshape(B, C, S1, d)
         landmark_keys = e[:, :, cfg.chunk_size]
         tokens = e[:, :, : cfg.chunk_size]

@@ -58,10 +58,11 @@ class _Encoder(nn.Module):
     """The chunk encoder: lower states of whole chunks [B, C*(S+1), d] -> (landmark keys, k_mem, v_mem)."""
 
     cfg: ModelConfig
+    kernel_mesh: KernelMesh | None = None
 
     @nn.compact
     def __call__(self, u, deterministic: bool = True):
-        return ChunkEncoder(self.cfg, deterministic, name="encoder")(u)
+        return ChunkEncoder(self.cfg, deterministic, self.kernel_mesh, name="encoder")(u)
 
 
 class _Retrieval(nn.Module):
@@ -169,7 +170,7 @@ class DRT(nn.Module):
         self.lower_stage = _Lower(cfg, self.kernel_mesh)
         nn.share_scope(self, self.lower_stage)
         if cfg.uses_retrieval:
-            self.encoder_stage = _Encoder(cfg)
+            self.encoder_stage = _Encoder(cfg, self.kernel_mesh)
             self.retrieval_stages = [_Retrieval(cfg, g) for g in range(len(cfg.groups))]
             self.group_stages = [_Group(cfg, g, self.kernel_mesh) for g in range(len(cfg.groups))]
             for stage in (self.encoder_stage, *self.retrieval_stages, *self.group_stages):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drt_jax.attention import alibi_slopes, attention_reference, causal_attention
+from drt_jax.attention import (alibi_slopes, attention_reference, bidirectional_attention, bidirectional_reference,
+                               causal_attention)
 from drt_jax.config import ModelConfig
 
 
@@ -143,6 +144,84 @@ def test_cudnn_sliding_window_matches_reference_on_gpu(window):
     for a, b in zip(g_cudnn, g_ref, strict=True):
         rel = float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
         assert rel < 3e-2, f"cuDNN gradient rel. error {rel:.3g}"
+
+
+def _as_xla_cudnn(monkeypatch):
+    """Routes the cuDNN path's jax.nn.dot_product_attention calls to its XLA implementation, so that a
+    CPU runs the call the GPU makes; -> the list of (implementation, is_causal) of every call."""
+    from drt_jax import attention
+
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def as_xla(*args, implementation=None, **kwargs):
+        calls.append((implementation, kwargs["is_causal"]))
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+    monkeypatch.setattr(attention, "_cudnn_unsupported", lambda q, slopes: None)
+    return calls
+
+
+def _dense_bidirectional(q, k, v):
+    G = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    p = jax.nn.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(q.shape[-1]), -1)
+    return jnp.einsum("nhqk,nkhd->nqhd", p, v)
+
+
+def test_the_chunk_encoders_cudnn_call_attends_to_the_whole_chunk_on_cpu(monkeypatch):
+    """The encoder's GPU call (cuDNN, is_causal=False, GQA), run by XLA: outputs and the three gradients
+    equal the reference's, which equals a dense softmax over every slot of the chunk."""
+    calls = _as_xla_cudnn(monkeypatch)
+    N, S, H, Hkv, D = 5, 9, 4, 2, 16
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    q, k, v = (jax.random.normal(kk, (N, S, h, D)) for kk, h in zip(keys, (H, Hkv, Hkv), strict=False))
+    cot = jax.random.normal(keys[3], q.shape)
+    cudnn = lambda q, k, v: bidirectional_attention(q, k, v, impl="cudnn")
+    np.testing.assert_allclose(bidirectional_reference(q, k, v), _dense_bidirectional(q, k, v), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(cudnn(q, k, v), bidirectional_reference(q, k, v), atol=1e-5, rtol=1e-5)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)
+    grads = [jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v) for f in (cudnn, bidirectional_reference)]
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert calls and set(calls) == {("cudnn", False)}, calls
+
+
+def test_a_drt_forward_runs_its_chunk_encoder_on_the_configs_attention_kernel(monkeypatch):
+    """With cuDNN available, the model's encoder layers call it without the causal mask (one call per
+    encoder layer) and the decoder layers with it; the logits equal those of the reference kernels."""
+    from tests.conftest import small_config
+
+    from drt_jax.model import DRT
+
+    cfg = small_config(encoder_layers=2, dropout_rate=0.0, gumbel_noise=False)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 4 * cfg.chunk_size + 2), 0, cfg.landmark_id)
+    params = DRT(cfg).init(jax.random.PRNGKey(1), tokens)
+    want = DRT(cfg.replace(attention_impl="reference")).apply(params, tokens)
+    calls = _as_xla_cudnn(monkeypatch)
+    got = DRT(cfg.replace(attention_impl="cudnn")).apply(params, tokens)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    assert calls.count(("cudnn", False)) == cfg.encoder_layers, calls
+    assert calls.count(("cudnn", True)) == sum(cfg.decoder_layers), calls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a CUDA GPU")
+def test_cudnn_chunk_attention_matches_reference_on_gpu():
+    N, S, H, Hkv, D = 24, 64, 4, 2, 64
+    keys = jax.random.split(jax.random.PRNGKey(2), 4)
+    q, k, v = (jax.random.normal(kk, (N, S, h, D), jnp.bfloat16) for kk, h in zip(keys, (H, Hkv, Hkv), strict=False))
+    cot = jax.random.normal(keys[3], q.shape, jnp.float32)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    cudnn = lambda q, k, v: bidirectional_attention(q, k, v, impl="cudnn")
+    got, ref = cudnn(q, k, v).astype(jnp.float32), bidirectional_reference(*f32)
+    err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+    assert err < 2e-2, f"cuDNN chunk attention disagrees with the reference: rel. error {err:.3g}"
+    grads = lambda f, *xs: jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * cot), argnums=(0, 1, 2))(*xs)
+    for a, b in zip(grads(cudnn, q, k, v), grads(bidirectional_reference, *f32), strict=True):
+        rel = float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+        assert rel < 3e-2, f"cuDNN chunk attention gradient rel. error {rel:.3g}"
 
 
 @pytest.mark.parametrize("base", [17_000_000, 2**30])
