@@ -41,17 +41,20 @@ def answer_turn(engine, state, prompts, answers, *, feed_answer: bool = False):
     logits, state = engine.prefill(state, prompts)
     retrieved = (np.asarray(jax.device_get(state.dev.ret_idx)) if engine.cfg.uses_retrieval
                  else np.zeros((0, B, 0), np.int32))
-    # The steps donate their device state: the teacher-forced pass runs on a copy. (An answer that crosses
-    # a chunk end writes that chunk to a shared host memory; the greedy pass, which feeds at least as
-    # many tokens, then rewrites it before use.)
-    forced = dataclasses.replace(state, dev=jax.tree.map(jnp.copy, state.dev))
+    # The steps donate their device state: the teacher-forced pass consumes it and the greedy pass starts
+    # from a snapshot (none needed where the forced pass takes no step). (An answer that crosses a chunk
+    # end writes that chunk to a shared host memory; the greedy pass, which feeds at least as many
+    # tokens, then rewrites it before use.)
+    restore = _snapshot(state.dev) if A > 1 else (lambda dev=state.dev: dev)
     nll = np.zeros(B)
-    step_logits = logits
+    forced, step_logits = state, logits
     for i in range(A):
         logp = jax.nn.log_softmax(step_logits.astype(jnp.float32), axis=-1)
         nll -= np.asarray(jnp.take_along_axis(logp, jnp.asarray(answers[:, i : i + 1]), axis=-1))[:, 0]
         if i + 1 < A:
             step_logits, forced = engine.step(forced, answers[:, i])
+    del forced  # freed before a host snapshot comes back to the device
+    state = dataclasses.replace(state, dev=restore())
     generated = []
     for i in range(A):
         nxt = np.asarray(jnp.argmax(logits, axis=-1), np.int32)
@@ -59,6 +62,32 @@ def answer_turn(engine, state, prompts, answers, *, feed_answer: bool = False):
         if i + 1 < A or feed_answer:
             logits, state = engine.step(state, nxt)
     return np.stack(generated, axis=1), nll / A, retrieved, state
+
+
+_STEP_HEADROOM = 1 << 30  # bytes kept free beside two device states for a decode step's temporaries
+
+
+def _snapshot(dev):
+    """A copy of the device state `dev` (memory.DeviceState) that outlives its donation to the steps ->
+    a callable giving it back on dev's devices, once."""
+    import jax
+    import jax.numpy as jnp
+
+    from drt_jax.inference import memory
+
+    need = sum(x.nbytes for x in jax.tree.leaves(dev))
+    free = memory.device_free_bytes()
+    # The engine's capacity check counts one state, whose chunk memory is gigabytes at 4M tokens x batch
+    # 5: a second one on the device ran out of memory there. Where it does not fit, with a margin for the
+    # steps' own buffers, the copy waits on the host while the teacher-forced pass runs.
+    if free is None or need <= 0.9 * free - _STEP_HEADROOM:
+        copy = jax.tree.map(jnp.copy, dev)
+        return lambda: copy
+    leaves, tree = jax.tree.flatten(dev)
+    # Uncommitted leaves go back uncommitted: committed ones would recompile every step that takes them.
+    places = [x.sharding if x.committed else None for x in leaves]
+    host = jax.device_get(leaves)
+    return lambda: jax.tree.unflatten(tree, jax.device_put(host, places))
 
 
 def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, samples: int,
