@@ -237,6 +237,32 @@ def test_training_registers_the_runs_layout():
     assert _REGISTRY["niah_single"](512, TOK, 0).task.align == "pad"
 
 
+def test_training_registers_the_runs_number_of_keyed_distractors():
+    """data.niah_distractors sets the keyed needles besides the queried one, in the multi-key task and the
+    conversation (whose haystack also holds the passkey's needle); a bad value is a one-line error."""
+    from drt_jax.data.config import DataConfig, DataError
+    from drt_jax.data.mixture import _REGISTRY
+    from drt_jax.tasks.niah import register_niah_tasks
+    from drt_jax.train.config import load_run_config
+    from drt_jax.train.loop import register_model_tasks
+
+    assert DataConfig().niah_distractors == 5
+    with pytest.raises(DataError) as err:
+        DataConfig(niah_distractors=-1)
+    assert "\n" not in str(err.value) and "niah_distractors" in str(err.value) and "-1" in str(err.value)
+    try:
+        for n in (0, 2):
+            mix = "data.mixture=(('niah_multi',0.5),('niah_conversation',0.5))"
+            register_model_tasks(load_run_config("tiny", [mix, f"data.niah_distractors={n}"]))
+            multi = _REGISTRY["niah_multi"](1024, TOK, 0).task.sample(1024, 0.5, 0)
+            assert len(multi.needle_positions) == n + 1
+            conversation = _REGISTRY["niah_conversation"](1024, TOK, 0).task.sample(1024, 0.5, 0)
+            assert len(conversation.needle_positions) == n + 2
+    finally:
+        register_niah_tasks(overwrite=True)  # the import-time defaults, for the tests that follow
+    assert len(_REGISTRY["niah_multi"](1024, TOK, 0).task.sample(1024, 0.5, 0).needle_positions) == 6
+
+
 def test_experiment_configs_keep_the_aligned_layout():
     """The documented recipes and results were made with questions ending on the chunk grid."""
     import pathlib

@@ -54,6 +54,10 @@ class DataConfig:
         ModelConfig.prompt_align), "random" (at a uniform offset, unpadded) or
         "chunk" (on the chunk grid, the authors' layout and that of the results
         before issue 25). See drt_jax.tasks.niah.
+      niah_distractors: keyed needles besides the queried one in the multi-key
+        task and the conversation's second question (5, the authors'; fewer
+        make a curriculum's first stage, where a keyed read-out has fewer
+        needles to tell apart).
       num_workers: grain worker processes; 0 reads in-process.
     """
 
@@ -71,6 +75,7 @@ class DataConfig:
     mixture: tuple[tuple[str, float], ...] = ()
     corpus_weight: float = 1.0
     niah_align: str = "pad"
+    niah_distractors: int = 5
     num_workers: int = 0
 
     def __post_init__(self):
@@ -120,6 +125,10 @@ class DataConfig:
             (
                 self.niah_align in NIAH_ALIGNS,
                 f"niah_align must be one of {NIAH_ALIGNS}, got {self.niah_align!r}",
+            ),
+            (
+                _is_int(self.niah_distractors) and self.niah_distractors >= 0,
+                f"niah_distractors must be an int >= 0, got {self.niah_distractors!r}",
             ),
             (
                 _is_int(self.num_workers) and self.num_workers >= 0,

@@ -133,7 +133,7 @@ class Summary:
 def register_model_tasks(run: RunConfig, tokenizer=None) -> None:
     """(Re-)registers the NIAH fine-tuning tasks when the mixture names them: at the model's chunk size
     (the question's end is placed on the model's own chunks, spec 7.5), in the run's layout
-    (data.niah_align), and with haystacks from the training split of the run's own corpus (the text the
+    (data.niah_align) with its number of keyed distractors (data.niah_distractors), and with haystacks from the training split of the run's own corpus (the text the
     model is learning; held-out files stay out)."""
     if any(name.startswith("niah") for name, _ in run.data.mixture):
         from drt_jax.data import load_tokenizer
@@ -143,7 +143,7 @@ def register_model_tasks(run: RunConfig, tokenizer=None) -> None:
         tokenizer = load_tokenizer(run.data.tokenizer) if tokenizer is None else tokenizer
         haystack = split_tokens(run.data, tokenizer, "train", HAYSTACK_TOKENS, progress=True)
         register_niah_tasks(chunk_size=run.model.chunk_size, haystack=haystack, align=run.data.niah_align,
-                            overwrite=True)
+                            n_distractors=run.data.niah_distractors, overwrite=True)
 
 
 # Haystack windows are drawn at random offsets of this many training tokens (about 4 MB as int32).
