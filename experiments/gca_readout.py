@@ -48,10 +48,12 @@ def smeared_encoder_class():
     class SmearedChunkEncoder(nn.Module):
         cfg: ModelConfig
         deterministic: bool = True
+        kernel_mesh: object = None
 
         @nn.compact
         def __call__(self, u):
-            landmark_keys, k_mem, v_mem = layers.ChunkEncoder(self.cfg, self.deterministic, name="base")(u)
+            landmark_keys, k_mem, v_mem = layers.ChunkEncoder(self.cfg, self.deterministic, self.kernel_mesh,
+                                                              name="base")(u)
             gate = jax.nn.sigmoid(self.param("smear", nn.initializers.zeros, (self.cfg.kv_heads,)))[:, None]
             previous = jnp.pad(k_mem[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))
             return landmark_keys, gate * k_mem + (1.0 - gate) * previous, v_mem
