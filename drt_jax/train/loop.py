@@ -133,8 +133,9 @@ class Summary:
 def register_model_tasks(run: RunConfig, tokenizer=None) -> None:
     """(Re-)registers the NIAH fine-tuning tasks when the mixture names them: at the model's chunk size
     (the question's end is placed on the model's own chunks, spec 7.5), in the run's layout
-    (data.niah_align) with its number of keyed distractors (data.niah_distractors), and with haystacks from the training split of the run's own corpus (the text the
-    model is learning; held-out files stay out)."""
+    (data.niah_align) with its number of keyed distractors (data.niah_distractors), and with haystacks
+    from the training split of the run's own corpus (the text the model is learning; held-out files stay
+    out)."""
     if any(name.startswith("niah") for name, _ in run.data.mixture):
         from drt_jax.data import load_tokenizer
         from drt_jax.data.shards import split_tokens
