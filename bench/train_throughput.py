@@ -51,7 +51,6 @@ def header(argv) -> dict:
     """What every result file records first: the device, jax, date, commit and the command."""
     import jax
 
-    sys.path.insert(0, str(REPO))
     from drt_jax.train.loop import git_commit
 
     dev = jax.devices()[0]

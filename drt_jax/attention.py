@@ -159,11 +159,19 @@ def choose(q, slopes, impl: str) -> tuple[str, str | None]:
     return (name, None) if why is None else ("reference", f"{name}: {why}")
 
 
-def _pick(q, slopes, *, window, scale, impl):
-    """The implementation `impl` resolves to, as kernel(q, k, v, slopes)."""
+def _resolve(q, slopes, impl: str, where: str = "") -> str:
+    """choose()'s name for a valid `impl`, with a warning when a named kernel cannot run here."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
     name, why = choose(q, slopes, impl)
     if why is not None and impl != "auto":
-        log.warning("attention impl %r skipped (%s); using the reference", impl, why)
+        log.warning("attention impl %r skipped%s (%s); using the reference", impl, where, why)
+    return name
+
+
+def _pick(q, slopes, *, window, scale, impl):
+    """The implementation `impl` resolves to, as kernel(q, k, v, slopes)."""
+    name = _resolve(q, slopes, impl)
     if name == "cudnn":
         return lambda q, k, v, slopes: _cudnn(q, k, v, window=window, scale=scale)
     if name == "splash":
@@ -178,8 +186,6 @@ def causal_attention(q, k, v, *, window: int | None, slopes=None, scale: float |
     With a `kernel_mesh` (pallas_kernels.per_shard) every implementation runs per shard: batch rows over
     the batch axes, query and key/value heads (and ALiBi slopes) over the head axes.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
     kernel = _pick(q, slopes, window=window, scale=scale, impl=impl)
     return per_shard.run(kernel, (q, k, v, slopes), _LAYOUTS, _BTHD, kernel_mesh)
 
@@ -194,12 +200,7 @@ def bidirectional_attention(q, k, v, *, scale: float | None = None, impl: str = 
     einsums' float32 scores in HBM are the bytes cuDNN saves on a GPU (about 1 ms per drt-133m step
     at 16K, both encoder layers).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
-    name, why = choose(q, None, impl)
-    if why is not None and impl != "auto":
-        log.warning("attention impl %r skipped in the chunk encoder (%s); using the reference", impl, why)
-    if name == "cudnn":
+    if _resolve(q, None, impl, " in the chunk encoder") == "cudnn":
         kernel = lambda q, k, v, slopes: jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=False, implementation="cudnn")
     else:
