@@ -97,21 +97,29 @@ def test_explicit_fast_impl_off_its_backend_falls_back_with_a_logged_reason(capl
     np.testing.assert_array_equal(out, attention_reference(q, q, q, window=4))
 
 
-@pytest.mark.parametrize("window", [5, 8, None])
-def test_cudnn_call_keeps_the_window_convention_on_cpu(window, monkeypatch):
-    """The GPU default path's call, on CPU: the same jax.nn.dot_product_attention call the cuDNN path makes,
-    run by its XLA implementation, equals the reference (query i sees keys i - window .. i)."""
+def _as_xla_cudnn(monkeypatch):
+    """Routes the cuDNN path's jax.nn.dot_product_attention calls to its XLA implementation, so that a
+    CPU runs the call the GPU makes; -> the list of (implementation, is_causal, local_window_size) of
+    every call."""
     from drt_jax import attention
 
     calls = []
     real = jax.nn.dot_product_attention
 
     def as_xla(*args, implementation=None, **kwargs):
-        calls.append((implementation, kwargs["is_causal"], kwargs["local_window_size"]))
+        calls.append((implementation, kwargs["is_causal"], kwargs.get("local_window_size")))
         return real(*args, implementation="xla", **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
     monkeypatch.setattr(attention, "_cudnn_unsupported", lambda q, slopes: None)
+    return calls
+
+
+@pytest.mark.parametrize("window", [5, 8, None])
+def test_cudnn_call_keeps_the_window_convention_on_cpu(window, monkeypatch):
+    """The GPU default path's call, on CPU: the same jax.nn.dot_product_attention call the cuDNN path makes,
+    run by its XLA implementation, equals the reference (query i sees keys i - window .. i)."""
+    calls = _as_xla_cudnn(monkeypatch)
     T, H, Hkv, D = 29, 4, 2, 16
     keys = jax.random.split(jax.random.PRNGKey(window or 0), 4)
     q, k, v = (jax.random.normal(kk, (2, T, h, D)) for kk, h in zip(keys, (H, Hkv, Hkv), strict=False))
@@ -146,23 +154,6 @@ def test_cudnn_sliding_window_matches_reference_on_gpu(window):
         assert rel < 3e-2, f"cuDNN gradient rel. error {rel:.3g}"
 
 
-def _as_xla_cudnn(monkeypatch):
-    """Routes the cuDNN path's jax.nn.dot_product_attention calls to its XLA implementation, so that a
-    CPU runs the call the GPU makes; -> the list of (implementation, is_causal) of every call."""
-    from drt_jax import attention
-
-    calls = []
-    real = jax.nn.dot_product_attention
-
-    def as_xla(*args, implementation=None, **kwargs):
-        calls.append((implementation, kwargs["is_causal"]))
-        return real(*args, implementation="xla", **kwargs)
-
-    monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
-    monkeypatch.setattr(attention, "_cudnn_unsupported", lambda q, slopes: None)
-    return calls
-
-
 def _dense_bidirectional(q, k, v):
     G = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
@@ -185,7 +176,7 @@ def test_the_chunk_encoders_cudnn_call_attends_to_the_whole_chunk_on_cpu(monkeyp
     grads = [jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v) for f in (cudnn, bidirectional_reference)]
     for a, b in zip(*grads, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-    assert calls and set(calls) == {("cudnn", False)}, calls
+    assert calls and set(calls) == {("cudnn", False, None)}, calls
 
 
 def test_a_drt_forward_runs_its_chunk_encoder_on_the_configs_attention_kernel(monkeypatch):
@@ -202,8 +193,8 @@ def test_a_drt_forward_runs_its_chunk_encoder_on_the_configs_attention_kernel(mo
     calls = _as_xla_cudnn(monkeypatch)
     got = DRT(cfg.replace(attention_impl="cudnn")).apply(params, tokens)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
-    assert calls.count(("cudnn", False)) == cfg.encoder_layers, calls
-    assert calls.count(("cudnn", True)) == sum(cfg.decoder_layers), calls
+    assert [c[:2] for c in calls].count(("cudnn", False)) == cfg.encoder_layers, calls
+    assert [c[:2] for c in calls].count(("cudnn", True)) == sum(cfg.decoder_layers), calls
 
 
 @pytest.mark.gpu
