@@ -8,6 +8,7 @@ a blocked head that recomputes its logits (8 T d V), so a head that needs only t
 
     PYTHONPATH=. python bench/loss_head.py                        # T 16K and 64K, blocks 1K/2K/4K
     PYTHONPATH=. python bench/loss_head.py --tokens 16384 --blocks 1024 --repeats 20
+    PYTHONPATH=. python bench/loss_head.py --tokens 16384 --blocks 4096 --logits-dtype float32 bfloat16
 
 Prints a table and writes bench/results/loss_head.json (or --out).
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from train_throughput import header  # noqa: E402
 
 
-def time_case(tokens: int, block: int, d: int, vocab: int, repeats: int) -> dict:
+def time_case(tokens: int, block: int, d: int, vocab: int, repeats: int, logits_dtype: str = "float32") -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -39,7 +40,7 @@ def time_case(tokens: int, block: int, d: int, vocab: int, repeats: int) -> dict
     mask = jnp.ones((1, tokens), jnp.float32)
 
     def loss(h, e):
-        return blocked_cross_entropy(h, e, targets, mask, block_size=block)[0]
+        return blocked_cross_entropy(h, e, targets, mask, block_size=block, logits_dtype=logits_dtype)[0]
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     t0 = time.perf_counter()
@@ -51,7 +52,7 @@ def time_case(tokens: int, block: int, d: int, vocab: int, repeats: int) -> dict
         value, _ = jax.block_until_ready(fn(hidden, embedding))
         best = min(best, time.perf_counter() - t0)
     flops = 8.0 * tokens * d * vocab
-    return {"tokens": tokens, "block": block, "ms": 1e3 * best, "tflops_per_s": flops / best / 1e12,
+    return {"tokens": tokens, "block": block, "logits_dtype": logits_dtype, "ms": 1e3 * best, "tflops_per_s": flops / best / 1e12,
             "compile_s": compile_s, "loss": float(value)}
 
 
@@ -61,18 +62,22 @@ def main(argv=None) -> None:
     parser.add_argument("--blocks", nargs="*", type=int, default=[1024, 2048, 4096])
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=50265)
+    parser.add_argument("--logits-dtype", nargs="*", default=["float32"], choices=("float32", "bfloat16"),
+                        help="the dtype the head stores its logits in (train.loss_logits_dtype); each is timed")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case; the best is kept")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "loss_head.json"))
     args = parser.parse_args(argv)
 
     result = {**header(argv), "d_model": args.d_model, "vocab": args.vocab, "cases": []}
     result["command"] = result["command"].replace("train_throughput.py", "loss_head.py")
-    print(f"{'tokens':>7} {'block':>6} {'ms':>8} {'TFLOP/s':>8} {'loss':>8}")
+    print(f"{'tokens':>7} {'block':>6} {'logits':>8} {'ms':>8} {'TFLOP/s':>8} {'loss':>8}")
     for tokens in args.tokens:
         for block in args.blocks:
-            row = time_case(tokens, block, args.d_model, args.vocab, args.repeats)
-            result["cases"].append(row)
-            print(f"{tokens:>7} {block:>6} {row['ms']:>8.2f} {row['tflops_per_s']:>8.1f} {row['loss']:>8.4f}", flush=True)
+            for dtype in args.logits_dtype:
+                row = time_case(tokens, block, args.d_model, args.vocab, args.repeats, dtype)
+                result["cases"].append(row)
+                print(f"{tokens:>7} {block:>6} {dtype:>8} {row['ms']:>8.2f} {row['tflops_per_s']:>8.1f} {row['loss']:>8.4f}",
+                      flush=True)
             pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
 

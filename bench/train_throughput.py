@@ -59,7 +59,7 @@ def header(argv) -> dict:
 
 
 def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, profile: bool = False,
-             hlo_dir: str | None = None):
+             hlo_dir: str | None = None, logits_dtype: str = "float32"):
     import jax
     import numpy as np
 
@@ -77,7 +77,8 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
     spec = state_spec(cfg, tx, mesh, DEFAULT_RULES)
     bsh = mesh_lib.batch_sharding(mesh, DEFAULT_RULES)
     block = TrainConfig().loss_block_size
-    build = lambda c: make_train_step(c, tx, schedule, spec, bsh, grad_accum=1, block_size=block)  # noqa: E731
+    build = lambda c: make_train_step(c, tx, schedule, spec, bsh, grad_accum=1, block_size=block,  # noqa: E731
+                                         logits_dtype=logits_dtype)
     state = init_state(cfg, tx, spec, seed=0)
     rng = np.random.RandomState(seq_len)
     batches = [
@@ -228,6 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="sequences per step")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining cases after this many seconds")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_throughput.json"))
+    parser.add_argument("--loss-logits-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="step mode: the dtype the loss head stores its logits in (train.loss_logits_dtype)")
     parser.add_argument("--hlo-dir", default=None, help="step mode: write each case's optimized HLO (gzipped text) here")
     parser.add_argument("--run", help="loop mode: a run config (configs/<name> or a .py path)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="loop mode: overrides of the run config")
@@ -248,7 +251,8 @@ def main(argv=None) -> int:
     result = {
         **header(argv),
         "settings": {"batch": args.batch, "dtype": "bfloat16 compute, float32 params", "remat": args.remat, "timed_steps": args.steps,
-                     "loss": "blocked cross-entropy (the trainer's block size: 0 = auto, losses.auto_block_size)", "optimizer": "AdamW + clip"},
+                     "loss": "blocked cross-entropy (the trainer's block size: 0 = auto, losses.auto_block_size)",
+                     "loss_logits_dtype": args.loss_logits_dtype, "optimizer": "AdamW + clip"},
         "cases": [],
     }
     out = pathlib.Path(args.out)
@@ -262,7 +266,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             try:
                 row.update(run_case(name, seq_len, args.steps, args.remat, args.batch, profile=args.profile > 0,
-                                    hlo_dir=args.hlo_dir))
+                                    hlo_dir=args.hlo_dir, logits_dtype=args.loss_logits_dtype))
             except Exception as err:  # noqa: BLE001 - record and continue
                 text = " ".join(str(err).split())
                 oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text

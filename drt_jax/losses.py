@@ -56,9 +56,13 @@ def _compute_embedding(embedding, dtype):
     return V, jnp.pad(embedding.astype(dtype), ((0, _padded_vocab(V) - V), (0, 0)))
 
 
-def _block_logits(h, emb, V: int):
-    """h [B, k, d], emb [Vp, d] in h's dtype -> float32 logits [B, k, Vp], the padded columns at -inf."""
-    logits = jnp.einsum("bkd,vd->bkv", h, emb, preferred_element_type=jnp.float32)
+LOGITS_DTYPES = ("float32", "bfloat16")
+
+
+def _block_logits(h, emb, V: int, logits_dtype: str = "float32"):
+    """h [B, k, d], emb [Vp, d] in h's dtype -> logits [B, k, Vp] in logits_dtype (the GEMM accumulates
+    in float32 either way), the padded columns at -inf."""
+    logits = jnp.einsum("bkd,vd->bkv", h, emb, preferred_element_type=jnp.dtype(logits_dtype))
     if emb.shape[0] != V:
         logits = jnp.where(jnp.arange(emb.shape[0]) < V, logits, -jnp.inf)
     return logits
@@ -80,19 +84,24 @@ def logsumexp_one_pass(x):
     return m + jnp.log(s)
 
 
-def _block_loss(h, emb, t, V: int):
-    """-> (per-token loss [B, k] float32, logits, log-normaliser).
+def _block_loss(h, emb, t, V: int, logits_dtype: str = "float32"):
+    """-> (per-token loss [B, k] float32, float32 logits, log-normaliser).
+
+    With logits_dtype "bfloat16" the GEMM's output is rounded to bfloat16 before it is stored and every
+    later pass reads it as float32: half the bytes of the head's vocabulary-wide passes, at the price of
+    rounding each logit to 8 significant bits, which moves a probability by up to |logit| x 0.2% (the
+    target's logit stays float32).
 
     The target's logit is the dot product of h with the target's embedding row, not a pick from the
     logits: XLA lowers the pick to a masked sum over the vocabulary, one more read of the block's float32
     logits (at 16K tokens and 50K entries, 3.3 GB per step), where the row gather reads d values."""
-    logits = _block_logits(h, emb, V)
+    logits = _block_logits(h, emb, V, logits_dtype).astype(jnp.float32)
     lse = logsumexp_one_pass(logits)
     picked = jnp.einsum("bkd,bkd->bk", h, jnp.take(emb, t, axis=0), preferred_element_type=jnp.float32)
     return lse - picked, logits, lse
 
 
-def _sums(hidden, embedding, targets, weights, extra):
+def _sums(hidden, embedding, targets, weights, extra, logits_dtype):
     """hidden [nb, B, k, d], embedding [V, d], targets/weights [nb, B, k], extra [nb, n, B, k] ->
     (sum of weighted token losses, sums [n] of the token losses under each extra mask)."""
     V, emb = _compute_embedding(embedding, hidden.dtype)
@@ -100,17 +109,17 @@ def _sums(hidden, embedding, targets, weights, extra):
     def step(carry, xs):
         total, sums = carry
         h, t, w, e = xs
-        token_loss = _block_loss(h, emb, t, V)[0]
+        token_loss = _block_loss(h, emb, t, V, logits_dtype)[0]
         return (total + jnp.sum(token_loss * w), sums + jnp.sum(token_loss * e, axis=(1, 2))), None
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(extra.shape[1], jnp.float32))
     return jax.lax.scan(step, init, (hidden, targets, weights, extra))[0]
 
 
-_blocked_sums = jax.custom_vjp(_sums)
+_blocked_sums = jax.custom_vjp(_sums, nondiff_argnums=(5,))
 
 
-def _sums_fwd(hidden, embedding, targets, weights, extra):
+def _sums_fwd(hidden, embedding, targets, weights, extra, logits_dtype):
     """The gradients are taken here, in the same pass as the loss: the loss is linear in each token's
     loss with the known weights, so d total / d logits = (softmax - one_hot) * weight is complete once
     a block's logits exist, and the backward pass only scales by the incoming cotangent. This saves the
@@ -123,7 +132,7 @@ def _sums_fwd(hidden, embedding, targets, weights, extra):
     def step(carry, xs):
         total, sums, d_emb = carry
         h, t, w, e = xs
-        token_loss, logits, lse = _block_loss(h, emb, t, V)
+        token_loss, logits, lse = _block_loss(h, emb, t, V, logits_dtype)
         one_hot = jax.nn.one_hot(t, Vp, dtype=jnp.float32)
         d_logits = ((jnp.exp(logits - lse[..., None]) - one_hot) * w[..., None]).astype(h.dtype)
         dh = jnp.einsum("bkv,vd->bkd", d_logits, emb, preferred_element_type=jnp.float32).astype(h.dtype)
@@ -136,7 +145,7 @@ def _sums_fwd(hidden, embedding, targets, weights, extra):
     return (total, sums), (dh, d_emb[:V], token_loss, np.zeros(targets.shape, jax.dtypes.float0))
 
 
-def _sums_bwd(res, g):
+def _sums_bwd(logits_dtype, res, g):
     dh, d_emb, token_loss, zero_t = res
     g_total, g_sums = g
     d_extra = g_sums[None, :, None, None] * token_loss[:, None]
@@ -161,7 +170,8 @@ def auto_block_size(batch: int, num_tokens: int, vocab: int) -> int:
     return min(block, num_tokens)
 
 
-def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int | None = None, metric_masks=None):
+def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int | None = None, metric_masks=None,
+                          logits_dtype: str = "float32"):
     """Cross-entropy of tied logits hidden @ embedding^T without materialising them all.
 
     hidden [B, T, d], embedding [V, d], targets/mask [B, T] -> (mean loss, total weight): `mask` weights
@@ -171,7 +181,11 @@ def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int |
     [n] of the unweighted per-token loss under each mask (for reporting losses on subsets, e.g. corpus
     vs answer tokens; the training loss's gradient does not pass through them). block_size: tokens
     per sequence in a block; None or 0 picks it from the batch and vocabulary (`auto_block_size`).
+    logits_dtype: "float32" (default) or "bfloat16", the dtype the logits are stored in between the
+    head's passes (`_block_loss`).
     """
+    if logits_dtype not in LOGITS_DTYPES:
+        raise ValueError(f"logits_dtype={logits_dtype!r}: choose one of {', '.join(LOGITS_DTYPES)}")
     B, T, d = hidden.shape
     block = min(block_size or auto_block_size(B, T, embedding.shape[0]), T)
     nb = -(-T // block)
@@ -180,7 +194,8 @@ def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int |
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(B, nb, block, d).swapaxes(0, 1)
     extra = jnp.zeros((0, B, T), jnp.float32) if metric_masks is None else jnp.asarray(metric_masks, jnp.float32)
     extra = jax.vmap(blocked)(extra).swapaxes(0, 1)  # [nb, n, B, block]
-    total, sums = _blocked_sums(hidden, embedding, blocked(targets), blocked(mask), jax.lax.stop_gradient(extra))
+    total, sums = _blocked_sums(hidden, embedding, blocked(targets), blocked(mask), jax.lax.stop_gradient(extra),
+                                 logits_dtype)
     count = jnp.sum(mask)
     mean = total / jnp.maximum(count, 1.0)
     return (mean, count) if metric_masks is None else (mean, count, sums)

@@ -2,6 +2,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from drt_jax.losses import auto_block_size, blocked_cross_entropy, cross_entropy, next_token_targets
 
@@ -126,6 +127,35 @@ def test_the_target_logit_is_a_dot_with_its_embedding_row_not_a_read_of_the_logi
     t = jax.random.randint(key_t, (2, 8), 0, 37)
     base, _, _ = losses._block_loss(h, emb, t, 37)
     block_logits = losses._block_logits
-    monkeypatch.setattr(losses, "_block_logits", lambda h, e, V: block_logits(h, e, V) + 5.0)
+    monkeypatch.setattr(losses, "_block_logits", lambda h, e, V, dtype: block_logits(h, e, V, dtype) + 5.0)
     shifted, _, _ = losses._block_loss(h, emb, t, 37)
     np.testing.assert_allclose(np.asarray(shifted - base), 5.0, rtol=0, atol=1e-4)
+
+
+def test_bfloat16_logits_store_the_gemm_in_bfloat16_and_match_float32_to_its_rounding():
+    """logits_dtype="bfloat16": the head's vocabulary-wide GEMM writes bfloat16 (seen in the jaxpr of the
+    loss and of its gradient), and the loss and both gradients stay within bfloat16 rounding of the
+    float32 head's; a bad name is refused."""
+    B, T, d, V = 2, 96, 32, 300
+    kh, ke, kt = jax.random.split(jax.random.PRNGKey(7), 3)
+    hidden = jax.random.normal(kh, (B, T, d), jnp.bfloat16)
+    embedding = 0.3 * jax.random.normal(ke, (V, d), jnp.float32)
+    targets = jax.random.randint(kt, (B, T), 0, V)
+    mask = (jax.random.uniform(kt, (B, T)) > 0.2).astype(jnp.float32)
+
+    def loss(h, e, dtype):
+        return blocked_cross_entropy(h, e, targets, mask, block_size=32, logits_dtype=dtype)[0]
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    for fn in (loss, grad):
+        jaxpr = {dtype: str(jax.make_jaxpr(fn, static_argnums=2)(hidden, embedding, dtype)) for dtype in ("float32", "bfloat16")}
+        assert "preferred_element_type=bfloat16" in jaxpr["bfloat16"]
+        assert "preferred_element_type=bfloat16" not in jaxpr["float32"]
+    (l32, (dh32, de32)), (l16, (dh16, de16)) = grad(hidden, embedding, "float32"), grad(hidden, embedding, "bfloat16")
+    assert float(l16) != float(l32)
+    np.testing.assert_allclose(float(l16), float(l32), rtol=2e-3)
+    for a, b in ((dh16, dh32), (de16, de32)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.03
+    with pytest.raises(ValueError, match="logits_dtype='float16'"):
+        loss(hidden, embedding, "float16")

@@ -328,3 +328,27 @@ def test_remat_auto_trains_with_the_least_recomputation_that_fits(tmp_path, monk
     assert auto.last_loss == pytest.approx(full.last_loss, rel=1e-5)
     monkeypatch.setattr(step_module, "step_bytes", lambda compiled: None)  # no memory analysis: none, no crash
     assert resolve_remat(base.model, build, (spec.abstract, batch), free_bytes=1, say=lambda *_: None)[0].remat == "none"
+
+
+def test_the_trainer_passes_loss_logits_dtype_to_its_train_and_eval_steps(tmp_path, monkeypatch):
+    """train.loss_logits_dtype reaches the blocked cross-entropy of the train step and of the held-out
+    evaluation (float32 unless set)."""
+    import drt_jax.train.step as step_module
+
+    seen = []
+    real = step_module.blocked_cross_entropy
+
+    def recording(*args, logits_dtype="float32", **kw):
+        seen.append(logits_dtype)
+        return real(*args, logits_dtype=logits_dtype, **kw)
+
+    monkeypatch.setattr(step_module, "blocked_cross_entropy", recording)
+    corpus = write_corpus(tmp_path / "corpus")
+    base = small_run(tmp_path, corpus, steps=2, eval_every=0, grad_accum=1)
+    assert base.train.loss_logits_dtype == "float32"
+    for dtype in ("bfloat16", "float32"):
+        seen.clear()
+        run = base.replace(train=dataclasses.replace(base.train, loss_logits_dtype=dtype, run_dir=str(tmp_path / dtype)))
+        summary = train(run, print_fn=lambda *_: None)
+        assert np.isfinite(summary.last_loss)
+        assert len(seen) >= 2 and set(seen) == {dtype}, seen  # traced by the train step and the eval step

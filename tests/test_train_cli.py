@@ -35,11 +35,11 @@ def test_bad_keys_and_values():
 def test_overrides_are_type_checked():
     run = load_run_config("tiny", ["train.steps=7", "model.dropout_rate=0.1", "optim.peak_lr=1e-3", "mesh.fsdp=2",
                                    "model.decoder_layers=(2,1)", "optim.clip_norm=none", "train.async_checkpoints=false",
-                                   "data.corpus=/x", "name=foo"])
+                                   "data.corpus=/x", "name=foo", "train.loss_logits_dtype=bfloat16"])
     assert run.train.steps == 7 and run.model.dropout_rate == 0.1 and run.optim.peak_lr == 1e-3
     assert run.mesh.fsdp == 2 and run.model.decoder_layers == (2, 1) and run.optim.clip_norm is None
     assert run.train.async_checkpoints is False and run.data.corpus == "/x" and run.name == "foo"
-    assert str(run.run_dir) == "runs/foo"
+    assert str(run.run_dir) == "runs/foo" and run.train.loss_logits_dtype == "bfloat16"
     assert apply_overrides(run, ["optim.peak_lr=1"]).optim.peak_lr == 1.0  # int accepted for float
     bad = [
         (["train.steps=1.5"], "train.steps"),
@@ -54,6 +54,7 @@ def test_overrides_are_type_checked():
         (["mesh.data=-1", "mesh.fsdp=-1"], "at most one -1"),
         (["data.seq_len=1"], "seq_len"),
         (["train.stop_at_step=0"], "train.stop_at_step"),
+        (["train.loss_logits_dtype=float16"], "train.loss_logits_dtype='float16': choose one of float32, bfloat16"),
     ]
     for overrides, needle in bad:
         with pytest.raises(ConfigError) as err:

@@ -32,6 +32,7 @@ from typing import Any
 
 from drt_jax.config import CONFIGS_DIR, ConfigError, ModelConfig, list_presets, load_config_module
 from drt_jax.data.config import DataConfig, DataError
+from drt_jax.losses import LOGITS_DTYPES
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -140,7 +141,10 @@ class TrainConfig:
       keep_checkpoints: keep the last K. run_dir: "runs/{name}" by default; an existing run there is
       resumed from its latest checkpoint. loss_block_size: tokens per sequence in a block of the
       blocked cross-entropy (0: the largest power of two whose float32 logits for the batch fit in
-      1 GiB, losses.auto_block_size). answer_loss_weight: weight of task answer tokens (data.mixture tasks that mark
+      1 GiB, losses.auto_block_size). loss_logits_dtype: "float32" (default) or "bfloat16", the dtype
+      the loss head stores its vocabulary-wide logits in between its passes (the GEMM accumulates in
+      float32 either way; bfloat16 halves those passes' bytes; each logit keeps 8 significant bits).
+      answer_loss_weight: weight of task answer tokens (data.mixture tasks that mark
       them, e.g. NIAH) in the loss, relative to 1 for every other token; 1 is the authors' plain LM
       loss over the whole example (spec 7.4). init_from: a run folder whose latest checkpoint's
       parameters start this run when it has no checkpoint of its own (fine-tuning a pretrained model,
@@ -168,6 +172,7 @@ class TrainConfig:
     seed: int = 0
     run_dir: str = "runs/{name}"
     loss_block_size: int = 0
+    loss_logits_dtype: str = "float32"
     progress_bar: bool = True
     answer_loss_weight: float = 1.0
     init_from: str = ""
@@ -185,6 +190,8 @@ class TrainConfig:
         block = self.loss_block_size
         if not isinstance(block, int) or isinstance(block, bool) or block < 0:
             raise ConfigError(f"train.loss_block_size={block!r} must be an integer >= 0 (0: chosen from the batch and vocabulary)")
+        if self.loss_logits_dtype not in LOGITS_DTYPES:
+            raise ConfigError(f"train.loss_logits_dtype={self.loss_logits_dtype!r}: choose one of {', '.join(LOGITS_DTYPES)}")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every={self.eval_every} must be >= 0 (0: evaluate only at the end)")
         if not isinstance(self.time_limit_s, (int, float)) or self.time_limit_s < 0:

@@ -256,10 +256,10 @@ def setup(run: RunConfig, *, print_fn=print) -> Trainer:
     train_keys = ("tokens", "mask") + (TASK_FIELDS if run.data.mixture else ())
     build = lambda cfg: make_train_step(cfg, tx, schedule, spec, batch_sh, grad_accum=tc.grad_accum,  # noqa: E731
                                         block_size=tc.loss_block_size, batch_keys=train_keys,
-                                        answer_weight=tc.answer_loss_weight)
+                                        answer_weight=tc.answer_loss_weight, logits_dtype=tc.loss_logits_dtype)
     batch_abs = {k: jax.ShapeDtypeStruct((tc.batch, run.data.seq_len), np.int32, sharding=batch_sh) for k in train_keys}
     _, step_fn = resolve_remat(run.model, build, (spec.abstract, batch_abs), say=say)
-    eval_fn = make_eval_step(run.model, spec, batch_sh, block_size=tc.loss_block_size)
+    eval_fn = make_eval_step(run.model, spec, batch_sh, block_size=tc.loss_block_size, logits_dtype=tc.loss_logits_dtype)
     return Trainer(run=run, tokenizer=tokenizer, mesh=mesh, batch_sharding=batch_sh, data_cfg=data_cfg,
                    train_iter=train_iter, train_keys=train_keys, spec=spec, ckpt=ckpt, state=state, start=start,
                    step_fn=step_fn, eval_fn=eval_fn, is_main=is_main)

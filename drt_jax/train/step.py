@@ -110,7 +110,7 @@ def _shift_to_predictors(x, dtype):
 
 
 def _loss_sum(model: DRT, cfg: ModelConfig, params, batch, key, *, deterministic: bool, block_size: int,
-              answer_weight: float = 1.0):
+              answer_weight: float = 1.0, logits_dtype: str = "float32"):
     """Summed next-token cross-entropy of one micro-batch -> (loss sum, (weight sum, diagnostics)).
 
     batch: {"tokens", "mask"[, "answer", "needle"]} int32 [B, T]. With "answer", answer tokens weigh
@@ -129,14 +129,15 @@ def _loss_sum(model: DRT, cfg: ModelConfig, params, batch, key, *, deterministic
         mask = mask * _shift_to_predictors(data_mask, mask.dtype)
     embedding = params["embed"]["embedding"]
     if "answer" not in batch:
-        mean, count = blocked_cross_entropy(hidden, embedding, targets, mask, block_size=block_size)
+        mean, count = blocked_cross_entropy(hidden, embedding, targets, mask, block_size=block_size,
+                                            logits_dtype=logits_dtype)
         return mean * count, (count, {})
     answer = batch["answer"]
     answer_t = mask * _shift_to_predictors(answer, mask.dtype)
     corpus_t = mask * (~jnp.any(answer > 0, axis=1))[:, None].astype(mask.dtype)
     weights = mask + (answer_weight - 1.0) * answer_t
     mean, count, sums = blocked_cross_entropy(hidden, embedding, targets, weights, block_size=block_size,
-                                              metric_masks=jnp.stack([corpus_t, answer_t]))
+                                              metric_masks=jnp.stack([corpus_t, answer_t]), logits_dtype=logits_dtype)
     diag = {"tokens": jnp.sum(mask), "corpus_loss_sum": sums[0], "corpus_tokens": jnp.sum(corpus_t),
             "answer_loss_sum": sums[1], "answer_tokens": jnp.sum(answer_t)}
     for g in range(len(cfg.groups)):
@@ -156,7 +157,7 @@ def diagnostic_means(sums: dict) -> dict:
 
 
 def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_sharding, *, grad_accum: int, block_size: int,
-                    batch_keys=("tokens", "mask"), answer_weight: float = 1.0):
+                    batch_keys=("tokens", "mask"), answer_weight: float = 1.0, logits_dtype: str = "float32"):
     """Returns jit(step)(state, batch) -> (state, metrics) with explicit in/out shardings. batch holds
     `batch_keys` (int32 [B, T] each); with task fields ("answer", "needle") metrics["diagnostics"] holds
     the sums of `_loss_sum`'s diagnostics (see `diagnostic_means`). Attention and GCA kernels run per shard
@@ -176,7 +177,7 @@ def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_shard
 
         grad_fn = jax.value_and_grad(
             lambda p, b, k: _loss_sum(model, cfg, p, b, k, deterministic=False, block_size=block_size,
-                                      answer_weight=answer_weight),
+                                      answer_weight=answer_weight, logits_dtype=logits_dtype),
             has_aux=True,
         )
         if grad_accum == 1:
@@ -210,13 +211,13 @@ def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_shard
     return jax.jit(step, in_shardings=(spec.shardings, batch_sh), out_shardings=(spec.shardings, rep), donate_argnums=(0,))
 
 
-def make_eval_step(cfg: ModelConfig, spec: StateSpec, batch_sharding, *, block_size: int):
+def make_eval_step(cfg: ModelConfig, spec: StateSpec, batch_sharding, *, block_size: int, logits_dtype: str = "float32"):
     """jit(eval)(params, batch) -> (loss_sum, count), deterministic (no dropout, no Gumbel noise)."""
     model = DRT(cfg, kernel_mesh=spec.kernels)
 
     def evaluate(params, batch):
         loss_sum, (count, _) = _loss_sum(model, cfg, params, batch, jax.random.PRNGKey(0), deterministic=True,
-                                         block_size=block_size)
+                                         block_size=block_size, logits_dtype=logits_dtype)
         return loss_sum, count
 
     rep = mesh_lib.replicated(spec.mesh)
