@@ -88,7 +88,7 @@ def _block_loss(h, emb, t, V: int, logits_dtype: str = "float32"):
     """-> (per-token loss [B, k] float32, float32 logits, log-normaliser).
 
     With logits_dtype "bfloat16" the GEMM's output is rounded to bfloat16 before it is stored and every
-    later pass reads it as float32: half the bytes of the head's vocabulary-wide passes, at the price of
+    later pass reads it as float32: the logits' store and its two reads move half the bytes, at the price of
     rounding each logit to 8 significant bits, which moves a probability by up to |logit| x 0.2% (the
     target's logit stays float32).
 
