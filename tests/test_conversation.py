@@ -194,6 +194,19 @@ def test_sweep_records_count_the_pads_and_feed_the_turns(sweeps):
                 assert row["correct"] == (row["generated"] == row["answer"])
             assert rec["both_correct"] == all(q["correct"] for q in rec["questions"])
         assert (shifted > 0) == (align == "chunk")  # the pads moved some needle chunk
+        # The keyed question has the other keys' values as distractors, read from turn 1; the passkey none.
+        for rec in r["records"]:
+            s = task.sample(600, rec["depth"], rec["index"])
+            first, second = rec["questions"]
+            assert "distractor_recall" not in first and "answered_distractor" not in first
+            others = [p for ps in s.distractor_positions[1] for p in ps]
+            assert len(s.distractor_positions[0]) == 0 and len(s.distractor_positions[1]) == 5
+            assert second["distractor_chunks"] == np.unique((np.asarray(others) + rec["pads"][0]) // S).tolist()
+            values = [s.turns[0][list(ps)] for ps in s.distractor_positions[1]]
+            assert second["answered_distractor"] == any(second["generated"][:5] == v.tolist() for v in values)
+            for g, got in second["distractor_recall"].items():
+                assert got == np.isin(second["distractor_chunks"], second["retrieved"][g]).mean()
+        assert "answered_distractor" not in r["questions"][0] and "answered_distractor" in r["questions"][1]
         # Both questions' tables, and the by-offset breakdown of each question's own offsets.
         for q, view in enumerate(r["questions"]):
             assert set(view["needle_recall"]) == {"g0", "g1"}

@@ -196,6 +196,75 @@ def test_offset_breakdown_by_hand():
     assert rows[1][3:] == ["0.500", "2.50", "0.50", "1.00"]
 
 
+def test_multi_key_sweep_reports_distractor_recall_and_answers_that_copy_one(tmp_path, monkeypatch):
+    """niah_sweep on multi-key: each record's distractor chunks (pads counted), their recall in the
+    answer's retrieval, and whether the answer is another key's value; the depth tables and the summary
+    carry both; merging two lengths joins them. The model is a random tiny one; its greedy answers are
+    replaced by a distractor's value (sample 0), the true value (sample 1) and its own (sample 2)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from drt_jax import DRT, ModelConfig, chunking
+    from drt_jax.data import ByteTokenizer
+    from drt_jax.evaluate import niah
+    from drt_jax.tasks.niah import NiahTask
+
+    cfg = ModelConfig.from_preset("tiny")
+    params = nn.unbox(DRT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))["params"])
+    tok = ByteTokenizer()
+    hay = np.frombuffer(STORY.encode(), np.uint8).astype(np.int32)
+    task = NiahTask("multi", tok, hay, cfg.chunk_size, seed=2)
+    real = niah.answer_diagnostics
+
+    def fake(eng, prompts, targets):  # a batch's rows are told apart by their true answers
+        gen, loss, retrieved = real(eng, prompts, targets)
+        first, second = (task.sample(length, 0.5, i) for i in range(2))
+        for row, target in enumerate(targets):
+            if np.array_equal(target, first.answer):
+                gen[row] = first.distractors(cfg.chunk_size)[1][0]
+            elif np.array_equal(target, second.answer):
+                gen[row] = target
+        return gen, loss, retrieved
+
+    results = []
+    for length in (900, 960):
+        monkeypatch.setattr(niah, "answer_diagnostics", fake)
+        r = niah.niah_sweep(cfg, params, tok, hay, task="multi", lengths=[length], depths=[0.5], samples=3,
+                            batch_size=1 if length == 900 else 3, seed=2)
+        results.append(r)
+        flags = []
+        for i, rec in enumerate(r["records"]):
+            s = task.sample(length, 0.5, i)
+            pads = chunking.prompt_padding(0, s.prompt_len, cfg.chunk_size)
+            chunks, values = s.distractors(cfg.chunk_size, pads)
+            assert rec["distractor_chunks"] == chunks.tolist() and len(values) == 5
+            for g, got in rec["distractor_recall"].items():
+                assert got == np.isin(chunks, rec["retrieved"][g]).mean()
+            assert rec["answered_distractor"] == any(rec["generated"] == v.tolist() for v in values)
+            flags.append((rec["answered_distractor"], rec["correct"]))
+        assert flags[:2] == [(True, False), (False, True)]
+        assert r["answered_distractor"] == {str(length): {"0.5": np.mean([f[0] for f in flags])}}
+        want = np.nanmean([rec["distractor_recall"]["g0"] for rec in r["records"]])
+        assert r["distractor_recall"]["g0"][str(length)]["0.5"] == want and set(r["distractor_recall"]) == {"g0", "g1"}
+        lines = niah.summary_lines(r)
+        assert any("copied a distractor" in line for line in lines)
+        assert any(line.startswith("distractor-chunk recall@") for line in lines)
+    paths = []
+    for r in results:
+        paths.append(tmp_path / f"{r['lengths'][0]}.json")
+        paths[-1].write_text(json.dumps(r))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plots", os.path.join(ROOT, "experiments", "plots.py"))
+    plots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plots)
+    merged = plots.merge_niah([str(p) for p in paths])
+    assert merged["answered_distractor"] == {**results[0]["answered_distractor"], **results[1]["answered_distractor"]}
+    assert set(merged["distractor_recall"]["g1"]) == {"900", "960"}
+
+
 def test_merged_results_recompute_the_offset_breakdown(tmp_path):
     """experiments/plots.py merge: by_offset's "all" covers the lengths of every merged file."""
     import importlib.util

@@ -96,6 +96,28 @@ def test_key_positions_and_example_masks(kind):
     np.testing.assert_array_equal(np.flatnonzero(ex["needle"]), sorted(s.key_positions))
 
 
+@pytest.mark.parametrize("align", ALIGNS)
+def test_distractor_positions_are_the_other_needles_values(align):
+    """multi: the 5 other keys' values, each right after " is " in its own "magic number" needle (the
+    queried value is not among them); 2hop: v4 and v5 of the distractor chain, each after "->"; single:
+    none. Chunk ids shift by the pads as the needle chunks do."""
+    S = 15
+    for kind, n_other, sep in (("multi", 5, b" is "), ("2hop", 2, b"->"), ("single", 0, None)):
+        s = NiahTask(kind, TOK, HAY, S, seed=4, align=align).sample(1200, 0.4, 2)
+        assert len(s.distractor_positions) == n_other
+        chunks, values = s.distractors(S, pads=7)
+        assert len(values) == n_other and chunks.tolist() == sorted({(p + 7) // S for ps in s.distractor_positions for p in ps})
+        keys = set(s.key_positions)
+        for ps, v in zip(s.distractor_positions, values, strict=True):
+            assert len(ps) == 5 and not keys & set(ps) and list(ps) == list(range(ps[0], ps[0] + 5))
+            np.testing.assert_array_equal(v, s.tokens[list(ps)])
+            assert bytes(s.tokens[ps[0] - len(sep) : ps[0]].tolist()) == sep
+            assert not np.array_equal(v, s.answer[:5])
+            if kind == "multi":
+                head = b"|One of the special magic numbers for "
+                assert bytes(s.tokens[ps[0] - len(sep) - 5 - len(head) : ps[0] - len(sep) - 5].tolist()) == head
+
+
 def test_too_short_and_examples():
     task = NiahTask("multi", TOK, HAY, 15)
     with pytest.raises(TaskError, match="too short"):

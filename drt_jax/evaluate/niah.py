@@ -2,7 +2,11 @@
 diagnostics that say why -- the teacher-forced loss of the answer tokens and, per retrieval group,
 needle-chunk recall@k (are the chunks holding the needle's value among the top-k retrieved for the
 chunk that generates the answer?). The same three are broken down by where the question ends within
-its chunk (the sample's offset, drt_jax.tasks.niah), in the buckets of offset_buckets. conversation_sweep
+its chunk (the sample's offset, drt_jax.tasks.niah), in the buckets of offset_buckets. Tasks with
+distractor needles (multi-key, 2-hop, the conversation's keyed question) add distractor recall (the
+share of the distractor values' chunks that the same retrieval fetched) and how many answers copied a
+distractor's value: a retrieval that matches the needles' format but not the key fetches them all, and
+a read-out that finds a value but not the queried one answers one of them. conversation_sweep
 measures the same per question of a two-question conversation, the second asked after the model's own
 first answer."""
 
@@ -125,7 +129,8 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
                     rows[i] = {"length": length, "depth": depth, "offset": s.offset, "pads": pads(s.prompt_len),
                                "needles": list(s.needle_positions),
                                **_answer_record(s.answer, gen[b], loss[b], retrieved[:, b],
-                                                s.needle_chunks(cfg.chunk_size, pads(s.prompt_len)))}
+                                                s.needle_chunks(cfg.chunk_size, pads(s.prompt_len)),
+                                                s.distractors(cfg.chunk_size, pads(s.prompt_len)))}
                 if progress is not None:
                     progress(len(batch))
             records.extend(rows[i] for i in sorted(rows))
@@ -133,14 +138,23 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
             **_question_tables(records, lengths, depths, cfg), "records": records}
 
 
-def _answer_record(answer, generated, loss, retrieved, needle_chunks) -> dict:
+def _answer_record(answer, generated, loss, retrieved, needle_chunks, distractors=None) -> dict:
     """One answer's record: the true and generated tokens, exact match, teacher-forced loss, and per
-    retrieval group (retrieved [G, K]) the chunks fetched and the recall of needle_chunks among them."""
+    retrieval group (retrieved [G, K]) the chunks fetched and the recall of needle_chunks among them.
+    distractors: (their chunk ids, their values) as NiahSample.distractors gives them; where there are
+    any, also "distractor_chunks", "distractor_recall" per group and "answered_distractor" (the
+    generated answer begins with a distractor's value)."""
     groups = range(len(retrieved))
-    return {"answer": answer.tolist(), "generated": generated.tolist(), "correct": score_exact(generated, answer),
-            "answer_loss": float(loss), "needle_chunks": needle_chunks.tolist(),
-            "retrieved": {f"g{g}": retrieved[g].tolist() for g in groups},
-            "recall": {f"g{g}": chunk_recall(retrieved[g], needle_chunks) for g in groups}}
+    record = {"answer": answer.tolist(), "generated": generated.tolist(), "correct": score_exact(generated, answer),
+              "answer_loss": float(loss), "needle_chunks": needle_chunks.tolist(),
+              "retrieved": {f"g{g}": retrieved[g].tolist() for g in groups},
+              "recall": {f"g{g}": chunk_recall(retrieved[g], needle_chunks) for g in groups}}
+    if distractors is not None and len(distractors[1]):
+        chunks, values = distractors
+        record.update(distractor_chunks=chunks.tolist(),
+                      distractor_recall={f"g{g}": chunk_recall(retrieved[g], chunks) for g in groups},
+                      answered_distractor=any(score_exact(generated[: len(v)], v) for v in values))
+    return record
 
 
 def _check_sweep(cfg, task, lengths, depths) -> bool:
@@ -168,9 +182,13 @@ def _question_tables(records, lengths, depths, cfg) -> dict:
     {group: {length: {depth: mean of the defined recalls}}}, "by_offset" (offset_breakdown)."""
     groups = [f"g{g}" for g in range(len(cfg.groups))]
     table = lambda value, mean=np.mean: _depth_table(records, lengths, depths, value, mean)
-    return {"accuracy": table(lambda r: r["correct"]), "answer_loss": table(lambda r: r["answer_loss"]),
-            "needle_recall": {g: table(lambda r, g=g: r["recall"][g], np.nanmean) for g in groups},
-            "by_offset": offset_breakdown(records, lengths, cfg.chunk_size, groups)}
+    out = {"accuracy": table(lambda r: r["correct"]), "answer_loss": table(lambda r: r["answer_loss"]),
+           "needle_recall": {g: table(lambda r, g=g: r["recall"][g], np.nanmean) for g in groups},
+           "by_offset": offset_breakdown(records, lengths, cfg.chunk_size, groups)}
+    if records and all("answered_distractor" in r for r in records):
+        out["answered_distractor"] = table(lambda r: r["answered_distractor"])
+        out["distractor_recall"] = {g: table(lambda r, g=g: r["distractor_recall"][g], np.nanmean) for g in groups}
+    return out
 
 
 def _depth_table(records, lengths, depths, value, mean=np.mean) -> dict:
@@ -230,7 +248,8 @@ def converse(engine, sample, aligning: bool) -> list[dict]:
     for q, (turn, answer) in enumerate(zip(sample.turns, sample.answers, strict=True)):
         gen, loss, retrieved, state = answer_turn(engine, state, turn[None], answer[None], feed_answer=q == 0)
         out.append({"offset": sample.offsets[q],
-                    **_answer_record(answer, gen[0], loss[0], retrieved[:, 0], sample.needle_chunks(q, pads[0]))})
+                    **_answer_record(answer, gen[0], loss[0], retrieved[:, 0], sample.needle_chunks(q, pads[0]),
+                                     sample.distractors(q, pads[0]))})
     return out
 
 
@@ -285,6 +304,10 @@ def summary_lines(result: dict) -> list[str]:
         return lines + _depth_table_lines("both answers correct", result, result["accuracy"], "{:>8.3f}")
     tables = [("accuracy", result["accuracy"], "{:>8.3f}"), ("answer loss (nats/token)", result["answer_loss"], "{:>8.2f}")]
     tables += [(f"needle-chunk recall@{result['top_k']} {g}", t, "{:>8.2f}") for g, t in result["needle_recall"].items()]
+    if result.get("answered_distractor") is not None:
+        tables.append(("answers that copied a distractor's value", result["answered_distractor"], "{:>8.3f}"))
+        tables += [(f"distractor-chunk recall@{result['top_k']} {g}", t, "{:>8.2f}")
+                   for g, t in result["distractor_recall"].items()]
     lines = [line for title, table, fmt in tables for line in _depth_table_lines(title, result, table, fmt)]
     lengths = result["lengths"]
     by = result.get("by_offset")

@@ -53,6 +53,8 @@ offsets; fine-tuning examples are the token stream the inference engine builds f
 
 Every sample records `key_positions`: the token indices of the needle values the answer is copied from
 (single: the passkey; multi: the queried value; 2hop: v1 and v2), whose chunks a retrieval must fetch,
+its `distractor_positions`: per other needle, the tokens at the value's place in it (multi: the other
+keys' values; 2hop: v4 and v5 of the distractor chain), what a read-out that ignores the key copies,
 and its `offset`. offset_buckets groups offsets for reports (eval.py niah). Depth in [0, 1] places the queried needle (2hop: the first hop) between the start of the haystack and
 2 chunks before the question; the other needles go to uniformly random positions in that range.
 """
@@ -86,6 +88,7 @@ class NiahSample:
     needle_positions: tuple[int, ...]
     depth: float
     key_positions: tuple[int, ...] = ()  # token indices of the needle values the answer copies
+    distractor_positions: tuple[tuple[int, ...], ...] = ()  # per other needle: its value's token indices
     offset: int = 0  # (prompt_len - lead - 1) % S: the question's last token's index within its chunk
     lead: int = 0  # pad ids before the haystack (align="pad"): the engine's prompt alignment
 
@@ -93,6 +96,10 @@ class NiahSample:
         """Sorted chunk ids holding the key tokens: what the answer's retrieval must fetch. pads: tokens
         put before the prompt (the engine's prompt alignment), which shift every chunk id."""
         return chunks_of(self.key_positions, chunk_size, pads)
+
+    def distractors(self, chunk_size: int, pads: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(sorted chunk ids holding the distractor values, each distractor's value tokens)."""
+        return distractors_of(self.tokens, self.distractor_positions, chunk_size, pads)
 
     def example(self, pad_id: int) -> dict[str, np.ndarray]:
         """Fine-tuning example, int32 [T] each: "tokens"; "mask" (LM loss on every token up to the end
@@ -224,9 +231,10 @@ class NiahTask:
         tail[:n_ans] = answer[:n_ans]
         tokens = np.concatenate([body, tail])
         keys = key_positions(positions, key_spans)
+        others = tuple(key_positions(positions, [s]) for s in distractor_spans(key_spans, len(needles)))
         return NiahSample(tokens=tokens, prompt_len=len(body), answer=answer.astype(np.int32),
                           needle_positions=tuple(positions), depth=float(depth), key_positions=keys,
-                          offset=int(offset), lead=lead)
+                          distractor_positions=others, offset=int(offset), lead=lead)
 
     def _haystack(self, rng, needles, hay_len: int, depth: float, *, at_depth: int = 1, shuffle: bool = False):
         """Needles among hay_len filler tokens -> (int32 [hay_len + sum(len(needles))], start of each
@@ -303,6 +311,8 @@ class ConversationSample:
     turns: tuple[np.ndarray, np.ndarray]  # int32 [P1], [P2]: what the user sends, without pads
     answers: tuple[np.ndarray, np.ndarray]  # int32 [A1], [A2]: the passkey, the keyed value
     key_positions: tuple[tuple[int, ...], tuple[int, ...]]  # per question: the values it copies (in turn 1)
+    # per question: per other needle of its kind, its value's token indices (the passkey has none)
+    distractor_positions: tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]
     needle_positions: tuple[int, ...]  # the passkey needle, the queried keyed needle, the distractors
     offsets: tuple[int, int]  # each question's last token's index within its chunk, without pads
     depth: float
@@ -333,6 +343,10 @@ class ConversationSample:
         """Sorted chunk ids holding question `question`'s (0 or 1) key tokens; pads: the engine's pads
         before turn 1 (every needle sits in turn 1, so the pads before turn 2 shift none)."""
         return chunks_of(self.key_positions[question], self.chunk_size, pads)
+
+    def distractors(self, question: int, pads: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Question `question`'s distractors (NiahSample.distractors), read from turn 1."""
+        return distractors_of(self.turns[0], self.distractor_positions[question], self.chunk_size, pads)
 
     def example(self, pad_id: int, aligned: bool = True) -> dict[str, np.ndarray]:
         """Fine-tuning example, int32 [seq_len] each: "tokens" (the stream, then pad ids); "mask" (LM
@@ -378,17 +392,19 @@ class ConversationTask:
         self.tok, self.S, self.seed, self.align = tokenizer, int(chunk_size), int(seed), align
 
     def _build(self, rng):
-        """-> (needles, questions, answers, key spans per question (needle index among `needles`))."""
+        """-> (needles, questions, answers, key spans per question, distractor spans per question; needle
+        indices among `needles`)."""
         single, _, q1, a1, spans1 = self.niah._build(rng, "single")
         multi, _, q2, a2, spans2 = self.niah._build(rng, "multi")
-        spans2 = [(i + len(single), off, n) for i, off, n in spans2]
-        return single + multi, (q1, q2), (a1, a2), (spans1, spans2)
+        shift = lambda spans: [(i + len(single), off, n) for i, off, n in spans]
+        others = (distractor_spans(spans1, len(single)), shift(distractor_spans(spans2, len(multi))))
+        return single + multi, (q1, q2), (a1, a2), (spans1, shift(spans2)), others
 
     def min_length(self) -> int:
         """Shortest context (tokens) this task fits in: the needles, turn 1's question and 2 chunks of
         room (NiahTask's rule), both answers, turn 2's question, and S - 1 tokens at most for each of
         turn 1's alignment to the chunk grid, its pads, turn 2's filler and its pads."""
-        needles, questions, answers, _ = self._build(np.random.default_rng(0))
+        needles, questions, answers, _, _ = self._build(np.random.default_rng(0))
         need = sum(map(len, needles)) + sum(map(len, questions)) + sum(map(len, answers)) + 2 * self.S + 4 * (self.S - 1)
         return int(-(-need // self.S) * self.S)
 
@@ -415,7 +431,7 @@ class ConversationTask:
         if len(offsets) != 2 or not all(0 <= o < self.S for o in offsets):
             raise TaskError(f"offsets {offsets} must be two offsets in [0, {self.S}) (the chunk size)")
         rng = np.random.default_rng(key)
-        needles, (q1, q2), answers, spans = self._build(rng)
+        needles, (q1, q2), answers, spans, others = self._build(rng)
         turn1_len, filler = conversation_layout(seq_len, self.S, offsets, [len(a) for a in answers], len(q2))
         hay, positions = self.niah._haystack(rng, needles, turn1_len - len(q1) - sum(map(len, needles)), depth,
                                              at_depth=2)
@@ -423,6 +439,8 @@ class ConversationTask:
                  np.concatenate([self.niah._filler(rng, filler), q2]).astype(np.int32))
         return ConversationSample(turns=turns, answers=tuple(a.astype(np.int32) for a in answers),
                                   key_positions=tuple(key_positions(positions, s) for s in spans),
+                                  distractor_positions=tuple(tuple(key_positions(positions, [d]) for d in ds)
+                                                             for ds in others),
                                   needle_positions=tuple(positions), offsets=offsets, depth=float(depth),
                                   chunk_size=self.S, seq_len=int(seq_len))
 
@@ -464,6 +482,21 @@ def key_positions(positions, key_spans) -> tuple[int, ...]:
     """Token indices of the values that key spans (needle index, offset in it, length) locate, given
     each needle's start."""
     return tuple(positions[i] + off + j for i, off, n in key_spans for j in range(n))
+
+
+def distractor_spans(key_spans, n_needles: int) -> list[tuple[int, int, int]]:
+    """Key spans at the answer's first value's place (offset, length) in every needle the answer does
+    not copy from: the values a read-out that finds the needles' format but not the key would copy."""
+    used = {i for i, _, _ in key_spans}
+    _, off, n = key_spans[0]
+    return [(i, off, n) for i in range(n_needles) if i not in used]
+
+
+def distractors_of(tokens, positions, chunk_size: int, pads: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(sorted chunk ids holding any of the distractor values at `positions` (one tuple of token indices
+    per distractor, shifted by `pads`), each distractor's value tokens read from `tokens`)."""
+    flat = [p for ps in positions for p in ps]
+    return chunks_of(flat, chunk_size, pads), [np.asarray(tokens, np.int32)[list(ps)] for ps in positions]
 
 
 def chunks_of(positions, chunk_size: int, pads: int = 0) -> np.ndarray:
