@@ -57,12 +57,14 @@ def time_case(tokens: int, block: int, d: int, vocab: int, repeats: int, logits_
 
 
 def main(argv=None) -> None:
+    from drt_jax.losses import LOGITS_DTYPES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", nargs="*", type=int, default=[16384, 65536])
     parser.add_argument("--blocks", nargs="*", type=int, default=[1024, 2048, 4096])
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=50265)
-    parser.add_argument("--logits-dtype", nargs="*", default=["float32"], choices=("float32", "bfloat16"),
+    parser.add_argument("--logits-dtype", nargs="*", default=["float32"], choices=LOGITS_DTYPES,
                         help="the dtype the head stores its logits in (train.loss_logits_dtype); each is timed")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per case; the best is kept")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "loss_head.json"))

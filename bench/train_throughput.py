@@ -220,6 +220,8 @@ def run_loop_case(config: str, overrides: list[str], warmup: int, loop_steps: in
 
 
 def main(argv=None) -> int:
+    from drt_jax.losses import LOGITS_DTYPES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--lengths", nargs="*", type=int, default=None)
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="sequences per step")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining cases after this many seconds")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_throughput.json"))
-    parser.add_argument("--loss-logits-dtype", default="float32", choices=("float32", "bfloat16"),
+    parser.add_argument("--loss-logits-dtype", default="float32", choices=LOGITS_DTYPES,
                         help="step mode: the dtype the loss head stores its logits in (train.loss_logits_dtype)")
     parser.add_argument("--hlo-dir", default=None, help="step mode: write each case's optimized HLO (gzipped text) here")
     parser.add_argument("--run", help="loop mode: a run config (configs/<name> or a .py path)")
