@@ -16,7 +16,6 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 
@@ -26,7 +25,7 @@ from drt_jax.data import build_train_iterator, load_tokenizer  # noqa: E402
 from drt_jax.data.config import DataConfig  # noqa: E402
 from drt_jax.data.shards import split_tokens  # noqa: E402
 from drt_jax.tasks.niah import register_niah_tasks  # noqa: E402
-from drt_jax.train.loop import HAYSTACK_TOKENS  # noqa: E402
+from drt_jax.train.loop import HAYSTACK_TOKENS, git_commit  # noqa: E402
 
 
 def measure(cfg: DataConfig, seconds: float, warmup: int) -> dict:
@@ -70,9 +69,7 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"{r['seq_len']:>6} {r['batch']:>6} {r['workers']:>7} {r['batches_per_s']:>10.1f} "
               f"{r['tokens_per_s']:>12,.0f} {r['task_examples_per_s']:>10,.0f}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=pathlib.Path(__file__).parent).stdout.strip()
-    result = {"host": platform.node(), "cpus": os.cpu_count(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
+    result = {"host": platform.node(), "cpus": os.cpu_count(), "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
               "corpus": args.corpus, "mixture": mixture, "corpus_weight": args.corpus_weight, "rows": rows}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -34,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from drt_jax.config import ModelConfig  # noqa: E402
 from drt_jax.inference import InferenceEngine, InferenceState  # noqa: E402
 from drt_jax.model import DRT  # noqa: E402
+from drt_jax.train.loop import git_commit  # noqa: E402
 
 T0 = time.time()
 
@@ -108,10 +108,7 @@ def main():
     res = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "decode": [], "prefill": [],
            "notes": []}
-    try:
-        res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        res["commit"] = "?"
+    res["commit"] = git_commit()
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

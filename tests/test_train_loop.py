@@ -160,3 +160,35 @@ def test_git_commit_is_unknown_for_a_tree_inside_another_repository(tmp_path, mo
     subprocess.run(["git", "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "x"], cwd=outer, check=True)
     monkeypatch.setattr(loop, "REPO_ROOT", (outer / "tree").resolve())
     assert loop.git_commit() == "unknown"
+
+
+def test_an_exported_tree_names_the_commit_it_was_cut_from(tmp_path, monkeypatch):
+    """`git archive` expands archive_commit.txt (export-subst), and a tree without its own .git reports
+    that commit; the unexpanded placeholder of a checkout, or no file, reads as unknown."""
+    import subprocess
+
+    import drt_jax.train.loop as loop
+
+    placeholder = loop.ARCHIVE_COMMIT.read_text().strip()
+    assert placeholder.startswith("$Format:")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    monkeypatch.setattr(loop, "REPO_ROOT", tree.resolve())
+    file = tree / "archive_commit.txt"
+    monkeypatch.setattr(loop, "ARCHIVE_COMMIT", file)
+    assert loop.git_commit() == "unknown"
+    file.write_text(placeholder + "\n")
+    assert loop.git_commit() == "unknown"
+    file.write_text("0123abcd" * 5 + "\n")
+    assert loop.git_commit() == "0123abcd" * 5
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=loop.ARCHIVE_COMMIT.parent, capture_output=True, text=True)
+    listed = subprocess.run(["git", "ls-files", "--error-unmatch", ".gitattributes", "drt_jax/archive_commit.txt"],
+                            cwd=loop.ARCHIVE_COMMIT.parents[1], capture_output=True)
+    if head.returncode or listed.returncode:
+        return  # not a checkout with the files committed: the archive itself cannot be cut here
+    archive = subprocess.run(["git", "archive", "HEAD", "drt_jax/archive_commit.txt"], cwd=loop.ARCHIVE_COMMIT.parents[1],
+                             capture_output=True, check=True).stdout
+    (tmp_path / "a.tar").write_bytes(archive)
+    subprocess.run(["tar", "-xf", "a.tar"], cwd=tmp_path, check=True)
+    assert (tmp_path / "drt_jax" / "archive_commit.txt").read_text().strip() == head.stdout.strip()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import re
 import signal
 import subprocess
 import time
@@ -37,22 +38,36 @@ log = logging.getLogger(__name__)
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+ARCHIVE_COMMIT = pathlib.Path(__file__).resolve().parents[1] / "archive_commit.txt"
+
+
+def archive_commit() -> str:
+    """The commit a tree exported by `git archive` (a release tarball, a GitHub zip) was cut from: git
+    writes it into archive_commit.txt (.gitattributes: export-subst); "unknown" in a checkout, where the
+    file holds its unexpanded placeholder, or when the file is missing."""
+    try:
+        text = ARCHIVE_COMMIT.read_text().strip()
+    except OSError:
+        return "unknown"
+    return text if re.fullmatch(r"[0-9a-f]{7,40}", text) else "unknown"
+
+
 def git_commit() -> str:
-    """The commit of the code that runs ("-dirty" with uncommitted changes), or "unknown" where the project
-    is not a git checkout of its own: an exported tree inside another repository would otherwise report
-    that repository's commit."""
+    """The commit of the code that runs ("-dirty" with uncommitted changes). Where the project is not a
+    git checkout of its own, the commit an exported tree was cut from (`archive_commit`), else "unknown":
+    an exported tree inside another repository would otherwise report that repository's commit."""
     try:
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         if top.returncode or pathlib.Path(top.stdout.strip()).resolve() != REPO_ROOT:
-            return "unknown"
+            return archive_commit()
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         if head.returncode:
-            return "unknown"
+            return archive_commit()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return archive_commit()
 
 
 class _StopFlag:
