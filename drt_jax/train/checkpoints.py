@@ -2,7 +2,8 @@
 
 A run folder:
   config.json        the full RunConfig (model ids already resolved from the tokenizer)
-  git_commit.txt     the commit the run started from (plus "-dirty" when the tree had changes)
+  git_commit.txt     the commit the run started from (plus "-dirty" when the tree had changes; from a
+                     `git archive` export, the commit it was cut from; else "unknown")
   checkpoints/<step>/ items: params, opt_state, meta (step, rng), data (grain iterator state, one
                      file per process), model (the ModelConfig as JSON); orbax writes each step to a
                      temporary folder and renames it only once complete, so a crash or kill -9 during
