@@ -169,7 +169,8 @@ def test_an_exported_tree_names_the_commit_it_was_cut_from(tmp_path, monkeypatch
 
     import drt_jax.train.loop as loop
 
-    placeholder = loop.ARCHIVE_COMMIT.read_text().strip()
+    real = loop.ARCHIVE_COMMIT
+    placeholder = real.read_text().strip()
     assert placeholder.startswith("$Format:")
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -182,12 +183,13 @@ def test_an_exported_tree_names_the_commit_it_was_cut_from(tmp_path, monkeypatch
     file.write_text("0123abcd" * 5 + "\n")
     assert loop.git_commit() == "0123abcd" * 5
 
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=loop.ARCHIVE_COMMIT.parent, capture_output=True, text=True)
+    root = real.parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
     listed = subprocess.run(["git", "ls-files", "--error-unmatch", ".gitattributes", "drt_jax/archive_commit.txt"],
-                            cwd=loop.ARCHIVE_COMMIT.parents[1], capture_output=True)
+                            cwd=root, capture_output=True)
     if head.returncode or listed.returncode:
         return  # not a checkout with the files committed: the archive itself cannot be cut here
-    archive = subprocess.run(["git", "archive", "HEAD", "drt_jax/archive_commit.txt"], cwd=loop.ARCHIVE_COMMIT.parents[1],
+    archive = subprocess.run(["git", "archive", "HEAD", "drt_jax/archive_commit.txt"], cwd=root,
                              capture_output=True, check=True).stdout
     (tmp_path / "a.tar").write_bytes(archive)
     subprocess.run(["tar", "-xf", "a.tar"], cwd=tmp_path, check=True)
