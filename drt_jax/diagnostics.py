@@ -49,3 +49,14 @@ def chunk_recall(retrieved, needle_chunks) -> float:
     if needle_chunks.size == 0:
         return float("nan")
     return float(np.isin(needle_chunks, np.asarray(retrieved)).mean())
+
+
+def chunk_weight(retrieved, weights, chunks) -> float:
+    """Retrieval weight (retrieved [K] chunk ids, -1 = empty; weights [K], summing to 1 over the filled
+    slots) that falls on the slots holding one of `chunks`, rounded to 4 decimals; NaN where there are no
+    such chunks, as chunk_recall gives, so that means over records cover the same ones."""
+    chunks = np.asarray(chunks)
+    if chunks.size == 0:
+        return float("nan")
+    hit = np.isin(np.asarray(retrieved), chunks)
+    return round(float(np.sum(np.asarray(weights, np.float64)[hit])), 4)

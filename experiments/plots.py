@@ -254,15 +254,18 @@ def merge_niah(paths: list[str]) -> dict:
     merged = {**first, "lengths": sorted(lengths), "records": [x for r in parts for x in r["records"]],
               "seconds": round(sum(r.get("seconds", 0.0) for r in parts), 1), "merged_from": list(paths)}
     merged["samples_per_cell"] = min(r["samples_per_cell"] for r in parts)
-    # Distractor tables (multi-key, 2-hop) join only where every part has them (older results do not).
+    # Distractor tables (multi-key, 2-hop) and weight tables join only where every part has them (older
+    # results do not).
     distractors = all("answered_distractor" in r for r in parts)
     for key in ("accuracy", "answer_loss") + (("answered_distractor",) if distractors else ()):
         merged[key] = {k: v for r in parts for k, v in r[key].items()}
-    for key in ("needle_recall",) + (("distractor_recall",) if distractors else ()):
-        merged[key] = {g: {k: v for r in parts for k, v in r[key][g].items()} for g in first.get(key, {})}
     if not distractors:
         merged.pop("answered_distractor", None)
-        merged.pop("distractor_recall", None)
+    for key in ("needle_recall", "needle_weight", "distractor_recall", "distractor_weight"):
+        if all(key in r for r in parts):
+            merged[key] = {g: {k: v for r in parts for k, v in r[key][g].items()} for g in first[key]}
+        else:
+            merged.pop(key, None)
     if "by_offset" in first:  # "all" spans every part's lengths, so it is recomputed from the records
         from drt_jax.evaluate.niah import offset_breakdown
 

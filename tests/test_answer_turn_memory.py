@@ -1,6 +1,6 @@
 """answer_turn's snapshot of the device state for its second pass: where a device copy does not fit
 (drt-20m, 4M tokens x batch 5 ran out of memory on an 80 GB H100), it waits on the host, and the answer,
-its loss, its retrieval and the state that follows are those of the device copy."""
+its loss, its retrieval (chunks and weights) and the state that follows are those of the device copy."""
 
 import gc
 
@@ -68,9 +68,9 @@ def test_host_snapshot_gives_what_the_device_copy_does(model, monkeypatch, offlo
     # Room for the engine's one state (its capacity check), none for a copy beside it: the host snapshot.
     host = _run(eng, prompts, answers, monkeypatch, niah._STEP_HEADROOM)
     assert copy["snapshots_on_host"] == 0 and host["snapshots_on_host"] == 2  # one per answer
-    # generated, loss, retrieved of answer_diagnostics, then of answer_turn
+    # generated, loss, retrieved, weights of answer_diagnostics, then of answer_turn
     for i, (a, b) in enumerate(zip(copy["results"], host["results"], strict=True)):
-        if i % 3 == 1:
+        if i % 4 == 1:
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
         else:
             np.testing.assert_array_equal(a, b)

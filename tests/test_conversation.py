@@ -198,7 +198,7 @@ def test_sweep_records_count_the_pads_and_feed_the_turns(sweeps):
         for rec in r["records"]:
             s = task.sample(600, rec["depth"], rec["index"])
             first, second = rec["questions"]
-            assert "distractor_recall" not in first and "answered_distractor" not in first
+            assert not {"distractor_recall", "distractor_weight", "answered_distractor"} & set(first)
             others = [p for ps in s.distractor_positions[1] for p in ps]
             assert len(s.distractor_positions[0]) == 0 and len(s.distractor_positions[1]) == 5
             assert second["distractor_chunks"] == np.unique((np.asarray(others) + rec["pads"][0]) // S).tolist()
@@ -206,6 +206,8 @@ def test_sweep_records_count_the_pads_and_feed_the_turns(sweeps):
             assert second["answered_distractor"] == any(second["generated"][:5] == v.tolist() for v in values)
             for g, got in second["distractor_recall"].items():
                 assert got == np.isin(second["distractor_chunks"], second["retrieved"][g]).mean()
+                # One retrieval's weight, shared by the needle's chunks, the distractors' and the rest.
+                assert 0.0 <= second["needle_weight"][g] + second["distractor_weight"][g] <= 1.0 + 1e-4
         assert "answered_distractor" not in r["questions"][0] and "answered_distractor" in r["questions"][1]
         # Both questions' tables, and the by-offset breakdown of each question's own offsets.
         for q, view in enumerate(r["questions"]):

@@ -1,5 +1,5 @@
-"""Retrieval diagnostics: needle-chunk recall of the answer's retrieval, losses on subsets of tokens,
-and the train step / eval.py reporting them."""
+"""Retrieval diagnostics: needle-chunk recall of the answer's retrieval and the weight it gives the
+needle, losses on subsets of tokens, and the train step / eval.py reporting them."""
 
 import dataclasses
 import json
@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drt_jax.diagnostics import answer_retrieval_row, chunk_recall, needle_recall
+from drt_jax.diagnostics import answer_retrieval_row, chunk_recall, chunk_weight, needle_recall
 from drt_jax.losses import blocked_cross_entropy, cross_entropy, next_token_targets
 
 
@@ -34,6 +34,28 @@ def test_recall_reads_the_row_that_serves_the_answer_chunk():
     _, valid = needle_recall(full, jnp.zeros_like(answer), needle, S)
     assert not bool(valid[0])
     assert chunk_recall([2, 7, -1], [1, 2]) == 0.5
+
+
+def test_answer_record_weighs_needle_and_distractor_chunks():
+    """A retrieval of chunks 5 (a distractor's) and 9 (the needle's) and an empty slot: each group's
+    needle and distractor weight is the weight of its own slots, whatever their order in the retrieval."""
+    from drt_jax.evaluate.niah import _answer_record
+
+    answer, values = np.array([7, 8]), [np.array([3, 4])]
+    retrieved = np.array([[5, 9, -1], [9, 5, -1], [-1, -1, -1]])
+    weights = np.array([[0.7, 0.3, 0.0], [0.875, 0.125, 0.0], [0.0, 0.0, 0.0]], np.float32)
+    rec = _answer_record(answer, np.array([3, 4]), 1.5, retrieved, weights, np.array([9]), (np.array([5]), values))
+    assert rec["needle_weight"] == {"g0": 0.3, "g1": 0.875, "g2": 0.0}
+    assert rec["distractor_weight"] == {"g0": 0.7, "g1": 0.125, "g2": 0.0}
+    assert rec["recall"] == rec["distractor_recall"] == {"g0": 1.0, "g1": 1.0, "g2": 0.0}
+    assert rec["answered_distractor"] and not rec["correct"]
+    # Without distractors, no distractor fields; without retrieval (G = 0), empty tables.
+    plain = _answer_record(answer, answer, 0.5, retrieved[:1], weights[:1], np.array([5, 9]))
+    assert plain["needle_weight"] == {"g0": 1.0} and "distractor_weight" not in plain
+    none = _answer_record(answer, answer, 0.5, np.zeros((0, 0), np.int32), np.zeros((0, 0)), np.array([9]))
+    assert none["needle_weight"] == none["recall"] == {}
+    # Like recall, the weight is undefined without needle chunks.
+    assert np.isnan(chunk_weight([5, 9], [0.5, 0.5], []))
 
 
 def test_blocked_cross_entropy_sums_per_metric_mask():
@@ -71,8 +93,8 @@ def test_train_reports_corpus_and_answer_loss_and_recall(tmp_path):
 
 
 def test_eval_answer_loss_and_recall_match_the_full_forward():
-    """The engine's teacher-forced answer loss and the retrieval it reports for the answer's chunk equal
-    what one full forward pass over prompt + answer gives."""
+    """The engine's teacher-forced answer loss and the retrieval (chunks and weights) it reports for the
+    answer's chunk equal what one full forward pass over prompt + answer gives."""
     from drt_jax.config import ModelConfig
     from drt_jax.data import ByteTokenizer
     from drt_jax.evaluate.niah import answer_diagnostics
@@ -89,7 +111,7 @@ def test_eval_answer_loss_and_recall_match_the_full_forward():
     prompts = np.stack([s.tokens[: s.prompt_len] for s in samples])
     answers = np.stack([s.answer for s in samples])
     eng = InferenceEngine(cfg, params, batch_size=2, max_chunks=40)
-    generated, loss, retrieved = answer_diagnostics(eng, prompts, answers)
+    generated, loss, retrieved, weights = answer_diagnostics(eng, prompts, answers)
 
     full = jnp.asarray(np.concatenate([prompts, answers], axis=1))
     logits, state = model.apply({"params": params}, full, mutable=["intermediates"])
@@ -112,6 +134,10 @@ def test_eval_answer_loss_and_recall_match_the_full_forward():
     for g in range(len(cfg.groups)):
         full_idx = np.asarray(state["intermediates"][f"retrieval_indices_g{g}"][0])[:, row]
         np.testing.assert_array_equal(retrieved[g], full_idx)
+        full_w = np.asarray(state["intermediates"][f"retrieval_weights_g{g}"][0])[:, row]
+        np.testing.assert_allclose(weights[g], full_w, rtol=1e-5, atol=1e-6)
+        # A softmax over the filled slots (GCA's off-by-one is within each chunk, not across them).
+        np.testing.assert_allclose(weights[g].sum(-1), 1.0, rtol=1e-5)
 
 
 def test_train_step_recall_is_the_retrieval_of_the_answers_chunk():

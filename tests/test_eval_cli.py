@@ -104,6 +104,14 @@ def test_cli_happy_paths(tmp_path, capsys):
     assert set(res["needle_recall"]) == {"g0", "g1"} and res["answer_loss"]["150"]["0.0"] > 1.0
     rec = res["records"][0]
     assert {"answer_loss", "needle_chunks", "retrieved", "recall"} <= set(rec) and len(rec["retrieved"]["g0"]) == 4
+    # The weight the needle's chunks got: a share of the retrieval's softmax, none where none was fetched.
+    for r in res["records"]:
+        assert set(r["needle_weight"]) == {"g0", "g1"}
+        for g, w in r["needle_weight"].items():
+            assert 0.0 <= w <= 1.0 and (w == 0.0 or r["recall"][g] > 0), (g, w, r["recall"])
+    cell = [r["needle_weight"]["g1"] for r in res["records"] if r["depth"] == 0.0]
+    assert set(res["needle_weight"]) == {"g0", "g1"} and res["needle_weight"]["g1"]["150"]["0.0"] == pytest.approx(
+        sum(cell) / len(cell))
     # Random offsets by default (a batch of 2 holds prompts of one length); the breakdown by offset
     # bucket, recomputed by hand from the records with tiny's S = 15 (buckets 0, 1-3, 4-11, 12-14).
     assert res["align"] == "random" and res["offset_buckets"] == ["0", "1-3", "4-11", "12-14"]
@@ -148,7 +156,8 @@ def _bucket(offset: int) -> str:
 
 def _by_offset_by_hand(records, buckets, keys):
     """eval.py niah's by_offset from its records: per length and over all, per offset bucket (lo <= offset
-    < hi), the sample count and the means of correct, answer_loss and recall (NaN recalls left out)."""
+    < hi), the sample count and the means of correct, answer_loss, recall and, where the records have it,
+    needle weight (NaNs left out)."""
     import math
 
     def mean(values):
@@ -156,6 +165,9 @@ def _by_offset_by_hand(records, buckets, keys):
         return sum(values) / len(values) if values else None
 
     out = {"samples": {}, "accuracy": {}, "answer_loss": {}, "needle_recall": {"g0": {}, "g1": {}}}
+    weighted = "needle_weight" in records[0]
+    if weighted:
+        out["needle_weight"] = {"g0": {}, "g1": {}}
     for key in keys:
         rows = {b: [r for r in records if lo <= r["offset"] < hi and key in ("all", str(r["length"]))]
                 for b, (lo, hi) in buckets.items()}
@@ -164,6 +176,8 @@ def _by_offset_by_hand(records, buckets, keys):
         out["answer_loss"][key] = {b: mean([r["answer_loss"] for r in rs]) for b, rs in rows.items()}
         for g in ("g0", "g1"):
             out["needle_recall"][g][key] = {b: mean([r["recall"][g] for r in rs]) for b, rs in rows.items()}
+            if weighted:
+                out["needle_weight"][g][key] = {b: mean([r["needle_weight"][g] for r in rs]) for b, rs in rows.items()}
     return out
 
 
@@ -197,9 +211,9 @@ def test_offset_breakdown_by_hand():
 
 
 def test_multi_key_sweep_reports_distractor_recall_and_answers_that_copy_one(tmp_path, monkeypatch):
-    """niah_sweep on multi-key: each record's distractor chunks (pads counted), their recall in the
-    answer's retrieval, and whether the answer is another key's value; the depth tables and the summary
-    carry both; merging two lengths joins them. The model is a random tiny one; its greedy answers are
+    """niah_sweep on multi-key: each record's distractor chunks (pads counted), their recall and weight
+    in the answer's retrieval (and the needle's weight), and whether the answer is another key's value;
+    the depth tables and the summary carry them; merging two lengths joins them. The model is a random tiny one; its greedy answers are
     replaced by a distractor's value (sample 0), the true value (sample 1) and its own (sample 2)."""
     import flax.linen as nn
     import jax
@@ -217,16 +231,18 @@ def test_multi_key_sweep_reports_distractor_recall_and_answers_that_copy_one(tmp
     hay = np.frombuffer(STORY.encode(), np.uint8).astype(np.int32)
     task = NiahTask("multi", tok, hay, cfg.chunk_size, seed=2)
     real = niah.answer_diagnostics
+    slots = {}  # each answer's retrieval slots (chunk ids, weights) per group, by its true answer
 
     def fake(eng, prompts, targets):  # a batch's rows are told apart by their true answers
-        gen, loss, retrieved = real(eng, prompts, targets)
+        gen, loss, retrieved, weights = real(eng, prompts, targets)
         first, second = (task.sample(length, 0.5, i) for i in range(2))
         for row, target in enumerate(targets):
+            slots[target.tobytes()] = retrieved[:, row], weights[:, row]
             if np.array_equal(target, first.answer):
                 gen[row] = first.distractors(cfg.chunk_size)[1][0]
             elif np.array_equal(target, second.answer):
                 gen[row] = target
-        return gen, loss, retrieved
+        return gen, loss, retrieved, weights
 
     results = []
     for length in (900, 960):
@@ -242,15 +258,28 @@ def test_multi_key_sweep_reports_distractor_recall_and_answers_that_copy_one(tmp
             assert rec["distractor_chunks"] == chunks.tolist() and len(values) == 5
             for g, got in rec["distractor_recall"].items():
                 assert got == np.isin(chunks, rec["retrieved"][g]).mean()
+            ids, w = slots[s.answer.tobytes()]
+            for g in range(len(cfg.groups)):
+                assert ids[g].tolist() == rec["retrieved"][f"g{g}"]
+                needle = w[g][np.isin(ids[g], rec["needle_chunks"])].sum()
+                other = w[g][np.isin(ids[g], chunks)].sum()
+                assert rec["needle_weight"][f"g{g}"] == pytest.approx(needle, abs=1e-4)
+                assert rec["distractor_weight"][f"g{g}"] == pytest.approx(other, abs=1e-4)
+                assert 0.0 <= needle + other <= 1.0 + 1e-6 and w[g].sum() == pytest.approx(1.0, abs=1e-5)
             assert rec["answered_distractor"] == any(rec["generated"] == v.tolist() for v in values)
             flags.append((rec["answered_distractor"], rec["correct"]))
         assert flags[:2] == [(True, False), (False, True)]
         assert r["answered_distractor"] == {str(length): {"0.5": np.mean([f[0] for f in flags])}}
         want = np.nanmean([rec["distractor_recall"]["g0"] for rec in r["records"]])
         assert r["distractor_recall"]["g0"][str(length)]["0.5"] == want and set(r["distractor_recall"]) == {"g0", "g1"}
+        for key in ("needle_weight", "distractor_weight"):
+            want = np.nanmean([rec[key]["g1"] for rec in r["records"]])
+            assert r[key]["g1"][str(length)]["0.5"] == pytest.approx(want) and set(r[key]) == {"g0", "g1"}
         lines = niah.summary_lines(r)
         assert any("copied a distractor" in line for line in lines)
         assert any(line.startswith("distractor-chunk recall@") for line in lines)
+        assert any(line.startswith("needle-chunk weight g1") for line in lines)
+        assert any(line.startswith("distractor-chunk weight g1") for line in lines)
     paths = []
     for r in results:
         paths.append(tmp_path / f"{r['lengths'][0]}.json")
@@ -263,6 +292,8 @@ def test_multi_key_sweep_reports_distractor_recall_and_answers_that_copy_one(tmp
     merged = plots.merge_niah([str(p) for p in paths])
     assert merged["answered_distractor"] == {**results[0]["answered_distractor"], **results[1]["answered_distractor"]}
     assert set(merged["distractor_recall"]["g1"]) == {"900", "960"}
+    assert set(merged["needle_weight"]["g0"]) == set(merged["distractor_weight"]["g1"]) == {"900", "960"}
+    assert set(merged["by_offset"]["needle_weight"]["g0"]) == {"900", "960", "all"}
 
 
 def test_merged_results_recompute_the_offset_breakdown(tmp_path):

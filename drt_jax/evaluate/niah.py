@@ -1,14 +1,16 @@
 """NIAH sweep per (context length, needle depth): exact match of the whole greedy answer, with the
 diagnostics that say why -- the teacher-forced loss of the answer tokens and, per retrieval group,
 needle-chunk recall@k (are the chunks holding the needle's value among the top-k retrieved for the
-chunk that generates the answer?). The same three are broken down by where the question ends within
-its chunk (the sample's offset, drt_jax.tasks.niah), in the buckets of offset_buckets. Tasks with
-distractor needles (multi-key, 2-hop, the conversation's keyed question) add distractor recall (the
-share of the distractor values' chunks that the same retrieval fetched) and how many answers copied a
-distractor's value: a retrieval that matches the needles' format but not the key fetches them all, and
-a read-out that finds a value but not the queried one answers one of them. conversation_sweep
-measures the same per question of a two-question conversation, the second asked after the model's own
-first answer."""
+chunk that generates the answer?) and the needle chunks' share of that retrieval's GCA weight. The
+same are broken down by where the question ends within its chunk (the sample's offset,
+drt_jax.tasks.niah), in the buckets of offset_buckets. Tasks with distractor needles (multi-key,
+2-hop, the conversation's keyed question) add distractor recall and weight (the share of the
+distractor values' chunks that the same retrieval fetched, and of its weight that they got) and how
+many answers copied a distractor's value: a retrieval that matches the needles' format but not the key
+fetches them all with like weights, one that tells the key weights the needle's chunk above them (so
+a miss is the read-out's), and a read-out that finds a value but not the queried one answers one of
+them. conversation_sweep measures the same per question of a two-question conversation, the second
+asked after the model's own first answer."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import dataclasses
 import numpy as np
 
 from drt_jax import chunking
-from drt_jax.diagnostics import chunk_recall
+from drt_jax.diagnostics import chunk_recall, chunk_weight
 from drt_jax.evaluate.common import EvalError
 from drt_jax.tasks.niah import ConversationTask, NiahTask, offset_bucket, offset_buckets, score_exact
 
@@ -27,24 +29,28 @@ def answer_diagnostics(engine, prompts, answers):
 
     Returns (generated [B, A] int32, answer_loss [B] float (mean nats per answer token, teacher-forced),
     retrieved [G, B, K] int32: each group's retrieval read by the chunk of the prompt's last token,
-    which generates the answer; G = 0 for models without retrieval).
+    which generates the answer (-1 = empty slot), weights [G, B, K] float32: the GCA weights of those
+    slots (a softmax over the filled ones: they sum to 1, or 0 where none is); G = 0 for models
+    without retrieval).
     """
-    return answer_turn(engine, engine.init_state(), prompts, answers)[:3]
+    return answer_turn(engine, engine.init_state(), prompts, answers)[:4]
 
 
 def answer_turn(engine, state, prompts, answers, *, feed_answer: bool = False):
     """answer_diagnostics on `state`: a fresh state, or one holding earlier turns of a conversation (the
-    engine aligns a later turn as it does the first). Returns (generated, answer_loss, retrieved, state):
-    the state after the greedy answer, with all A tokens fed where feed_answer (so that a next turn
-    follows the model's own whole answer), else the first A - 1 (all greedy decoding needs)."""
+    engine aligns a later turn as it does the first). Returns (generated, answer_loss, retrieved, weights,
+    state): the state after the greedy answer, with all A tokens fed where feed_answer (so that a next
+    turn follows the model's own whole answer), else the first A - 1 (all greedy decoding needs)."""
     import jax
     import jax.numpy as jnp
 
     answers = np.asarray(answers, np.int32)
     B, A = answers.shape
     logits, state = engine.prefill(state, prompts)
-    retrieved = (np.asarray(jax.device_get(state.dev.ret_idx)) if engine.cfg.uses_retrieval
-                 else np.zeros((0, B, 0), np.int32))
+    if engine.cfg.uses_retrieval:
+        retrieved, weights = map(np.asarray, jax.device_get((state.dev.ret_idx, state.dev.ret_w)))
+    else:
+        retrieved, weights = np.zeros((0, B, 0), np.int32), np.zeros((0, B, 0), np.float32)
     # The steps donate their device state: the teacher-forced pass consumes it and the greedy pass starts
     # from a snapshot (none needed where the forced pass takes no step). (An answer that crosses a chunk
     # end writes that chunk to a shared host memory; the greedy pass, which feeds at least as many
@@ -65,7 +71,7 @@ def answer_turn(engine, state, prompts, answers, *, feed_answer: bool = False):
         generated.append(nxt)
         if i + 1 < A or feed_answer:
             logits, state = engine.step(state, nxt)
-    return np.stack(generated, axis=1), nll / A, retrieved, state
+    return np.stack(generated, axis=1), nll / A, retrieved, weights, state
 
 
 _STEP_HEADROOM = 1 << 30  # bytes kept free beside two device states for a decode step's temporaries
@@ -97,9 +103,9 @@ def _snapshot(dev):
 def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, samples: int,
                offload: str | None = None, batch_size: int = 1, seed: int = 0, align: str = "random",
                progress=None) -> dict:
-    """Runs the sweep -> JSON-ready {"accuracy", "answer_loss": {length: {depth: value}}, "needle_recall":
-    {"g<g>": {length: {depth: recall}}}, "by_offset" (offset_breakdown), "records": [one per sample,
-    with its offset and the alignment pads the engine put before it], ...}. align: the task's layout
+    """Runs the sweep -> JSON-ready {"accuracy", "answer_loss": {length: {depth: value}}, "needle_recall",
+    "needle_weight": {"g<g>": {length: {depth: value}}}, "by_offset" (offset_breakdown), "records": [one
+    per sample, with its offset and the alignment pads the engine put before it], ...}. align: the task's layout
     ("random", "chunk" or "pad"). Prompts are aligned as cfg.prompt_align says, and needle chunk ids
     count the pads. A batch holds samples of one (aligned) prompt length: unaligned prompts at random
     offsets batch less."""
@@ -124,11 +130,11 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
                 # to one length share a batch; the engine then adds nothing.
                 prompts = np.stack([np.r_[np.full(pads(s.prompt_len), cfg.pad_id, np.int32), s.tokens[: s.prompt_len]]
                                     for s in batch])
-                gen, loss, retrieved = answer_diagnostics(eng, prompts, np.stack([s.answer for s in batch]))
+                gen, loss, retrieved, weights = answer_diagnostics(eng, prompts, np.stack([s.answer for s in batch]))
                 for b, (i, s) in enumerate(zip(indices, batch, strict=True)):
                     rows[i] = {"length": length, "depth": depth, "offset": s.offset, "pads": pads(s.prompt_len),
                                "needles": list(s.needle_positions),
-                               **_answer_record(s.answer, gen[b], loss[b], retrieved[:, b],
+                               **_answer_record(s.answer, gen[b], loss[b], retrieved[:, b], weights[:, b],
                                                 s.needle_chunks(cfg.chunk_size, pads(s.prompt_len)),
                                                 s.distractors(cfg.chunk_size, pads(s.prompt_len)))}
                 if progress is not None:
@@ -138,21 +144,25 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
             **_question_tables(records, lengths, depths, cfg), "records": records}
 
 
-def _answer_record(answer, generated, loss, retrieved, needle_chunks, distractors=None) -> dict:
+def _answer_record(answer, generated, loss, retrieved, weights, needle_chunks, distractors=None) -> dict:
     """One answer's record: the true and generated tokens, exact match, teacher-forced loss, and per
-    retrieval group (retrieved [G, K]) the chunks fetched and the recall of needle_chunks among them.
-    distractors: (their chunk ids, their values) as NiahSample.distractors gives them; where there are
-    any, also "distractor_chunks", "distractor_recall" per group and "answered_distractor" (the
-    generated answer begins with a distractor's value)."""
+    retrieval group (retrieved, weights [G, K]) the chunks fetched, the recall of needle_chunks among
+    them and the weight that went to them ("needle_weight", chunk_weight). distractors: (their chunk ids,
+    their values) as NiahSample.distractors gives them; where there are any, also "distractor_chunks",
+    "distractor_recall" and "distractor_weight" per group and "answered_distractor" (the generated
+    answer begins with a distractor's value). A chunk holding tokens of both a needle and a distractor
+    counts in both weights."""
     groups = range(len(retrieved))
     record = {"answer": answer.tolist(), "generated": generated.tolist(), "correct": score_exact(generated, answer),
               "answer_loss": float(loss), "needle_chunks": needle_chunks.tolist(),
               "retrieved": {f"g{g}": retrieved[g].tolist() for g in groups},
-              "recall": {f"g{g}": chunk_recall(retrieved[g], needle_chunks) for g in groups}}
+              "recall": {f"g{g}": chunk_recall(retrieved[g], needle_chunks) for g in groups},
+              "needle_weight": {f"g{g}": chunk_weight(retrieved[g], weights[g], needle_chunks) for g in groups}}
     if distractors is not None and len(distractors[1]):
         chunks, values = distractors
         record.update(distractor_chunks=chunks.tolist(),
                       distractor_recall={f"g{g}": chunk_recall(retrieved[g], chunks) for g in groups},
+                      distractor_weight={f"g{g}": chunk_weight(retrieved[g], weights[g], chunks) for g in groups},
                       answered_distractor=any(score_exact(generated[: len(v)], v) for v in values))
     return record
 
@@ -178,16 +188,19 @@ def _sweep_meta(cfg, lengths, depths, samples, offload) -> dict:
 
 def _question_tables(records, lengths, depths, cfg) -> dict:
     """One question's tables from its records ({"length", "depth", "offset", "correct", "answer_loss",
-    "recall": {group: value}}): "accuracy", "answer_loss" {length: {depth: mean}}, "needle_recall"
-    {group: {length: {depth: mean of the defined recalls}}}, "by_offset" (offset_breakdown)."""
+    "recall", "needle_weight": {group: value}}): "accuracy", "answer_loss" {length: {depth: mean}},
+    "needle_recall", "needle_weight" {group: {length: {depth: mean of the defined values}}}, "by_offset"
+    (offset_breakdown), and the distractor tables where every record has distractors."""
     groups = [f"g{g}" for g in range(len(cfg.groups))]
     table = lambda value, mean=np.mean: _depth_table(records, lengths, depths, value, mean)
+    per_group = lambda key: {g: table(lambda r, g=g: r[key][g], np.nanmean) for g in groups}
     out = {"accuracy": table(lambda r: r["correct"]), "answer_loss": table(lambda r: r["answer_loss"]),
-           "needle_recall": {g: table(lambda r, g=g: r["recall"][g], np.nanmean) for g in groups},
+           "needle_recall": per_group("recall"), "needle_weight": per_group("needle_weight"),
            "by_offset": offset_breakdown(records, lengths, cfg.chunk_size, groups)}
     if records and all("answered_distractor" in r for r in records):
         out["answered_distractor"] = table(lambda r: r["answered_distractor"])
-        out["distractor_recall"] = {g: table(lambda r, g=g: r["distractor_recall"][g], np.nanmean) for g in groups}
+        out["distractor_recall"] = per_group("distractor_recall")
+        out["distractor_weight"] = per_group("distractor_weight")
     return out
 
 
@@ -240,16 +253,16 @@ def conversation_sweep(cfg, params, tokenizer, haystack, *, lengths, depths, sam
 
 def converse(engine, sample, aligning: bool) -> list[dict]:
     """Runs one conversation (batch 1) -> per question {"offset", "answer", "generated", "correct",
-    "answer_loss", "needle_chunks" (in the engine's padded stream), "retrieved", "recall"}. aligning:
-    whether the engine pads each turn (ModelConfig.prompt_align="chunk")."""
+    "answer_loss", "needle_chunks" (in the engine's padded stream), "retrieved", "recall", "needle_weight"}.
+    aligning: whether the engine pads each turn (ModelConfig.prompt_align="chunk")."""
     state = engine.init_state()
     pads = sample.pads(aligning)
     out = []
     for q, (turn, answer) in enumerate(zip(sample.turns, sample.answers, strict=True)):
-        gen, loss, retrieved, state = answer_turn(engine, state, turn[None], answer[None], feed_answer=q == 0)
+        gen, loss, retrieved, weights, state = answer_turn(engine, state, turn[None], answer[None], feed_answer=q == 0)
         out.append({"offset": sample.offsets[q],
-                    **_answer_record(answer, gen[0], loss[0], retrieved[:, 0], sample.needle_chunks(q, pads[0]),
-                                     sample.distractors(q, pads[0]))})
+                    **_answer_record(answer, gen[0], loss[0], retrieved[:, 0], weights[:, 0],
+                                     sample.needle_chunks(q, pads[0]), sample.distractors(q, pads[0]))})
     return out
 
 
@@ -265,10 +278,11 @@ def _equal_length_batches(task: NiahTask, length: int, depth: float, samples: in
 
 
 def offset_breakdown(records, lengths, chunk_size: int, groups) -> dict:
-    """Accuracy, answer loss and needle recall per offset bucket (offset_buckets(chunk_size)), for each
-    length and over all of them ("all"): {"samples": {length: {bucket: n}}, "accuracy": {length: {bucket:
-    value}}, "answer_loss": ..., "needle_recall": {group: {length: {bucket: value}}}}. A value is None
-    where the bucket has no sample (or, for recall, no sample with needle chunks)."""
+    """Accuracy, answer loss, needle recall and needle weight per offset bucket (offset_buckets(chunk_size)),
+    for each length and over all of them ("all"): {"samples": {length: {bucket: n}}, "accuracy": {length:
+    {bucket: value}}, "answer_loss": ..., "needle_recall": {group: {length: {bucket: value}}},
+    "needle_weight": likewise, where every record has it (older results do not)}. A value is None where
+    the bucket has no sample (or, for recall and weight, no sample with needle chunks)."""
     labels = [label for label, _, _ in offset_buckets(chunk_size)]
     cells: dict = {}
     for r in records:
@@ -276,13 +290,18 @@ def offset_breakdown(records, lengths, chunk_size: int, groups) -> dict:
         for key in (str(r["length"]), "all"):
             cells.setdefault((key, bucket), []).append(r)
     out: dict = {"samples": {}, "accuracy": {}, "answer_loss": {}, "needle_recall": {g: {} for g in groups}}
+    means = [("needle_recall", "recall")]
+    if all("needle_weight" in r for r in records):
+        out["needle_weight"] = {g: {} for g in groups}
+        means.append(("needle_weight", "needle_weight"))
     for key in [str(L) for L in lengths] + ["all"]:
         rows = {b: cells.get((key, b), []) for b in labels}
         out["samples"][key] = {b: len(rows[b]) for b in labels}
         out["accuracy"][key] = {b: _mean([float(r["correct"]) for r in rows[b]]) for b in labels}
         out["answer_loss"][key] = {b: _mean([r["answer_loss"] for r in rows[b]]) for b in labels}
-        for g in groups:
-            out["needle_recall"][g][key] = {b: _mean([r["recall"][g] for r in rows[b]]) for b in labels}
+        for name, field in means:
+            for g in groups:
+                out[name][g][key] = {b: _mean([r[field][g] for r in rows[b]]) for b in labels}
     return out
 
 
@@ -293,8 +312,8 @@ def _mean(values) -> float | None:
 
 
 def summary_lines(result: dict) -> list[str]:
-    """The sweep's tables (accuracy, answer loss, recall per group), depth by length, then the same by
-    offset bucket (rows with samples only; "all" when there are several lengths), as text lines. A
+    """The sweep's tables (accuracy, answer loss, recall and weight per group), depth by length, then the
+    same by offset bucket (rows with samples only; "all" when there are several lengths), as text lines. A
     conversation (conversation_sweep) gives them per question, then both answers' accuracy."""
     if result.get("questions"):  # a conversation: each question's tables, then both answers'
         lines = []
@@ -304,19 +323,23 @@ def summary_lines(result: dict) -> list[str]:
         return lines + _depth_table_lines("both answers correct", result, result["accuracy"], "{:>8.3f}")
     tables = [("accuracy", result["accuracy"], "{:>8.3f}"), ("answer loss (nats/token)", result["answer_loss"], "{:>8.2f}")]
     tables += [(f"needle-chunk recall@{result['top_k']} {g}", t, "{:>8.2f}") for g, t in result["needle_recall"].items()]
+    # Results written before the weights were recorded have no weight tables.
+    tables += [(f"needle-chunk weight {g}", t, "{:>8.2f}") for g, t in result.get("needle_weight", {}).items()]
     if result.get("answered_distractor") is not None:
         tables.append(("answers that copied a distractor's value", result["answered_distractor"], "{:>8.3f}"))
         tables += [(f"distractor-chunk recall@{result['top_k']} {g}", t, "{:>8.2f}")
                    for g, t in result["distractor_recall"].items()]
+        tables += [(f"distractor-chunk weight {g}", t, "{:>8.2f}") for g, t in result.get("distractor_weight", {}).items()]
     lines = [line for title, table, fmt in tables for line in _depth_table_lines(title, result, table, fmt)]
     lengths = result["lengths"]
     by = result.get("by_offset")
     if by is None:  # results written before offsets were recorded
         return lines
-    groups = list(by["needle_recall"])
+    cols = [(f"{word} {g}", by[name][g]) for word, name in (("recall", "needle_recall"), ("weight", "needle_weight"))
+            if name in by for g in by[name]]
     lines.append(f"by the question's offset in its chunk of {result['chunk_size']} tokens ({result.get('align')} layout):")
     lines.append(f"{'length':>8} {'offset':>8} {'n':>5} {'accuracy':>8} {'loss':>8} "
-                 + " ".join(f"{'recall ' + g:>9}" for g in groups))
+                 + " ".join(f"{title:>9}" for title, _ in cols))
     keys = [str(L) for L in lengths] + (["all"] if len(lengths) > 1 else [])
     num = lambda v, fmt: fmt.format(v) if v is not None else f"{'-':>{len(fmt.format(0.0))}}"
     for key in keys:
@@ -325,7 +348,7 @@ def summary_lines(result: dict) -> list[str]:
             if n:
                 lines.append(f"{key:>8} {b:>8} {n:>5} {num(by['accuracy'][key][b], '{:>8.3f}')} "
                              f"{num(by['answer_loss'][key][b], '{:>8.2f}')} "
-                             + " ".join(num(by["needle_recall"][g][key][b], "{:>9.2f}") for g in groups))
+                             + " ".join(num(col[key][b], "{:>9.2f}") for _, col in cols))
     return lines
 
 
