@@ -12,7 +12,12 @@ so the model cannot memorise them: it must read the key's tokens out of the retr
 answer loss (chance ln 26 = 3.26) every --log steps and the first step at which it falls below
 --target, per wiring and seed; writes JSON with --out. With --pairs N the memory holds N key-value
 pairs and the row ends with one key and its value: the read-out must match the query's key, as
-multi-key and 2-hop NIAH need (the passkey task has a constant cue instead).
+multi-key and 2-hop NIAH need (the passkey task has a constant cue instead). There the query's key
+sits in the answer's own chunk, so the answer's retrieval (chosen by the chunk before) cannot depend on
+it and only the read-out can match it. With --query-before-chunk each pair has its own chunk and the
+query's key ends the chunk before the answer's, as a NIAH question that ends on the chunk grid does:
+the retrieval weights can then pick the queried pair's chunk. Both layouts report, at the end, the
+answer chunk's retrieval weight on the queried pair's chunk (w_queried).
 """
 
 from __future__ import annotations
@@ -74,29 +79,59 @@ def filler(rng, B: int, T: int, noise: bool) -> np.ndarray:
     return rng.integers(97, 123, size=(B, T)).astype(np.int32) if noise else np.full((B, T), 97, np.int32)
 
 
-def pairs_batch(rng, B: int, T: int, pairs: int, noise: bool = False) -> np.ndarray:
+def pair_start(j: int, query_before: bool) -> int:
+    """Slot of pair j's key: packed from slot 0, or (query_before) at the start of chunk j."""
+    return j * CHUNK_SIZE if query_before else j * (1 + KEY_LEN)
+
+
+def answer_start(T: int, query_before: bool) -> int:
+    """First slot of the answer (the queried value) in a row of T tokens. query_before: the key ends
+    chunk C-2 and a '#' cue opens chunk C-1, so every answer token is predicted inside chunk C-1, whose
+    retrieval the chunk of the key chose."""
+    return T - CHUNK_SIZE + 1 if query_before else T - KEY_LEN
+
+
+def pairs_batch(rng, B: int, T: int, pairs: int, noise: bool = False, query_before: bool = False) -> np.ndarray:
     """[B, T] int32, the content-matched read-out (what multi-key and 2-hop NIAH need): `pairs`
     key-value pairs from slot 0, each a capital-letter key (distinct within a row) and a 4-letter
     capital value; the row ends with one of the keys and its value. With more than one pair the
     retrieved memory holds several values after a key, and only matching the query's key finds the
-    right one; with one pair any copy "after a key" works, as in the fixed-cue task."""
-    if pairs > max_pairs(T):
+    right one; with one pair any copy "after a key" works, as in the fixed-cue task. query_before:
+    pair j at the start of chunk j, the query's key on the last slot of chunk C-2, then '#' and the
+    value (answer_start); the rest of the row is filler."""
+    if query_before:
+        if pairs > T // CHUNK_SIZE - 2:
+            raise ValueError(f"{pairs} pairs, one per chunk, do not fit before the query's two chunks in {T} tokens")
+    elif pairs > max_pairs(T):
         raise ValueError(f"{pairs} pairs do not fit in the first half of {T} tokens")
     tokens = filler(rng, B, T, noise)
+    start = answer_start(T, query_before)
     for b in range(B):
         keys = rng.permutation(26)[:pairs] + 65
         values = rng.integers(0, 26, size=(pairs, KEY_LEN)) + 65
         for j in range(pairs):
-            tokens[b, j * (1 + KEY_LEN)] = keys[j]
-            tokens[b, j * (1 + KEY_LEN) + 1:(j + 1) * (1 + KEY_LEN)] = values[j]
+            at = pair_start(j, query_before)
+            tokens[b, at] = keys[j]
+            tokens[b, at + 1:at + 1 + KEY_LEN] = values[j]
         q = rng.integers(pairs)
-        tokens[b, -KEY_LEN - 1] = keys[q]
-        tokens[b, -KEY_LEN:] = values[q]
+        if query_before:
+            tokens[b, start - 2] = keys[q]
+            tokens[b, start - 1] = MARKER
+        else:
+            tokens[b, start - 1] = keys[q]
+        tokens[b, start:start + KEY_LEN] = values[q]
     return tokens
 
 
+def queried_chunk(tokens, pairs: int, query_before: bool) -> np.ndarray:
+    """[B] the chunk holding the queried pair's key (the key that the row's query repeats)."""
+    query = tokens[:, answer_start(tokens.shape[1], query_before) - 1 - int(query_before)]
+    slots = np.array([pair_start(j, query_before) for j in range(pairs)])
+    return slots[np.argmax(tokens[:, slots] == query[:, None], axis=1)] // CHUNK_SIZE
+
+
 def batch(rng, B: int, T: int, random_offset: bool = False, marker: bool = False, noise: bool = False,
-          pairs: int = 0) -> np.ndarray:
+          pairs: int = 0, query_before: bool = False) -> np.ndarray:
     """[B, T] int32: 'a' filler with a random capital-letter key at 1..4 (or, with random_offset, at a
     random place in the first half) and again in the last 4 slots. With `marker`, a '#' precedes both
     copies of the key, as "the pass key is" does in NIAH, so every answer token has a cue. With `noise`
@@ -104,7 +139,7 @@ def batch(rng, B: int, T: int, random_offset: bool = False, marker: bool = False
     tied embeddings of the unpredictable capitals together (pairwise cosine 0.7 after 400 steps at lr
     3e-3), after which no memory key tells a key letter from the filler. pairs > 0: `pairs_batch`."""
     if pairs:
-        return pairs_batch(rng, B, T, pairs, noise)
+        return pairs_batch(rng, B, T, pairs, noise, query_before)
     tokens = filler(rng, B, T, noise)
     key = rng.integers(0, 26, size=(B, KEY_LEN)) + 65
     first = 1 + int(marker)
@@ -119,20 +154,38 @@ def batch(rng, B: int, T: int, random_offset: bool = False, marker: bool = False
     return tokens
 
 
-def answer_loss(logits, tokens):
-    """Mean loss of the last KEY_LEN tokens (the key's copy): logits [B, T, V], tokens [B, T]."""
-    logp = jax.nn.log_softmax(logits[:, -KEY_LEN - 1:-1].astype(jnp.float32))
-    return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(tokens)[:, -KEY_LEN:, None], axis=-1))
+def answer_loss(logits, tokens, query_before: bool = False):
+    """Mean loss of the KEY_LEN answer tokens from answer_start (the key's or the value's copy):
+    logits [B, T, V], tokens [B, T]."""
+    start = answer_start(tokens.shape[1], query_before)
+    logp = jax.nn.log_softmax(logits[:, start - 1:start - 1 + KEY_LEN].astype(jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(tokens)[:, start:start + KEY_LEN, None], axis=-1))
+
+
+def pairs_probe(cfg: ModelConfig, params, T: int, pairs: int, *, batch_size: int, seed: int, noise: bool,
+                query_before: bool) -> dict:
+    """Trained parameters on fresh pair rows, without retrieval noise: the answer loss and the answer
+    chunk's retrieval weight on the queried pair's chunk (w_queried; 1/pairs where the weights do not
+    tell the keys apart and every pair's chunk is fetched)."""
+    tokens = batch(np.random.default_rng(seed + 7), batch_size, T, noise=noise, pairs=pairs, query_before=query_before)
+    logits, state = DRT(cfg).apply({"params": params}, jnp.asarray(tokens), mutable=["intermediates"])
+    # Row C-2 of the retrieval is what the last chunk (the answer's) reads.
+    idx = np.asarray(state["intermediates"]["retrieval_indices_g0"][0])[:, -2]
+    w = np.asarray(state["intermediates"]["retrieval_weights_g0"][0])[:, -2]
+    hit = idx == queried_chunk(tokens, pairs, query_before)[:, None]
+    return {"answer_loss": float(answer_loss(logits, tokens, query_before)),
+            "w_queried": float(np.mean(np.sum(w * hit, axis=1)))}
 
 
 def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: float, seed: int, log: int, gumbel: bool,
-          random_offset: bool = False, marker: bool = False, noise: bool = False, pairs: int = 0):
+          random_offset: bool = False, marker: bool = False, noise: bool = False, pairs: int = 0,
+          query_before: bool = False):
     """stages: (model config, tokens per sequence, steps[, pairs]), trained in order with one set of
     parameters and one optimizer state (a curriculum); a stage's own `pairs` overrides the argument.
     Returns ([(global step, mean answer loss)] every `log` steps, the trained parameters)."""
     rng = np.random.default_rng(seed)
     first_cfg, first_T, _, *first_pairs = stages[0]
-    init_tokens = batch(rng, 1, first_T, pairs=first_pairs[0] if first_pairs else pairs)
+    init_tokens = batch(rng, 1, first_T, pairs=first_pairs[0] if first_pairs else pairs, query_before=query_before)
     params = DRT(first_cfg).init(jax.random.PRNGKey(seed), jnp.asarray(init_tokens))["params"]
     opt = optax.adam(lr)
     state = opt.init(params)
@@ -143,7 +196,7 @@ def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: fl
 
         def losses(p, tokens, key, model=model, cfg=cfg):
             logits = model.apply({"params": p}, tokens, deterministic=not gumbel, rngs={"gumbel": key} if gumbel else None)
-            answer = answer_loss(logits, tokens)
+            answer = answer_loss(logits, tokens, query_before)
             return next_token_loss(logits, tokens, cfg.pad_id)[0] + answer, answer
 
         @jax.jit
@@ -155,7 +208,7 @@ def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: fl
         for _ in range(steps):
             i += 1
             key, sub = jax.random.split(key)
-            tokens = jnp.asarray(batch(rng, batch_size, T, random_offset, marker, noise, rows_pairs))
+            tokens = jnp.asarray(batch(rng, batch_size, T, random_offset, marker, noise, rows_pairs, query_before))
             params, state, answer = step(params, state, tokens, sub)
             window.append(float(answer))
             if i % log == 0:
@@ -235,6 +288,9 @@ def main(argv=None) -> int:
                    help="N > 0: N key-value pairs from slot 0, the row ending with one key and its value (content-matched read-out)")
     p.add_argument("--warmup-pairs", type=int, default=None,
                    help="key-value pairs in the --warmup stage (default: --pairs), e.g. 1 before --pairs 2")
+    p.add_argument("--query-before-chunk", action="store_true",
+                   help="with --pairs: one pair per chunk, the query's key ending the chunk before the answer's, so that "
+                        "the retrieval weights can pick the queried pair")
     p.add_argument("--encoder-layers", type=int, default=1,
                    help="chunk-encoder layers (drt-20m has 2; in-chunk attention can learn previous-token features)")
     p.add_argument("--smeared-memory", action="store_true",
@@ -265,7 +321,13 @@ def main(argv=None) -> int:
     warmup_pairs = args.pairs if args.warmup_pairs is None else args.warmup_pairs
     if min(args.pairs, warmup_pairs) < 0 or (max(args.pairs, warmup_pairs) and (args.random_offset or args.marker or eval_chunks)):
         p.error(f"--pairs {args.pairs} / --warmup-pairs {args.warmup_pairs}: give N >= 1, without --random-offset, --marker or --eval-chunks")
-    if max(args.pairs, warmup_pairs) > max_pairs(CHUNK_SIZE * min([args.chunks] + ([warmup[0]] if warmup else []))):
+    if args.query_before_chunk and not args.pairs:
+        p.error("--query-before-chunk places key-value pairs: give --pairs N")
+    fewest_chunks = min([args.chunks] + ([warmup[0]] if warmup else []))
+    if args.query_before_chunk and max(args.pairs, warmup_pairs) > fewest_chunks - 2:
+        p.error(f"--pairs {max(args.pairs, warmup_pairs)} with --query-before-chunk: one chunk each and two for the query "
+                f"do not fit in {fewest_chunks} chunks; raise --chunks (and the --warmup chunks)")
+    if max(args.pairs, warmup_pairs) > max_pairs(CHUNK_SIZE * fewest_chunks):
         p.error(f"--pairs {max(args.pairs, warmup_pairs)}: {1 + KEY_LEN} tokens each do not fit in the first half of the "
                 "sequence; raise --chunks (and the --warmup chunks)")
     if args.smeared_memory:
@@ -292,11 +354,17 @@ def main(argv=None) -> int:
                 stages.insert(0, (cfg.replace(top_k=top_k), chunks * cfg.chunk_size, steps, warmup_pairs))
             curve, params = train(stages, batch_size=args.batch, lr=args.lr, seed=seed, log=args.log,
                                   gumbel=args.gumbel_scale > 0, random_offset=args.random_offset, marker=args.marker,
-                                  noise=args.noise_filler, pairs=args.pairs)
+                                  noise=args.noise_filler, pairs=args.pairs, query_before=args.query_before_chunk)
             reached = next((s for s, v in curve if v < args.target), None)
             results.append({"wiring": wiring, "seed": seed, "curve": curve, "first_below_target": reached})
+            probe = ""
+            if args.pairs:
+                results[-1]["probe"] = pairs_probe(cfg, params, T, args.pairs, batch_size=256, seed=seed,
+                                                   noise=args.noise_filler, query_before=args.query_before_chunk)
+                probe = (f"; fresh rows: answer loss {results[-1]['probe']['answer_loss']:.2f}, "
+                         f"w_queried {results[-1]['probe']['w_queried']:.2f}")
             print(f"{wiring:>8} seed {seed}: answer loss {curve[0][1]:.2f} (step {curve[0][0]}) -> {curve[-1][1]:.2f} "
-                  f"(step {curve[-1][0]}); below {args.target} first at step {reached}", flush=True)
+                  f"(step {curve[-1][0]}); below {args.target} first at step {reached}{probe}", flush=True)
             if eval_chunks:
                 sweep = length_sweep(cfg, params, eval_chunks, batch_size=64,
                                      seed=seed, random_offset=args.random_offset, marker=args.marker,
