@@ -17,7 +17,7 @@ sits in the answer's own chunk, so the answer's retrieval (chosen by the chunk b
 it and only the read-out can match it. With --query-before-chunk each pair has its own chunk and the
 query's key ends the chunk before the answer's, as a NIAH question that ends on the chunk grid does:
 the retrieval weights can then pick the queried pair's chunk. Both layouts report, at the end, the
-answer chunk's retrieval weight on the queried pair's chunk (w_queried).
+answer chunk's retrieval weight on the queried pair's chunk (w_queried, in that layout).
 """
 
 from __future__ import annotations
@@ -123,10 +123,10 @@ def pairs_batch(rng, B: int, T: int, pairs: int, noise: bool = False, query_befo
     return tokens
 
 
-def queried_chunk(tokens, pairs: int, query_before: bool) -> np.ndarray:
-    """[B] the chunk holding the queried pair's key (the key that the row's query repeats)."""
-    query = tokens[:, answer_start(tokens.shape[1], query_before) - 1 - int(query_before)]
-    slots = np.array([pair_start(j, query_before) for j in range(pairs)])
+def queried_chunk(tokens, pairs: int) -> np.ndarray:
+    """[B] in the query_before layout, the chunk of the queried pair (the one whose key the query repeats)."""
+    query = tokens[:, answer_start(tokens.shape[1], True) - 2]
+    slots = np.array([pair_start(j, True) for j in range(pairs)])
     return slots[np.argmax(tokens[:, slots] == query[:, None], axis=1)] // CHUNK_SIZE
 
 
@@ -164,17 +164,20 @@ def answer_loss(logits, tokens, query_before: bool = False):
 
 def pairs_probe(cfg: ModelConfig, params, T: int, pairs: int, *, batch_size: int, seed: int, noise: bool,
                 query_before: bool) -> dict:
-    """Trained parameters on fresh pair rows, without retrieval noise: the answer loss and the answer
-    chunk's retrieval weight on the queried pair's chunk (w_queried; 1/pairs where the weights do not
-    tell the keys apart and every pair's chunk is fetched)."""
+    """Trained parameters on fresh pair rows, without retrieval noise: the answer loss and, with
+    query_before (one pair per chunk), the answer chunk's retrieval weight on the queried pair's chunk
+    (w_queried; 1/pairs where the weights do not tell the keys apart and every pair's chunk is
+    fetched). Packed pairs share chunks, so no chunk is the queried pair's alone: answer loss only."""
     tokens = batch(np.random.default_rng(seed + 7), batch_size, T, noise=noise, pairs=pairs, query_before=query_before)
     logits, state = DRT(cfg).apply({"params": params}, jnp.asarray(tokens), mutable=["intermediates"])
+    loss = float(answer_loss(logits, tokens, query_before))
+    if not query_before:
+        return {"answer_loss": loss}
     # Row C-2 of the retrieval is what the last chunk (the answer's) reads.
     idx = np.asarray(state["intermediates"]["retrieval_indices_g0"][0])[:, -2]
     w = np.asarray(state["intermediates"]["retrieval_weights_g0"][0])[:, -2]
-    hit = idx == queried_chunk(tokens, pairs, query_before)[:, None]
-    return {"answer_loss": float(answer_loss(logits, tokens, query_before)),
-            "w_queried": float(np.mean(np.sum(w * hit, axis=1)))}
+    hit = idx == queried_chunk(tokens, pairs)[:, None]
+    return {"answer_loss": loss, "w_queried": float(np.mean(np.sum(w * hit, axis=1)))}
 
 
 def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: float, seed: int, log: int, gumbel: bool,
@@ -323,13 +326,13 @@ def main(argv=None) -> int:
         p.error(f"--pairs {args.pairs} / --warmup-pairs {args.warmup_pairs}: give N >= 1, without --random-offset, --marker or --eval-chunks")
     if args.query_before_chunk and not args.pairs:
         p.error("--query-before-chunk places key-value pairs: give --pairs N")
-    fewest_chunks = min([args.chunks] + ([warmup[0]] if warmup else []))
-    if args.query_before_chunk and max(args.pairs, warmup_pairs) > fewest_chunks - 2:
-        p.error(f"--pairs {max(args.pairs, warmup_pairs)} with --query-before-chunk: one chunk each and two for the query "
-                f"do not fit in {fewest_chunks} chunks; raise --chunks (and the --warmup chunks)")
-    if max(args.pairs, warmup_pairs) > max_pairs(CHUNK_SIZE * fewest_chunks):
-        p.error(f"--pairs {max(args.pairs, warmup_pairs)}: {1 + KEY_LEN} tokens each do not fit in the first half of the "
-                "sequence; raise --chunks (and the --warmup chunks)")
+    for flag, n, chunks in [("--pairs", args.pairs, args.chunks)] + ([("--warmup-pairs", warmup_pairs, warmup[0])] if warmup else []):
+        if args.query_before_chunk and n > chunks - 2:
+            p.error(f"{flag} {n} with --query-before-chunk: one chunk each and two for the query do not fit in "
+                    f"{chunks} chunks; raise the stage's chunks")
+        if n > max_pairs(CHUNK_SIZE * chunks):
+            p.error(f"{flag} {n}: {1 + KEY_LEN} tokens each do not fit in the first half of {chunks} chunks; raise the "
+                    "stage's chunks")
     if args.smeared_memory:
         import drt_jax.model as model_module
 
@@ -361,8 +364,7 @@ def main(argv=None) -> int:
             if args.pairs:
                 results[-1]["probe"] = pairs_probe(cfg, params, T, args.pairs, batch_size=256, seed=seed,
                                                    noise=args.noise_filler, query_before=args.query_before_chunk)
-                probe = (f"; fresh rows: answer loss {results[-1]['probe']['answer_loss']:.2f}, "
-                         f"w_queried {results[-1]['probe']['w_queried']:.2f}")
+                probe = "; fresh rows: " + ", ".join(f"{k} {v:.2f}" for k, v in results[-1]["probe"].items())
             print(f"{wiring:>8} seed {seed}: answer loss {curve[0][1]:.2f} (step {curve[0][0]}) -> {curve[-1][1]:.2f} "
                   f"(step {curve[-1][0]}); below {args.target} first at step {reached}{probe}", flush=True)
             if eval_chunks:

@@ -291,7 +291,7 @@ def test_readout_pairs_with_the_query_before_the_answers_chunk():
     tokens = readout.pairs_batch(np.random.default_rng(0), 64, 5 * S, pairs=3, noise=True, query_before=True)
     start = readout.answer_start(5 * S, True)
     assert start == 4 * S + 1  # the answer fills chunk 4 after its '#' cue ...
-    queried = readout.queried_chunk(tokens, 3, True)
+    queried = readout.queried_chunk(tokens, 3)
     for row, chunk in zip(tokens, queried, strict=True):
         keys = row[[0, S, 2 * S]]  # ... one pair opens each of chunks 0-2 ...
         assert len(set(keys.tolist())) == 3 and np.all((keys >= 65) & (keys < 91))
@@ -300,10 +300,6 @@ def test_readout_pairs_with_the_query_before_the_answers_chunk():
     assert len(set(queried.tolist())) == 3  # any pair can be asked for
     with pytest.raises(ValueError, match="one per chunk"):
         readout.pairs_batch(np.random.default_rng(0), 1, 4 * S, pairs=3, query_before=True)
-    # The packed layout's queried chunk is that of the key (pair 1's key is on slot 5, in chunk 0).
-    packed = readout.pairs_batch(np.random.default_rng(0), 64, 28, pairs=2)
-    pair = (packed[:, 5] == packed[:, -5]).astype(int)
-    np.testing.assert_array_equal(readout.queried_chunk(packed, 2, False), pair * 5 // S)
     # The probe reads the answer chunk's retrieval weight on the queried chunk: with 2 pairs, 4 chunks
     # and top-2, both pair chunks are fetched, so the weights on them sum to one across the two.
     cfg = ModelConfig.from_preset("tiny").replace(d_model=32, n_heads=2, mlp_dim=64, decoder_layers=(1, 1),
@@ -313,6 +309,8 @@ def test_readout_pairs_with_the_query_before_the_answers_chunk():
     assert len(curve) == 2 and all(np.isfinite(v) for _, v in curve)
     probe = readout.pairs_probe(cfg, params, 4 * S, 2, batch_size=16, seed=0, noise=True, query_before=True)
     assert 0.0 < probe["w_queried"] < 1.0 and np.isfinite(probe["answer_loss"])
+    # Packed pairs share chunks: the probe gives the answer loss alone.
+    assert set(readout.pairs_probe(cfg, params, 4 * S, 2, batch_size=4, seed=0, noise=True, query_before=False)) == {"answer_loss"}
 
 
 def test_readout_smeared_memory_keys_see_the_previous_slot(monkeypatch):
@@ -351,7 +349,9 @@ def test_probe_refuses_unknown_modes(capsys):
 @pytest.mark.parametrize("flags", [["--warmup", "4:2"], ["--warmup", "a:b:c"], ["--eval-chunks", "8,x"], ["--eval-chunks", "2"],
                                    ["--pairs", "3", "--chunks", "4"], ["--warmup-pairs", "-1", "--pairs", "1"],
                                    ["--log", "2"], ["--encoder-layers", "-1"], ["--query-before-chunk"],
-                                   ["--query-before-chunk", "--pairs", "3", "--chunks", "4"]])
+                                   ["--query-before-chunk", "--pairs", "3", "--chunks", "4"],
+                                   ["--warmup-pairs", "3", "--warmup", "4:2:1", "--pairs", "1", "--chunks", "8",
+                                    "--query-before-chunk"]])
 def test_readout_refuses_bad_curriculum_flags(flags, capsys):
     readout = _load("gca_readout")
     with pytest.raises(SystemExit) as err:
