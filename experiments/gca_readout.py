@@ -16,8 +16,9 @@ multi-key and 2-hop NIAH need (the passkey task has a constant cue instead). The
 sits in the answer's own chunk, so the answer's retrieval (chosen by the chunk before) cannot depend on
 it and only the read-out can match it. With --query-before-chunk each pair has its own chunk and the
 query's key ends the chunk before the answer's, as a NIAH question that ends on the chunk grid does:
-the retrieval weights can then pick the queried pair's chunk. Both layouts report, at the end, the
-answer chunk's retrieval weight on the queried pair's chunk (w_queried, in that layout).
+the retrieval weights can then pick the queried pair's chunk. Runs with --pairs end with the answer
+loss on fresh rows and, in that layout, the answer chunk's retrieval weight on the queried pair's chunk
+(w_queried).
 """
 
 from __future__ import annotations
@@ -330,7 +331,7 @@ def main(argv=None) -> int:
         if args.query_before_chunk and n > chunks - 2:
             p.error(f"{flag} {n} with --query-before-chunk: one chunk each and two for the query do not fit in "
                     f"{chunks} chunks; raise the stage's chunks")
-        if n > max_pairs(CHUNK_SIZE * chunks):
+        elif not args.query_before_chunk and n > max_pairs(CHUNK_SIZE * chunks):
             p.error(f"{flag} {n}: {1 + KEY_LEN} tokens each do not fit in the first half of {chunks} chunks; raise the "
                     "stage's chunks")
     if args.smeared_memory:
