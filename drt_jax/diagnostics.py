@@ -23,6 +23,18 @@ def answer_retrieval_row(answer, chunk_size: int):
     return jnp.where(has & (t0 >= 1) & (row >= 0), row, -1).astype(jnp.int32)
 
 
+def _answer_slots(indices, weights, answer, needle, chunk_size: int):
+    """The answer's retrieval row of a batch -> (row [B], its chunk ids [B, K], their weights [B, K] or
+    None, needle_chunks [B, C] bool: the chunks holding needle tokens)."""
+    B, C, _ = indices.shape
+    row = answer_retrieval_row(answer, chunk_size)
+    at = jnp.clip(row, 0, C - 1)[:, None, None]
+    got = jnp.take_along_axis(indices, at, axis=1)[:, 0]
+    w = None if weights is None else jnp.take_along_axis(weights, at, axis=1)[:, 0].astype(jnp.float32)
+    padded = jnp.pad(needle > 0, ((0, 0), (0, C * chunk_size - needle.shape[1])))  # C = ceil(T / S) chunks
+    return row, got, w, jnp.any(padded.reshape(B, C, chunk_size), axis=-1)
+
+
 def needle_recall(indices, answer, needle, chunk_size: int):
     """Needle-chunk recall@k of a batch.
 
@@ -30,17 +42,27 @@ def needle_recall(indices, answer, needle, chunk_size: int):
     (recall [B] float32, valid [B] bool). Rows without an answer, a needle or a retrieval are invalid
     (recall 0).
     """
-    B, C, _ = indices.shape
-    T = needle.shape[1]
-    row = answer_retrieval_row(answer, chunk_size)
-    got = jnp.take_along_axis(indices, jnp.clip(row, 0, C - 1)[:, None, None], axis=1)[:, 0]  # [B, K]
+    C = indices.shape[1]
+    row, got, _, needle_chunks = _answer_slots(indices, None, answer, needle, chunk_size)
     retrieved = jnp.any(got[:, :, None] == jnp.arange(C)[None, None, :], axis=1)  # [B, C]
-    padded = jnp.pad(needle > 0, ((0, 0), (0, C * chunk_size - T)))  # C = ceil(T / S) chunks
-    needle_chunks = jnp.any(padded.reshape(B, C, chunk_size), axis=-1)
     total = jnp.sum(needle_chunks, axis=1)
     hits = jnp.sum(needle_chunks & retrieved, axis=1)
     valid = (row >= 0) & (total > 0)
     return jnp.where(valid, hits / jnp.maximum(total, 1), 0.0).astype(jnp.float32), valid
+
+
+def needle_weight(indices, weights, answer, needle, chunk_size: int):
+    """The share of the answer's retrieval weight that went to needle chunks, per row of a batch.
+
+    indices, weights [B, C, K] (a group's retrieval and its GCA weights, a softmax over the filled
+    slots), answer / needle [B, T] (0/1) -> (weight [B] float32, valid [B] bool), valid as in
+    needle_recall. Near 1 where the retrieval picks the needle's chunk out of the needle-like ones (a
+    keyed question's), near 1 / (needle-like chunks fetched) where it cannot tell them apart."""
+    C = indices.shape[1]
+    row, got, w, needle_chunks = _answer_slots(indices, weights, answer, needle, chunk_size)
+    hit = (got >= 0) & jnp.take_along_axis(needle_chunks, jnp.clip(got, 0, C - 1), axis=1)  # [B, K]
+    valid = (row >= 0) & jnp.any(needle_chunks, axis=1)
+    return jnp.where(valid, jnp.sum(jnp.where(hit, w, 0.0), axis=1), 0.0).astype(jnp.float32), valid
 
 
 def chunk_recall(retrieved, needle_chunks) -> float:

@@ -7,8 +7,9 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from drt_jax.diagnostics import answer_retrieval_row, chunk_recall, chunk_weight, needle_recall
+from drt_jax.diagnostics import answer_retrieval_row, chunk_recall, chunk_weight, needle_recall, needle_weight
 from drt_jax.losses import blocked_cross_entropy, cross_entropy, next_token_targets
 
 
@@ -34,6 +35,16 @@ def test_recall_reads_the_row_that_serves_the_answer_chunk():
     _, valid = needle_recall(full, jnp.zeros_like(answer), needle, S)
     assert not bool(valid[0])
     assert chunk_recall([2, 7, -1], [1, 2]) == 0.5
+    # The weight of the same row's slots that hold needle chunks (1 and 2): chunk 3 is not one, an
+    # empty slot counts nothing, and another row's weights are not read.
+    idx = indices.at[0, 4].set(jnp.array([3, 2])).at[0, 3].set(jnp.array([1, 2]))
+    w = jnp.zeros((1, C, K)).at[0, 4].set(jnp.array([0.75, 0.25])).at[0, 3].set(jnp.array([0.5, 0.5]))
+    weight, valid = needle_weight(idx, w, answer, needle, S)
+    assert bool(valid[0]) and float(weight[0]) == 0.25
+    weight, _ = needle_weight(half, w.at[0, 4].set(jnp.array([0.6, 0.4])), answer, needle, S)
+    assert float(weight[0]) == pytest.approx(0.6)
+    weight, valid = needle_weight(idx, w, answer, jnp.zeros_like(needle), S)
+    assert not bool(valid[0]) and float(weight[0]) == 0.0
 
 
 def test_answer_record_weighs_needle_and_distractor_chunks():
@@ -87,9 +98,10 @@ def test_train_reports_corpus_and_answer_loss_and_recall(tmp_path):
     train(run, print_fn=lambda *_: None)
     rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "train/answer_loss" in r][-1]
-    assert set(last) >= {"train/corpus_loss", "train/answer_loss", "train/recall_g0"}
-    # Random bytes: the untrained answer loss is near ln 256; recall is a fraction.
+    assert set(last) >= {"train/corpus_loss", "train/answer_loss", "train/recall_g0", "train/needle_weight_g0"}
+    # Random bytes: the untrained answer loss is near ln 256; recall and weight are fractions.
     assert 4.0 < last["train/answer_loss"] < 8.0 and 0.0 <= last["train/recall_g0"] <= 1.0
+    assert 0.0 <= last["train/needle_weight_g0"] <= 1.0
 
 
 def test_eval_answer_loss_and_recall_match_the_full_forward():
@@ -175,14 +187,17 @@ def test_train_step_recall_is_the_retrieval_of_the_answers_chunk():
     recalls = []
     for g in range(len(cfg.groups)):
         indices = np.asarray(inter["intermediates"][f"retrieval_indices_g{g}"][0])
-        per_example = []
+        weights = np.asarray(inter["intermediates"][f"retrieval_weights_g{g}"][0])
+        per_example, per_example_w = [], []
         for b in range(len(rows)):
             first_answer = int(np.flatnonzero(batch["answer"][b])[0])
             row = (first_answer - 1) // S - 1
             needle_chunks = np.unique(np.flatnonzero(batch["needle"][b]) // S)
             per_example.append(np.isin(needle_chunks, indices[b, row]).mean())
-        assert diag[f"recall_g{g}_count"] == len(rows)
+            per_example_w.append(weights[b, row][np.isin(indices[b, row], needle_chunks)].sum())
+        assert diag[f"recall_g{g}_count"] == diag[f"needle_weight_g{g}_count"] == len(rows)
         np.testing.assert_allclose(diag[f"recall_g{g}_sum"], np.sum(per_example), rtol=1e-6)
+        np.testing.assert_allclose(diag[f"needle_weight_g{g}_sum"], np.sum(per_example_w), rtol=1e-5)
         recalls.append(per_example)
     # Partial recalls that differ between groups: a wrong row or a wrong group would show.
     assert any(0 < r < 1 for r in np.ravel(recalls)) and recalls[0] != recalls[1], recalls

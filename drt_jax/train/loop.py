@@ -283,6 +283,7 @@ def setup(run: RunConfig, *, print_fn=print) -> Trainer:
 def _progress_text(row: dict) -> str:
     task = f" answer {row['answer_loss']:.2f}" if "answer_loss" in row else ""
     task += f" recall {row['recall_g0']:.2f}" if "recall_g0" in row else ""
+    task += f" weight {row['needle_weight_g0']:.2f}" if "needle_weight_g0" in row else ""
     if not row.get("tokens_per_s"):
         return f"loss {row['loss']:.3f}{task}"
     mfu = "n/a" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from drt_jax.config import ConfigError, ModelConfig
-from drt_jax.diagnostics import needle_recall
+from drt_jax.diagnostics import needle_recall, needle_weight
 from drt_jax.inference.memory import device_free_bytes
 from drt_jax.losses import blocked_cross_entropy, next_token_targets
 from drt_jax.model import DRT
@@ -143,16 +143,21 @@ def _loss_sum(model: DRT, cfg: ModelConfig, params, batch, key, *, deterministic
     for g in range(len(cfg.groups)):
         indices = state["intermediates"][f"retrieval_indices_g{g}"][0]
         recall, valid = needle_recall(indices, answer, batch["needle"], cfg.chunk_size)
+        weight, _ = needle_weight(indices, state["intermediates"][f"retrieval_weights_g{g}"][0], answer,
+                                  batch["needle"], cfg.chunk_size)
         diag[f"recall_g{g}_sum"] = jnp.sum(recall)
         diag[f"recall_g{g}_count"] = jnp.sum(valid.astype(jnp.float32))
+        diag[f"needle_weight_g{g}_sum"] = jnp.sum(weight)
+        diag[f"needle_weight_g{g}_count"] = diag[f"recall_g{g}_count"]
     return mean * count, (count, diag)
 
 
 def diagnostic_means(sums: dict) -> dict:
-    """Sums of `_loss_sum`'s diagnostics -> {"corpus_loss", "answer_loss", "recall_g0", ...}, leaving out
-    those with nothing counted."""
+    """Sums of `_loss_sum`'s diagnostics -> {"corpus_loss", "answer_loss", "recall_g0", "needle_weight_g0",
+    ...}, leaving out those with nothing counted."""
     pairs = [("corpus_loss", "corpus_loss_sum", "corpus_tokens"), ("answer_loss", "answer_loss_sum", "answer_tokens")]
-    pairs += [(k[: -len("_sum")], k, k[: -len("_sum")] + "_count") for k in sums if k.startswith("recall_") and k.endswith("_sum")]
+    pairs += [(k[: -len("_sum")], k, k[: -len("_sum")] + "_count") for k in sums
+              if k.startswith(("recall_", "needle_weight_")) and k.endswith("_sum")]
     return {name: float(sums[num]) / float(sums[den]) for name, num, den in pairs if num in sums and float(sums[den]) > 0}
 
 
