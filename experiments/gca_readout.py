@@ -174,11 +174,16 @@ def pairs_probe(cfg: ModelConfig, params, T: int, pairs: int, *, batch_size: int
     loss = float(answer_loss(logits, tokens, query_before))
     if not query_before:
         return {"answer_loss": loss}
-    # Row C-2 of the retrieval is what the last chunk (the answer's) reads.
+    return {"answer_loss": loss, "w_queried": answer_chunk_retrieval(state, queried_chunk(tokens, pairs))[0]}
+
+
+def answer_chunk_retrieval(state, chunk) -> tuple[float, float]:
+    """(mean weight, recall) of `chunk` [B] in the retrieval the last chunk (the answer's) reads: row
+    C-2 of the model's retrieval intermediates."""
     idx = np.asarray(state["intermediates"]["retrieval_indices_g0"][0])[:, -2]
     w = np.asarray(state["intermediates"]["retrieval_weights_g0"][0])[:, -2]
-    hit = idx == queried_chunk(tokens, pairs)[:, None]
-    return {"answer_loss": loss, "w_queried": float(np.mean(np.sum(w * hit, axis=1)))}
+    hit = idx == np.asarray(chunk)[:, None]
+    return float(np.mean(np.sum(w * hit, axis=1))), float(np.mean(hit.any(axis=1)))
 
 
 def train(stages: list[tuple[ModelConfig, int, int]], *, batch_size: int, lr: float, seed: int, log: int, gumbel: bool,
@@ -234,14 +239,9 @@ def length_sweep(cfg: ModelConfig, params, chunks_list, *, batch_size: int, seed
         tokens = batch(rng, batch_size, T, random_offset, marker, noise)
         logits, state = model.apply({"params": params}, jnp.asarray(tokens), mutable=["intermediates"])
         answer = float(answer_loss(logits, tokens))
-        # Row C-2 of the retrieval is what the last chunk (the answer's) reads.
-        idx = np.asarray(state["intermediates"]["retrieval_indices_g0"][0])[:, -2]
-        w = np.asarray(state["intermediates"]["retrieval_weights_g0"][0])[:, -2]
         capitals = (tokens[:, : T // 2] >= 65) & (tokens[:, : T // 2] <= 90)
-        needle = np.argmax(capitals, axis=1) // cfg.chunk_size
-        hit = idx == needle[:, None]
-        rows.append({"chunks": chunks, "answer_loss": answer, "w_needle": float(np.mean(np.sum(w * hit, axis=1))),
-                     "recall": float(np.mean(hit.any(axis=1)))})
+        w_needle, recall = answer_chunk_retrieval(state, np.argmax(capitals, axis=1) // cfg.chunk_size)
+        rows.append({"chunks": chunks, "answer_loss": answer, "w_needle": w_needle, "recall": recall})
     return rows
 
 
