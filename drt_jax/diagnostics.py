@@ -82,3 +82,18 @@ def chunk_weight(retrieved, weights, chunks) -> float:
         return float("nan")
     hit = np.isin(np.asarray(retrieved), chunks)
     return round(float(np.sum(np.asarray(weights, np.float64)[hit])), 4)
+
+
+def trailing_share(retrieved, chunks, span: int) -> float:
+    """Share of the filled slots of `retrieved` ([K] chunk ids, -1 = empty) that hold one of the `span`
+    chunks right after one of `chunks` without being one of them, rounded to 4 decimals. Those are the
+    chunks whose landmark still reads a needle through the lower layers' window, so a retriever that
+    looks for needles fetches them too, and each needle can take several slots. NaN where there are no
+    `chunks` or no filled slot."""
+    chunks, got = np.asarray(chunks), np.asarray(retrieved)
+    got = got[got >= 0]
+    if chunks.size == 0 or got.size == 0:
+        return float("nan")
+    behind = got[:, None] - chunks[None, :]
+    after = np.any((behind >= 1) & (behind <= span), axis=1) & ~np.isin(got, chunks)
+    return round(float(after.mean()), 4)

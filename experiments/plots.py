@@ -261,7 +261,7 @@ def merge_niah(paths: list[str]) -> dict:
         merged[key] = {k: v for r in parts for k, v in r[key].items()}
     if not distractors:
         merged.pop("answered_distractor", None)
-    for key in ("needle_recall", "needle_weight", "distractor_recall", "distractor_weight"):
+    for key in ("needle_recall", "needle_weight", "distractor_recall", "distractor_weight", "trailing_slots"):
         if all(key in r for r in parts):
             merged[key] = {g: {k: v for r in parts for k, v in r[key][g].items()} for g in first[key]}
         else:

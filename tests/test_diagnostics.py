@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drt_jax.diagnostics import answer_retrieval_row, chunk_recall, chunk_weight, needle_recall, needle_weight
+from drt_jax.diagnostics import (answer_retrieval_row, chunk_recall, chunk_weight, needle_recall, needle_weight,
+                                 trailing_share)
 from drt_jax.losses import blocked_cross_entropy, cross_entropy, next_token_targets
 
 
@@ -67,6 +68,26 @@ def test_answer_record_weighs_needle_and_distractor_chunks():
     assert none["needle_weight"] == none["recall"] == {}
     # Like recall, the weight is undefined without needle chunks.
     assert np.isnan(chunk_weight([5, 9], [0.5, 0.5], []))
+
+
+def test_trailing_slots_count_the_chunks_just_after_a_needle_or_distractor():
+    """Chunks 11 and 12 follow the needle's chunk 9 within a span of 3, and 7 follows the distractor's 5;
+    40 follows neither, 6 is a distractor's own chunk, and an empty slot is not a slot."""
+    from drt_jax.evaluate.niah import _answer_record, trailing_span
+    from drt_jax.config import ModelConfig
+
+    answer, values = np.array([7, 8]), [np.array([3, 4]), np.array([1, 2])]
+    retrieved = np.array([[9, 11, 12, 40, -1], [5, 6, 7, 9, 40]])
+    weights = np.full((2, 5), 0.2, np.float32)
+    rec = _answer_record(answer, answer, 0.1, retrieved, weights, np.array([9]), (np.array([5, 6]), values), span=3)
+    assert rec["trailing_slots"] == {"g0": 0.5, "g1": 0.2}
+    narrow = _answer_record(answer, answer, 0.1, retrieved, weights, np.array([9]), (np.array([5, 6]), values), span=1)
+    assert narrow["trailing_slots"] == {"g0": 0.0, "g1": 0.2}
+    assert np.isnan(trailing_share([-1, -1], [9], 3)) and np.isnan(trailing_share([9, 10], [], 3))
+    # drt-20m's 256-slot window over chunks of 64 slots reaches 3 chunks past a needle's.
+    cfg = ModelConfig.from_preset("tiny")
+    assert trailing_span(dataclasses.replace(cfg, window=256, chunk_size=63)) == 3
+    assert trailing_span(dataclasses.replace(cfg, window=64, chunk_size=63)) == 0
 
 
 def test_blocked_cross_entropy_sums_per_metric_mask():

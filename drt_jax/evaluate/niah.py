@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 
 from drt_jax import chunking
-from drt_jax.diagnostics import chunk_recall, chunk_weight
+from drt_jax.diagnostics import chunk_recall, chunk_weight, trailing_share
 from drt_jax.evaluate.common import EvalError
 from drt_jax.tasks.niah import ConversationTask, NiahTask, offset_bucket, offset_buckets, score_exact
 
@@ -136,7 +136,8 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
                                "needles": list(s.needle_positions),
                                **_answer_record(s.answer, gen[b], loss[b], retrieved[:, b], weights[:, b],
                                                 s.needle_chunks(cfg.chunk_size, pads(s.prompt_len)),
-                                                s.distractors(cfg.chunk_size, pads(s.prompt_len)))}
+                                                s.distractors(cfg.chunk_size, pads(s.prompt_len)),
+                                                span=trailing_span(cfg))}
                 if progress is not None:
                     progress(len(batch))
             records.extend(rows[i] for i in sorted(rows))
@@ -144,14 +145,22 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
             **_question_tables(records, lengths, depths, cfg), "records": records}
 
 
-def _answer_record(answer, generated, loss, retrieved, weights, needle_chunks, distractors=None) -> dict:
+def trailing_span(cfg) -> int:
+    """How many chunks after a needle's still read it through the lower layers' window (cfg.window
+    slots, chunks of chunk_size + 1 slots): their landmarks can look like the needle's to the retriever."""
+    return max(cfg.window // (cfg.chunk_size + 1) - 1, 0) if cfg.window else 0
+
+
+def _answer_record(answer, generated, loss, retrieved, weights, needle_chunks, distractors=None, *,
+                   span: int = 0) -> dict:
     """One answer's record: the true and generated tokens, exact match, teacher-forced loss, and per
     retrieval group (retrieved, weights [G, K]) the chunks fetched, the recall of needle_chunks among
     them and the weight that went to them ("needle_weight", chunk_weight). distractors: (their chunk ids,
     their values) as NiahSample.distractors gives them; where there are any, also "distractor_chunks",
     "distractor_recall" and "distractor_weight" per group and "answered_distractor" (the generated
     answer begins with a distractor's value). A chunk holding tokens of both a needle and a distractor
-    counts in both weights."""
+    counts in both weights. "trailing_slots" per group: the share of the filled slots spent on the `span`
+    chunks right after a needle's or a distractor's (trailing_share; span: trailing_span)."""
     groups = range(len(retrieved))
     record = {"answer": answer.tolist(), "generated": generated.tolist(), "correct": score_exact(generated, answer),
               "answer_loss": float(loss), "needle_chunks": needle_chunks.tolist(),
@@ -164,6 +173,8 @@ def _answer_record(answer, generated, loss, retrieved, weights, needle_chunks, d
                       distractor_recall={f"g{g}": chunk_recall(retrieved[g], chunks) for g in groups},
                       distractor_weight={f"g{g}": chunk_weight(retrieved[g], weights[g], chunks) for g in groups},
                       answered_distractor=any(score_exact(generated[: len(v)], v) for v in values))
+    needles = np.union1d(needle_chunks, record.get("distractor_chunks", []))
+    record["trailing_slots"] = {f"g{g}": trailing_share(retrieved[g], needles, span) for g in groups}
     return record
 
 
@@ -201,6 +212,8 @@ def _question_tables(records, lengths, depths, cfg) -> dict:
         out["answered_distractor"] = table(lambda r: r["answered_distractor"])
         out["distractor_recall"] = per_group("distractor_recall")
         out["distractor_weight"] = per_group("distractor_weight")
+    if records and all("trailing_slots" in r for r in records):
+        out["trailing_slots"] = per_group("trailing_slots")
     return out
 
 
@@ -262,7 +275,8 @@ def converse(engine, sample, aligning: bool) -> list[dict]:
         gen, loss, retrieved, weights, state = answer_turn(engine, state, turn[None], answer[None], feed_answer=q == 0)
         out.append({"offset": sample.offsets[q],
                     **_answer_record(answer, gen[0], loss[0], retrieved[:, 0], weights[:, 0],
-                                     sample.needle_chunks(q, pads[0]), sample.distractors(q, pads[0]))})
+                                     sample.needle_chunks(q, pads[0]), sample.distractors(q, pads[0]),
+                                     span=trailing_span(engine.cfg))})
     return out
 
 
@@ -330,6 +344,8 @@ def summary_lines(result: dict) -> list[str]:
         tables += [(f"distractor-chunk recall@{result['top_k']} {g}", t, "{:>8.2f}")
                    for g, t in result["distractor_recall"].items()]
         tables += [(f"distractor-chunk weight {g}", t, "{:>8.2f}") for g, t in result.get("distractor_weight", {}).items()]
+    tables += [(f"slots on the chunks just after a needle {g}", t, "{:>8.2f}")
+               for g, t in result.get("trailing_slots", {}).items()]
     lines = [line for title, table, fmt in tables for line in _depth_table_lines(title, result, table, fmt)]
     lengths = result["lengths"]
     by = result.get("by_offset")
