@@ -23,46 +23,45 @@ def answer_retrieval_row(answer, chunk_size: int):
     return jnp.where(has & (t0 >= 1) & (row >= 0), row, -1).astype(jnp.int32)
 
 
-def _answer_slots(indices, weights, answer, needle, chunk_size: int):
-    """The answer's retrieval row of a batch -> (row [B], its chunk ids [B, K], their weights [B, K] or
-    None, needle_chunks [B, C] bool: the chunks holding needle tokens)."""
+def needle_stats(indices, weights, answer, needle, chunk_size: int):
+    """Needle-chunk recall@k and needle weight of a batch, from one gather of the answer's retrieval row.
+
+    indices [B, C, K] (a group's retrieval; -1 = empty slot), weights [B, C, K] (its GCA weights, a
+    softmax over the filled slots) or None, answer / needle [B, T] (0/1) -> (recall [B] float32, weight
+    [B] float32 or None, valid [B] bool). Recall is the fraction of the chunks holding needle tokens
+    that the answer's retrieval selected; weight the share of its GCA weight that went to them: near 1
+    where the retrieval picks the needle's chunk out of the needle-like ones (a keyed question's), near
+    1 / (needle-like chunks fetched) where it cannot tell them apart. Rows without an answer, a needle
+    or a retrieval are invalid (recall and weight 0).
+    """
     B, C, _ = indices.shape
     row = answer_retrieval_row(answer, chunk_size)
     at = jnp.clip(row, 0, C - 1)[:, None, None]
-    got = jnp.take_along_axis(indices, at, axis=1)[:, 0]
-    w = None if weights is None else jnp.take_along_axis(weights, at, axis=1)[:, 0].astype(jnp.float32)
+    got = jnp.take_along_axis(indices, at, axis=1)[:, 0]  # [B, K]
     padded = jnp.pad(needle > 0, ((0, 0), (0, C * chunk_size - needle.shape[1])))  # C = ceil(T / S) chunks
-    return row, got, w, jnp.any(padded.reshape(B, C, chunk_size), axis=-1)
+    needle_chunks = jnp.any(padded.reshape(B, C, chunk_size), axis=-1)  # [B, C]
+    retrieved = jnp.any(got[:, :, None] == jnp.arange(C)[None, None, :], axis=1)  # [B, C]
+    total = jnp.sum(needle_chunks, axis=1)
+    valid = (row >= 0) & (total > 0)
+    recall = jnp.where(valid, jnp.sum(needle_chunks & retrieved, axis=1) / jnp.maximum(total, 1), 0.0)
+    if weights is None:
+        return recall.astype(jnp.float32), None, valid
+    w = jnp.take_along_axis(weights, at, axis=1)[:, 0].astype(jnp.float32)
+    hit = (got >= 0) & jnp.take_along_axis(needle_chunks, jnp.clip(got, 0, C - 1), axis=1)  # [B, K]
+    weight = jnp.where(valid, jnp.sum(jnp.where(hit, w, 0.0), axis=1), 0.0)
+    return recall.astype(jnp.float32), weight.astype(jnp.float32), valid
 
 
 def needle_recall(indices, answer, needle, chunk_size: int):
-    """Needle-chunk recall@k of a batch.
-
-    indices [B, C, K] (a group's retrieval; -1 = empty slot), answer / needle [B, T] (0/1) ->
-    (recall [B] float32, valid [B] bool). Rows without an answer, a needle or a retrieval are invalid
-    (recall 0).
-    """
-    C = indices.shape[1]
-    row, got, _, needle_chunks = _answer_slots(indices, None, answer, needle, chunk_size)
-    retrieved = jnp.any(got[:, :, None] == jnp.arange(C)[None, None, :], axis=1)  # [B, C]
-    total = jnp.sum(needle_chunks, axis=1)
-    hits = jnp.sum(needle_chunks & retrieved, axis=1)
-    valid = (row >= 0) & (total > 0)
-    return jnp.where(valid, hits / jnp.maximum(total, 1), 0.0).astype(jnp.float32), valid
+    """needle_stats' (recall [B], valid [B]) for indices [B, C, K], answer / needle [B, T]."""
+    recall, _, valid = needle_stats(indices, None, answer, needle, chunk_size)
+    return recall, valid
 
 
 def needle_weight(indices, weights, answer, needle, chunk_size: int):
-    """The share of the answer's retrieval weight that went to needle chunks, per row of a batch.
-
-    indices, weights [B, C, K] (a group's retrieval and its GCA weights, a softmax over the filled
-    slots), answer / needle [B, T] (0/1) -> (weight [B] float32, valid [B] bool), valid as in
-    needle_recall. Near 1 where the retrieval picks the needle's chunk out of the needle-like ones (a
-    keyed question's), near 1 / (needle-like chunks fetched) where it cannot tell them apart."""
-    C = indices.shape[1]
-    row, got, w, needle_chunks = _answer_slots(indices, weights, answer, needle, chunk_size)
-    hit = (got >= 0) & jnp.take_along_axis(needle_chunks, jnp.clip(got, 0, C - 1), axis=1)  # [B, K]
-    valid = (row >= 0) & jnp.any(needle_chunks, axis=1)
-    return jnp.where(valid, jnp.sum(jnp.where(hit, w, 0.0), axis=1), 0.0).astype(jnp.float32), valid
+    """needle_stats' (weight [B], valid [B]) for indices, weights [B, C, K], answer / needle [B, T]."""
+    _, weight, valid = needle_stats(indices, weights, answer, needle, chunk_size)
+    return weight, valid
 
 
 def chunk_recall(retrieved, needle_chunks) -> float:

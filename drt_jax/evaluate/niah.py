@@ -114,6 +114,8 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
     t = NiahTask(task, tokenizer, haystack, cfg.chunk_size, seed=seed, align=align)
     aligning = _check_sweep(cfg, t, lengths, depths)
 
+    span = trailing_span(cfg)
+
     def pads(n: int) -> int:  # pad ids the engine puts before a prompt of n tokens
         return chunking.prompt_padding(0, n, cfg.chunk_size) if aligning else 0
 
@@ -137,7 +139,7 @@ def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, 
                                **_answer_record(s.answer, gen[b], loss[b], retrieved[:, b], weights[:, b],
                                                 s.needle_chunks(cfg.chunk_size, pads(s.prompt_len)),
                                                 s.distractors(cfg.chunk_size, pads(s.prompt_len)),
-                                                span=trailing_span(cfg))}
+                                                span=span)}
                 if progress is not None:
                     progress(len(batch))
             records.extend(rows[i] for i in sorted(rows))

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from drt_jax.config import ConfigError, ModelConfig
-from drt_jax.diagnostics import needle_recall, needle_weight
+from drt_jax.diagnostics import needle_stats
 from drt_jax.inference.memory import device_free_bytes
 from drt_jax.losses import blocked_cross_entropy, next_token_targets
 from drt_jax.model import DRT
@@ -142,9 +142,8 @@ def _loss_sum(model: DRT, cfg: ModelConfig, params, batch, key, *, deterministic
             "answer_loss_sum": sums[1], "answer_tokens": jnp.sum(answer_t)}
     for g in range(len(cfg.groups)):
         indices = state["intermediates"][f"retrieval_indices_g{g}"][0]
-        recall, valid = needle_recall(indices, answer, batch["needle"], cfg.chunk_size)
-        weight, _ = needle_weight(indices, state["intermediates"][f"retrieval_weights_g{g}"][0], answer,
-                                  batch["needle"], cfg.chunk_size)
+        recall, weight, valid = needle_stats(indices, state["intermediates"][f"retrieval_weights_g{g}"][0], answer,
+                                             batch["needle"], cfg.chunk_size)
         diag[f"recall_g{g}_sum"] = jnp.sum(recall)
         diag[f"recall_g{g}_count"] = jnp.sum(valid.astype(jnp.float32))
         diag[f"needle_weight_g{g}_sum"] = jnp.sum(weight)
