@@ -246,6 +246,11 @@ def test_mixture_hook_mixes_registered_tasks_by_weight(cfg):
     copy = (tokens == TOK.pad_id).any(axis=1)
     assert abs(constant.mean() - 0.5) < 0.1 and abs(copy.mean() - 0.25) < 0.1
     assert (masks[constant] == 1).all() and (masks[copy].sum(1) < 16).all()
+    # Each row carries its task's 1-based place in the mixture on every token, 0 for corpus windows.
+    task = np.concatenate([b["task"] for b in batches])
+    assert (task == task[:, :1]).all()
+    assert (task[copy, 0] == 1).all() and (task[constant, 0] == 2).all() and (task[~copy & ~constant] == 0).all()
+    assert set(batches[0]) == {"tokens", "mask", "answer", "needle", "task"}
 
     again = take(build_train_iterator(mixed, TOK, shard_index=0, shard_count=1, progress=False), 20)
     assert rows(again) == rows(batches)

@@ -115,11 +115,15 @@ def test_train_reports_corpus_and_answer_loss_and_recall(tmp_path):
     enable_compilation_cache()
     corpus = write_corpus(tmp_path / "corpus")
     run = small_run(tmp_path, corpus, steps=4, log_every=2, eval_every=0, grad_accum=2)
-    run = run.replace(data=dataclasses.replace(run.data, seq_len=256, mixture=(("niah_single", 1.0),)))
+    run = run.replace(data=dataclasses.replace(run.data, seq_len=256, mixture=(("niah_single", 0.8), ("copy", 0.2))))
     train(run, print_fn=lambda *_: None)
     rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "train/answer_loss" in r][-1]
-    assert set(last) >= {"train/corpus_loss", "train/answer_loss", "train/recall_g0", "train/needle_weight_g0"}
+    assert set(last) >= {"train/corpus_loss", "train/answer_loss", "train/recall_g0", "train/needle_weight_g0",
+                         "train/answer_loss/niah_single", "train/recall_g0/niah_single"}
+    # Each task's answer loss where it had rows; recall only where a task has needles (copy has none).
+    assert any("train/answer_loss/copy" in r for r in rows)
+    assert not any("train/recall_g0/copy" in r for r in rows)
     # Random bytes: the untrained answer loss is near ln 256; recall and weight are fractions.
     assert 4.0 < last["train/answer_loss"] < 8.0 and 0.0 <= last["train/recall_g0"] <= 1.0
     assert 0.0 <= last["train/needle_weight_g0"] <= 1.0
@@ -222,3 +226,67 @@ def test_train_step_recall_is_the_retrieval_of_the_answers_chunk():
         recalls.append(per_example)
     # Partial recalls that differ between groups: a wrong row or a wrong group would show.
     assert any(0 < r < 1 for r in np.ravel(recalls)) and recalls[0] != recalls[1], recalls
+
+
+def test_train_step_keeps_answer_loss_and_recall_per_task():
+    """With several mixture tasks, the step's per-task sums are the whole batch's sums over that task's
+    rows: they add up to the whole, and each equals the loss and recall computed on its rows alone."""
+    from drt_jax.config import ModelConfig
+    from drt_jax.data import ByteTokenizer
+    from drt_jax.tasks.niah import NiahTask
+    from drt_jax.train import mesh as mesh_lib
+    from drt_jax.train import step as step_lib
+    from drt_jax.train.config import DEFAULT_RULES, MeshConfig, OptimConfig
+    from drt_jax.train.optim import make_optimizer
+    from tests.train_fixtures import SMALL_MODEL
+
+    cfg = ModelConfig(**{**SMALL_MODEL, "decoder_layers": (1, 1, 1), "dropout_rate": 0.0, "gumbel_noise": False})
+    S, T = cfg.chunk_size, 448
+    hay = np.random.default_rng(0).integers(97, 123, 5000).astype(np.int32)
+    multi = NiahTask("multi", ByteTokenizer(), hay, S, seed=1, align="chunk")
+    single = NiahTask("single", ByteTokenizer(), hay, S, seed=2, align="chunk")
+    examples = [multi.example(T, 0), single.example(T, 0), multi.example(T, 1), single.example(T, 1)]
+    task_of_row = [1, 2, 1, 2]
+    batch = {k: np.stack([e[k] for e in examples]).astype(np.int32) for k in ("tokens", "mask", "answer", "needle")}
+    batch["task"] = np.repeat(np.asarray(task_of_row, np.int32)[:, None], T, axis=1)
+
+    tx, sched = make_optimizer(OptimConfig(peak_lr=1e-3, warmup_steps=1), 4)
+    mesh = mesh_lib.make_mesh(MeshConfig(), jax.devices()[:1])
+    spec = step_lib.state_spec(cfg, tx, mesh, DEFAULT_RULES)
+    bsh = mesh_lib.batch_sharding(mesh, DEFAULT_RULES)
+
+    def diag_of(rows, tasks):
+        b = {k: v[rows] for k, v in batch.items()}
+        step = step_lib.make_train_step(cfg, tx, sched, spec, bsh, grad_accum=1, block_size=64,
+                                        batch_keys=tuple(b), tasks=tasks)
+        state = step_lib.init_state(cfg, tx, spec, seed=0)  # the step donates it
+        return jax.device_get(step(state, mesh_lib.global_batch(b, bsh, len(rows)))[1]["diagnostics"])
+
+    both = diag_of([0, 1, 2, 3], ("niah_multi", "niah_single"))
+    means = step_lib.diagnostic_means(both)
+    assert {"answer_loss/niah_multi", "answer_loss/niah_single", "recall_g1/niah_multi",
+            "needle_weight_g0/niah_single"} <= set(means)
+    for key in ("answer_loss_sum", "answer_tokens", "recall_g0_sum", "recall_g1_count", "needle_weight_g1_sum"):
+        np.testing.assert_allclose(both[f"niah_multi/{key}"] + both[f"niah_single/{key}"], both[key], rtol=1e-5)
+    # One task's rows alone (no per-task split with a single task): the same sums.
+    for name, rows in (("niah_multi", [0, 2]), ("niah_single", [1, 3])):
+        alone = diag_of(rows, (name,))
+        assert not any("/" in k for k in alone)
+        for key in ("answer_loss_sum", "answer_tokens", "recall_g0_sum", "recall_g0_count", "needle_weight_g1_sum"):
+            np.testing.assert_allclose(both[f"{name}/{key}"], alone[key], rtol=2e-4, atol=1e-5)
+    assert means["answer_loss/niah_multi"] != means["answer_loss/niah_single"]
+
+
+def test_diagnostic_means_names_each_task():
+    sums = {"corpus_loss_sum": 6.0, "corpus_tokens": 3.0, "answer_loss_sum": 4.0, "answer_tokens": 4.0,
+            "a/answer_loss_sum": 1.0, "a/answer_tokens": 1.0, "b/answer_loss_sum": 3.0, "b/answer_tokens": 3.0,
+            "recall_g0_sum": 1.0, "recall_g0_count": 2.0, "a/recall_g0_sum": 1.0, "a/recall_g0_count": 1.0,
+            "b/recall_g0_sum": 0.0, "b/recall_g0_count": 0.0}
+    assert step_lib_means(sums) == {"corpus_loss": 2.0, "answer_loss": 1.0, "answer_loss/a": 1.0,
+                                    "answer_loss/b": 1.0, "recall_g0": 0.5, "recall_g0/a": 1.0}
+
+
+def step_lib_means(sums):
+    from drt_jax.train.step import diagnostic_means
+
+    return diagnostic_means(sums)

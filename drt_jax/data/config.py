@@ -6,9 +6,10 @@ import dataclasses
 
 FORMATS = ("auto", "txt", "jsonl", "parquet")
 MODES = ("packed", "documents")
-# Marks a task example may carry besides tokens and mask (drt_jax.data.mixture): its answer tokens and
-# the needle tokens the answer is copied from.
-TASK_FIELDS = ("answer", "needle")
+# Marks a task example may carry besides tokens and mask (drt_jax.data.mixture): its answer tokens, the
+# needle tokens the answer is copied from, and which of the mixture's tasks it came from (its 1-based
+# place in data.mixture on every token; 0 for corpus windows), set by the mixture itself.
+TASK_FIELDS = ("answer", "needle", "task")
 # Where a NIAH question ends within its chunk: drt_jax.tasks.niah.ALIGNS (kept apart from that module,
 # which registers with the mixture on import).
 NIAH_ALIGNS = ("random", "chunk", "pad")

@@ -10,8 +10,10 @@ mask[t] = 1 marks token t as a loss target. Without a mask every non-pad
 token is a target. Retrieval tasks may also mark "answer" (the tokens whose
 loss is the task's answer loss) and "needle" (the tokens the answer is copied
 from; the trainer reports whether their chunks were retrieved), int32
-[seq_len] each; both default to zeros, and corpus windows get zeros, so every
-element of a mixture has the same four fields. Elements must be a pure
+[seq_len] each; both default to zeros, and corpus windows get zeros. The
+mixture adds "task": the task's 1-based place in the mixture on every token
+(0 in corpus windows), so that the trainer reports each task's answer loss
+and recall apart. Every element of a mixture has the same five fields. Elements must be a pure
 function of (seed, index) so that runs are reproducible and iterator
 checkpoints resume exactly.
 
@@ -84,7 +86,8 @@ def mix_with_tasks(
     proportion to the weights (grain's MapDataset.mix)."""
     if not mixture:
         return corpus
-    parts = [corpus.map(with_task_fields)] + [build_task_dataset(name, seq_len, tokenizer, seed) for name, _ in mixture]
+    parts = [corpus.map(with_task_fields)] + [build_task_dataset(name, seq_len, tokenizer, seed).map(_TaskId(i + 1))
+                                              for i, (name, _) in enumerate(mixture)]
     weights = [corpus_weight] + [w for _, w in mixture]
     return grain.MapDataset.mix(parts, weights)
 
@@ -110,8 +113,18 @@ class _Normalize:
         return with_task_fields({**element, "tokens": tokens, "mask": mask.astype(np.int32)})
 
 
+class _TaskId:
+    """Marks an element as coming from the mixture's task number `task` (1-based)."""
+
+    def __init__(self, task: int):
+        self.task = task
+
+    def __call__(self, element):
+        return {**element, "task": np.full_like(element["tokens"], self.task, np.int32)}
+
+
 def with_task_fields(element: dict) -> dict:
-    """{"tokens", "mask"[, "answer", "needle"]} -> all four, int32 [seq_len], zeros where absent."""
+    """{"tokens", "mask"[, "answer", "needle", "task"]} -> all five, int32 [seq_len], zeros where absent."""
     out = {"tokens": element["tokens"], "mask": element["mask"]}
     for name in TASK_FIELDS:
         value = element.get(name)

@@ -271,7 +271,8 @@ def setup(run: RunConfig, *, print_fn=print) -> Trainer:
     train_keys = ("tokens", "mask") + (TASK_FIELDS if run.data.mixture else ())
     build = lambda cfg: make_train_step(cfg, tx, schedule, spec, batch_sh, grad_accum=tc.grad_accum,  # noqa: E731
                                         block_size=tc.loss_block_size, batch_keys=train_keys,
-                                        answer_weight=tc.answer_loss_weight, logits_dtype=tc.loss_logits_dtype)
+                                        answer_weight=tc.answer_loss_weight, logits_dtype=tc.loss_logits_dtype,
+                                        tasks=tuple(name for name, _ in run.data.mixture))
     batch_abs = {k: jax.ShapeDtypeStruct((tc.batch, run.data.seq_len), np.int32, sharding=batch_sh) for k in train_keys}
     _, step_fn = resolve_remat(run.model, build, (spec.abstract, batch_abs), say=say)
     eval_fn = make_eval_step(run.model, spec, batch_sh, block_size=tc.loss_block_size, logits_dtype=tc.loss_logits_dtype)

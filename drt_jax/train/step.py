@@ -110,13 +110,15 @@ def _shift_to_predictors(x, dtype):
 
 
 def _loss_sum(model: DRT, cfg: ModelConfig, params, batch, key, *, deterministic: bool, block_size: int,
-              answer_weight: float = 1.0, logits_dtype: str = "float32"):
+              answer_weight: float = 1.0, logits_dtype: str = "float32", tasks: tuple[str, ...] = ()):
     """Summed next-token cross-entropy of one micro-batch -> (loss sum, (weight sum, diagnostics)).
 
-    batch: {"tokens", "mask"[, "answer", "needle"]} int32 [B, T]. With "answer", answer tokens weigh
-    `answer_weight` in the loss and the diagnostics hold sums (over the batch) of the loss on corpus
+    batch: {"tokens", "mask"[, "answer", "needle", "task"]} int32 [B, T]. With "answer", answer tokens
+    weigh `answer_weight` in the loss and the diagnostics hold sums (over the batch) of the loss on corpus
     rows and on answer tokens and of each group's needle-chunk recall (drt_jax.diagnostics), so that
-    micro-batches and steps can be added up before dividing.
+    micro-batches and steps can be added up before dividing. tasks: the mixture's task names; with two
+    or more and a "task" field (each row's 1-based task number), the answer and recall sums are also
+    kept per task, under "<name>/<sum>" (diagnostic_means names their means "<mean>/<name>").
     """
     tokens, data_mask = batch["tokens"], batch.get("mask")
     gkey, dkey = jax.random.split(key)
@@ -136,35 +138,56 @@ def _loss_sum(model: DRT, cfg: ModelConfig, params, batch, key, *, deterministic
     answer_t = mask * _shift_to_predictors(answer, mask.dtype)
     corpus_t = mask * (~jnp.any(answer > 0, axis=1))[:, None].astype(mask.dtype)
     weights = mask + (answer_weight - 1.0) * answer_t
+    # Rows of each task ([n, B] float32), "" for the whole batch; per task only where there are several.
+    row_task = jnp.max(batch["task"], axis=1) if "task" in batch and len(tasks) > 1 else None
+    parts = {"": jnp.ones(answer.shape[:1], jnp.float32)}
+    if row_task is not None:
+        parts.update({f"{name}/": (row_task == i + 1).astype(jnp.float32) for i, name in enumerate(tasks)})
+    rows = jnp.stack(list(parts.values()))
+    answer_masks = answer_t[None] * rows[:, :, None]
     mean, count, sums = blocked_cross_entropy(hidden, embedding, targets, weights, block_size=block_size,
-                                              metric_masks=jnp.stack([corpus_t, answer_t]), logits_dtype=logits_dtype)
-    diag = {"tokens": jnp.sum(mask), "corpus_loss_sum": sums[0], "corpus_tokens": jnp.sum(corpus_t),
-            "answer_loss_sum": sums[1], "answer_tokens": jnp.sum(answer_t)}
+                                              metric_masks=jnp.concatenate([corpus_t[None], answer_masks]),
+                                              logits_dtype=logits_dtype)
+    diag = {"tokens": jnp.sum(mask), "corpus_loss_sum": sums[0], "corpus_tokens": jnp.sum(corpus_t)}
+    for j, p in enumerate(parts):
+        diag[f"{p}answer_loss_sum"] = sums[1 + j]
+        diag[f"{p}answer_tokens"] = jnp.sum(answer_masks[j])
     for g in range(len(cfg.groups)):
         indices = state["intermediates"][f"retrieval_indices_g{g}"][0]
         recall, weight, valid = needle_stats(indices, state["intermediates"][f"retrieval_weights_g{g}"][0], answer,
                                              batch["needle"], cfg.chunk_size)
-        diag[f"recall_g{g}_sum"] = jnp.sum(recall)
-        diag[f"recall_g{g}_count"] = jnp.sum(valid.astype(jnp.float32))
-        diag[f"needle_weight_g{g}_sum"] = jnp.sum(weight)
-        diag[f"needle_weight_g{g}_count"] = diag[f"recall_g{g}_count"]
+        for j, p in enumerate(parts):
+            diag[f"{p}recall_g{g}_sum"] = jnp.sum(recall * rows[j])
+            diag[f"{p}recall_g{g}_count"] = jnp.sum(valid * rows[j])
+            diag[f"{p}needle_weight_g{g}_sum"] = jnp.sum(weight * rows[j])
+            diag[f"{p}needle_weight_g{g}_count"] = diag[f"{p}recall_g{g}_count"]
     return mean * count, (count, diag)
 
 
 def diagnostic_means(sums: dict) -> dict:
     """Sums of `_loss_sum`'s diagnostics -> {"corpus_loss", "answer_loss", "recall_g0", "needle_weight_g0",
-    ...}, leaving out those with nothing counted."""
-    pairs = [("corpus_loss", "corpus_loss_sum", "corpus_tokens"), ("answer_loss", "answer_loss_sum", "answer_tokens")]
-    pairs += [(k[: -len("_sum")], k, k[: -len("_sum")] + "_count") for k in sums
-              if k.startswith(("recall_", "needle_weight_")) and k.endswith("_sum")]
-    return {name: float(sums[num]) / float(sums[den]) for name, num, den in pairs if num in sums and float(sums[den]) > 0}
+    ..., and per task "answer_loss/<task>", "recall_g0/<task>", ...}, leaving out those with nothing
+    counted."""
+    out = {}
+    prefixes = sorted({k.rpartition("/")[0] for k in sums})
+    for prefix in prefixes:
+        part = {k.rpartition("/")[2]: v for k, v in sums.items() if k.rpartition("/")[0] == prefix}
+        pairs = [("corpus_loss", "corpus_loss_sum", "corpus_tokens"), ("answer_loss", "answer_loss_sum", "answer_tokens")]
+        pairs += [(k[: -len("_sum")], k, k[: -len("_sum")] + "_count") for k in part
+                  if k.startswith(("recall_", "needle_weight_")) and k.endswith("_sum")]
+        for name, num, den in pairs:
+            if num in part and float(part[den]) > 0:
+                out[f"{name}/{prefix}" if prefix else name] = float(part[num]) / float(part[den])
+    return out
 
 
 def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_sharding, *, grad_accum: int, block_size: int,
-                    batch_keys=("tokens", "mask"), answer_weight: float = 1.0, logits_dtype: str = "float32"):
+                    batch_keys=("tokens", "mask"), answer_weight: float = 1.0, logits_dtype: str = "float32",
+                    tasks: tuple[str, ...] = ()):
     """Returns jit(step)(state, batch) -> (state, metrics) with explicit in/out shardings. batch holds
-    `batch_keys` (int32 [B, T] each); with task fields ("answer", "needle") metrics["diagnostics"] holds
-    the sums of `_loss_sum`'s diagnostics (see `diagnostic_means`). Attention and GCA kernels run per shard
+    `batch_keys` (int32 [B, T] each); with task fields ("answer", "needle"[, "task"]) metrics["diagnostics"]
+    holds the sums of `_loss_sum`'s diagnostics (see `diagnostic_means`), per task of `tasks` (the
+    mixture's names, in order) too where there are several. Attention and GCA kernels run per shard
     of `spec.kernels` (pallas_kernels.per_shard), so XLA never partitions a custom call."""
     model = DRT(cfg, kernel_mesh=spec.kernels)
 
@@ -181,7 +204,7 @@ def make_train_step(cfg: ModelConfig, tx, schedule, spec: StateSpec, batch_shard
 
         grad_fn = jax.value_and_grad(
             lambda p, b, k: _loss_sum(model, cfg, p, b, k, deterministic=False, block_size=block_size,
-                                      answer_weight=answer_weight, logits_dtype=logits_dtype),
+                                      answer_weight=answer_weight, logits_dtype=logits_dtype, tasks=tuple(tasks)),
             has_aux=True,
         )
         if grad_accum == 1:
