@@ -7,7 +7,7 @@
     python experiments/plots.py bench [--results bench/results] [--out-dir docs/img]
 
 curves: corpus loss, answer loss (with the chance level of the passkey alphabet) and needle-chunk
-recall per retrieval group against the step. niah: accuracy, answer loss and recall against the
+recall per retrieval group against the step, and each task's own where a mixture logged them. niah: accuracy, answer loss and recall against the
 context length, one line per depth (and per file, e.g. DRT and its sliding-window baseline).
 merge: one eval.py niah result from several eval.py runs over different lengths (one model, task and depths).
 ppl: eval.py ppl results, perplexity against the context length, and each file's perplexity relative to the
@@ -58,13 +58,16 @@ def training_curves(metrics_path: str, out: str, title: str = "", chance: float 
     pts_answer = [(s, r["train/answer_loss"]) for s, r in zip(steps, rows, strict=True) if "train/answer_loss" in r]
     if pts_answer:
         axes[1].plot(*zip(*pts_answer, strict=True), label="answer tokens")
+    for key in sorted({k for r in rows for k in r if k.startswith("train/answer_loss/")}):  # per task of a mixture
+        pts = [(s, r[key]) for s, r in zip(steps, rows, strict=True) if key in r]
+        axes[1].plot(*zip(*pts, strict=True), label=key.split("/", 2)[2], lw=0.8)
     if chance:
         axes[1].axhline(chance, color="gray", ls="--", label=f"chance {chance:.2f}")
     axes[1].set_title("answer loss (nats/token)")
     recall_keys = sorted({k for r in rows for k in r if k.startswith("train/recall_")})
     for key in recall_keys:
         pts = [(s, r[key]) for s, r in zip(steps, rows, strict=True) if key in r]
-        axes[2].plot(*zip(*pts, strict=True), label=key.split("/")[1])
+        axes[2].plot(*zip(*pts, strict=True), label=key.split("/", 1)[1], lw=0.8 if key.count("/") > 1 else None)
     arch, mixture = _run_kind(metrics_path)
     if not pts_answer and mixture == []:
         axes[1].text(0.5, 0.5, "no task examples in this run", ha="center", va="center", transform=axes[1].transAxes)

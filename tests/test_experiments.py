@@ -454,6 +454,30 @@ def test_plots_curves_say_why_a_panel_is_empty(tmp_path, monkeypatch, arch, mixt
     assert texts == says
 
 
+def test_plots_curves_draw_each_task_of_a_mixture(tmp_path, monkeypatch):
+    """A mixture's per-task answer loss and recall get a line each, labelled with the task, beside the
+    whole batch's."""
+    import json
+
+    plots = _load("plots")
+    axes_cls = plots._plt().Axes
+    rows = [{"step": s, "train/loss": 1.0, "train/answer_loss": 2.0, "train/answer_loss/niah_multi": 3.0,
+             "train/answer_loss/niah_single": 1.0, "train/recall_g0": 0.5, "train/recall_g0/niah_multi": 0.2,
+             "train/recall_g0/niah_single": 0.8} for s in (1, 50)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    labels = []
+    real_plot = axes_cls.plot
+
+    def spy(ax, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return real_plot(ax, *args, **kwargs)
+
+    monkeypatch.setattr(axes_cls, "plot", spy)
+    plots.training_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "c.png"))
+    assert labels == ["objective (weighted)", "answer tokens", "niah_multi", "niah_single",
+                      "recall_g0", "recall_g0/niah_multi", "recall_g0/niah_single"]
+
+
 def test_plots_ppl_compares_files_at_their_shared_lengths(tmp_path, monkeypatch, capsys):
     """The right panel is each file's perplexity over the baseline's (the first file), at shared lengths."""
     import json
