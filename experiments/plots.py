@@ -7,8 +7,9 @@
     python experiments/plots.py bench [--results bench/results] [--out-dir docs/img]
 
 curves: corpus loss, answer loss (with the chance level of the passkey alphabet) and needle-chunk
-recall per retrieval group against the step, and each task's own where a mixture logged them. niah: accuracy, answer loss and recall against the
-context length, one line per depth (and per file, e.g. DRT and its sliding-window baseline).
+recall per retrieval group against the step, and each task's own where a mixture logged them.
+niah: accuracy, answer loss and recall against the context length, one line per depth (and per file,
+e.g. DRT and its sliding-window baseline).
 merge: one eval.py niah result from several eval.py runs over different lengths (one model, task and depths).
 ppl: eval.py ppl results, perplexity against the context length, and each file's perplexity relative to the
 first file's (the baseline) at the lengths they share.

@@ -275,6 +275,9 @@ def test_train_step_keeps_answer_loss_and_recall_per_task():
         for key in ("answer_loss_sum", "answer_tokens", "recall_g0_sum", "recall_g0_count", "needle_weight_g1_sum"):
             np.testing.assert_allclose(both[f"{name}/{key}"], alone[key], rtol=2e-4, atol=1e-5)
     assert means["answer_loss/niah_multi"] != means["answer_loss/niah_single"]
+    # A task named twice in the mixture is one task: all of its rows count.
+    twice = diag_of([0, 1, 2, 3], ("niah_multi", "niah_multi"))
+    np.testing.assert_allclose(twice["niah_multi/answer_tokens"], both["answer_tokens"])
 
 
 def test_diagnostic_means_names_each_task():

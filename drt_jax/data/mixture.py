@@ -13,9 +13,9 @@ from; the trainer reports whether their chunks were retrieved), int32
 [seq_len] each; both default to zeros, and corpus windows get zeros. The
 mixture adds "task": the task's 1-based place in the mixture on every token
 (0 in corpus windows), so that the trainer reports each task's answer loss
-and recall apart. Every element of a mixture has the same five fields. Elements must be a pure
-function of (seed, index) so that runs are reproducible and iterator
-checkpoints resume exactly.
+and recall apart. Every element of a mixture has the same five fields.
+Elements must be a pure function of (seed, index) so that runs are
+reproducible and iterator checkpoints resume exactly.
 
 A needle-in-a-haystack generator plugs in the same way:
 

@@ -142,7 +142,8 @@ def _loss_sum(model: DRT, cfg: ModelConfig, params, batch, key, *, deterministic
     row_task = jnp.max(batch["task"], axis=1) if "task" in batch and len(tasks) > 1 else None
     parts = {"": jnp.ones(answer.shape[:1], jnp.float32)}
     if row_task is not None:
-        parts.update({f"{name}/": (row_task == i + 1).astype(jnp.float32) for i, name in enumerate(tasks)})
+        ids = {name: [i + 1 for i, n in enumerate(tasks) if n == name] for name in tasks}  # a task listed twice is one
+        parts.update({f"{name}/": jnp.isin(row_task, jnp.asarray(i)).astype(jnp.float32) for name, i in ids.items()})
     rows = jnp.stack(list(parts.values()))
     answer_masks = answer_t[None] * rows[:, :, None]
     mean, count, sums = blocked_cross_entropy(hidden, embedding, targets, weights, block_size=block_size,
