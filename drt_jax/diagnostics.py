@@ -52,18 +52,6 @@ def needle_stats(indices, weights, answer, needle, chunk_size: int):
     return recall.astype(jnp.float32), weight.astype(jnp.float32), valid
 
 
-def needle_recall(indices, answer, needle, chunk_size: int):
-    """needle_stats' (recall [B], valid [B]) for indices [B, C, K], answer / needle [B, T]."""
-    recall, _, valid = needle_stats(indices, None, answer, needle, chunk_size)
-    return recall, valid
-
-
-def needle_weight(indices, weights, answer, needle, chunk_size: int):
-    """needle_stats' (weight [B], valid [B]) for indices, weights [B, C, K], answer / needle [B, T]."""
-    _, weight, valid = needle_stats(indices, weights, answer, needle, chunk_size)
-    return weight, valid
-
-
 def chunk_recall(retrieved, needle_chunks) -> float:
     """Fraction of `needle_chunks` (chunk ids) found among `retrieved` (chunk ids, -1 = empty)."""
     needle_chunks = np.asarray(needle_chunks)

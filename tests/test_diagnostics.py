@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drt_jax.diagnostics import (answer_retrieval_row, chunk_recall, chunk_weight, needle_recall, needle_weight,
-                                 trailing_share)
+from drt_jax.diagnostics import answer_retrieval_row, chunk_recall, chunk_weight, needle_stats, trailing_share
 from drt_jax.losses import blocked_cross_entropy, cross_entropy, next_token_targets
 
 
@@ -30,21 +29,21 @@ def test_recall_reads_the_row_that_serves_the_answer_chunk():
     half = indices.at[0, 4].set(jnp.array([1, -1]))
     wrong_row = indices.at[0, 3].set(jnp.array([2, 1]))
     for idx, want in [(full, 1.0), (half, 0.5), (wrong_row, 0.0)]:
-        recall, valid = needle_recall(idx, answer, needle, S)
+        recall, _, valid = needle_stats(idx, None, answer, needle, S)
         assert bool(valid[0]) and float(recall[0]) == want
     # Rows without an answer or a needle are not counted.
-    _, valid = needle_recall(full, jnp.zeros_like(answer), needle, S)
+    _, _, valid = needle_stats(full, None, jnp.zeros_like(answer), needle, S)
     assert not bool(valid[0])
     assert chunk_recall([2, 7, -1], [1, 2]) == 0.5
     # The weight of the same row's slots that hold needle chunks (1 and 2): chunk 3 is not one, an
     # empty slot counts nothing, and another row's weights are not read.
     idx = indices.at[0, 4].set(jnp.array([3, 2])).at[0, 3].set(jnp.array([1, 2]))
     w = jnp.zeros((1, C, K)).at[0, 4].set(jnp.array([0.75, 0.25])).at[0, 3].set(jnp.array([0.5, 0.5]))
-    weight, valid = needle_weight(idx, w, answer, needle, S)
+    _, weight, valid = needle_stats(idx, w, answer, needle, S)
     assert bool(valid[0]) and float(weight[0]) == 0.25
-    weight, _ = needle_weight(half, w.at[0, 4].set(jnp.array([0.6, 0.4])), answer, needle, S)
+    _, weight, _ = needle_stats(half, w.at[0, 4].set(jnp.array([0.6, 0.4])), answer, needle, S)
     assert float(weight[0]) == pytest.approx(0.6)
-    weight, valid = needle_weight(idx, w, answer, jnp.zeros_like(needle), S)
+    _, weight, valid = needle_stats(idx, w, answer, jnp.zeros_like(needle), S)
     assert not bool(valid[0]) and float(weight[0]) == 0.0
 
 

@@ -272,13 +272,14 @@ def converse(engine, sample, aligning: bool) -> list[dict]:
     aligning: whether the engine pads each turn (ModelConfig.prompt_align="chunk")."""
     state = engine.init_state()
     pads = sample.pads(aligning)
+    span = trailing_span(engine.cfg)
     out = []
     for q, (turn, answer) in enumerate(zip(sample.turns, sample.answers, strict=True)):
         gen, loss, retrieved, weights, state = answer_turn(engine, state, turn[None], answer[None], feed_answer=q == 0)
         out.append({"offset": sample.offsets[q],
                     **_answer_record(answer, gen[0], loss[0], retrieved[:, 0], weights[:, 0],
                                      sample.needle_chunks(q, pads[0]), sample.distractors(q, pads[0]),
-                                     span=trailing_span(engine.cfg))})
+                                     span=span)})
     return out
 
 
