@@ -51,11 +51,10 @@ def answer_turn(engine, state, prompts, answers, *, feed_answer: bool = False):
         retrieved, weights = map(np.asarray, jax.device_get((state.dev.ret_idx, state.dev.ret_w)))
     else:
         retrieved, weights = np.zeros((0, B, 0), np.int32), np.zeros((0, B, 0), np.float32)
-    # The steps donate their device state: the teacher-forced pass consumes it and the greedy pass starts
-    # from a snapshot (none needed where the forced pass takes no step). (An answer that crosses a chunk
-    # end writes that chunk to a shared host memory; the greedy pass, which feeds at least as many
-    # tokens, then rewrites it before use.)
-    restore = _snapshot(state.dev) if A > 1 else (lambda dev=state.dev: dev)
+    # The steps donate their device state, so the greedy pass starts from a snapshot of the part that
+    # the teacher-forced pass changes (none needed where it takes no step): _snapshot says why the chunk
+    # memory is not in it.
+    restore = _snapshot(state.dev) if A > 1 else (lambda after, dev=state.dev: dev)
     nll = np.zeros(B)
     forced, step_logits = state, logits
     for i in range(A):
@@ -63,8 +62,8 @@ def answer_turn(engine, state, prompts, answers, *, feed_answer: bool = False):
         nll -= np.asarray(jnp.take_along_axis(logp, jnp.asarray(answers[:, i : i + 1]), axis=-1))[:, 0]
         if i + 1 < A:
             step_logits, forced = engine.step(forced, answers[:, i])
-    del forced  # freed before a host snapshot comes back to the device
-    state = dataclasses.replace(state, dev=restore())
+    state = dataclasses.replace(state, dev=restore(forced.dev))
+    del forced
     generated = []
     for i in range(A):
         nxt = np.asarray(jnp.argmax(logits, axis=-1), np.int32)
@@ -74,30 +73,20 @@ def answer_turn(engine, state, prompts, answers, *, feed_answer: bool = False):
     return np.stack(generated, axis=1), nll / A, retrieved, weights, state
 
 
-_STEP_HEADROOM = 1 << 30  # bytes kept free beside two device states for a decode step's temporaries
-
-
 def _snapshot(dev):
-    """A copy of the device state `dev` (memory.DeviceState) that outlives its donation to the steps ->
-    a callable giving it back on dev's devices, once."""
+    """A device copy of the state `dev` (memory.DeviceState) but for its chunk memory -> restore(after):
+    the copy with the chunk memory of `after`, the state a teacher-forced pass from `dev` left.
+
+    The chunk memory (mem_lmk, mem_k, mem_v) is most of the state (about 25 GB per sequence for drt-20m
+    at 16M tokens) and needs no copy: a pass from `dev` writes only the rows of the chunks it closes,
+    from dev's n_chunks on, which retrieval does not read until a chunk is closed, and a greedy pass
+    from the same position closes the same chunks at the same steps, rewriting each of those rows
+    before any retrieval reads it. (Offloaded, the rows live on the host and are rewritten alike.)"""
     import jax
     import jax.numpy as jnp
 
-    from drt_jax.inference import memory
-
-    need = sum(x.nbytes for x in jax.tree.leaves(dev))
-    free = memory.device_free_bytes()
-    # The engine's capacity check counts one state, whose chunk memory is gigabytes at 4M tokens x batch
-    # 5: a second one on the device ran out of memory there. Where it does not fit, with a margin for the
-    # steps' own buffers, the copy waits on the host while the teacher-forced pass runs.
-    if free is None or need <= 0.9 * free - _STEP_HEADROOM:
-        copy = jax.tree.map(jnp.copy, dev)
-        return lambda: copy
-    leaves, tree = jax.tree.flatten(dev)
-    # Uncommitted leaves go back uncommitted: committed ones would recompile every step that takes them.
-    places = [x.sharding if x.committed else None for x in leaves]
-    host = jax.device_get(leaves)
-    return lambda: jax.tree.unflatten(tree, jax.device_put(host, places))
+    copy = jax.tree.map(jnp.copy, dev.replace(mem_lmk=None, mem_k=None, mem_v=None))
+    return lambda after: copy.replace(mem_lmk=after.mem_lmk, mem_k=after.mem_k, mem_v=after.mem_v)
 
 
 def niah_sweep(cfg, params, tokenizer, haystack, *, task: str, lengths, depths, samples: int,
