@@ -77,7 +77,7 @@ def _snapshot(dev):
     """A device copy of the state `dev` (memory.DeviceState) but for its chunk memory -> restore(after):
     the copy with the chunk memory of `after`, the state a teacher-forced pass from `dev` left.
 
-    The chunk memory (mem_lmk, mem_k, mem_v) is most of the state (about 25 GB per sequence for drt-20m
+    The chunk memory (mem_lmk, mem_k, mem_v) is most of the state (about 26 GB per sequence for drt-20m
     at 16M tokens) and needs no copy: a pass from `dev` writes only the rows of the chunks it closes,
     from dev's n_chunks on, which retrieval does not read until a chunk is closed, and a greedy pass
     from the same position closes the same chunks at the same steps, rewriting each of those rows
