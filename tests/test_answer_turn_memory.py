@@ -42,9 +42,9 @@ def _full_copy(dev):
 
 def _run(eng, prompts, answers, monkeypatch, snapshot) -> dict:
     """answer_diagnostics and answer_turn (feed_answer) with niah's snapshot, then one more step."""
-    held = []  # device bytes each snapshot holds
-    monkeypatch.setattr(niah, "_snapshot", lambda dev: (
-        lambda before: (lambda restore: held.append(_live_bytes() - before) or restore)(snapshot(dev)))(_live_bytes()))
+    held = []  # (device bytes each snapshot holds, the chunk memory's bytes then)
+    monkeypatch.setattr(niah, "_snapshot", lambda dev: (lambda before: (
+        lambda restore: held.append((_live_bytes() - before, memory_bytes(dev))) or restore)(snapshot(dev)))(_live_bytes()))
     diag = niah.answer_diagnostics(eng, prompts, answers)
     state = eng.init_state()
     *turn, state = niah.answer_turn(eng, state, prompts, answers, feed_answer=True)
@@ -57,17 +57,25 @@ def _run(eng, prompts, answers, monkeypatch, snapshot) -> dict:
                                                   state.host.v[:, : state.n_chunks].copy()]}
     logits, after = eng.step(state, answers[:, 0])
     out["next"] = [np.asarray(logits), *(np.asarray(x) for x in jax.tree.leaves(after.dev))]
-    return out | {"held": held, "memory": memory_bytes(state.dev)}
+    return out | {"held": held, "capacity": eng.capacity(state)}
 
 
 def memory_bytes(dev) -> int:
     return sum(x.nbytes for x in (dev.mem_lmk, dev.mem_k, dev.mem_v) if x is not None)
 
 
+@pytest.mark.parametrize("grows", [False, True])
 @pytest.mark.parametrize("offload", [None, "host"])
-def test_snapshot_without_the_chunk_memory_gives_what_a_full_copy_does(model, monkeypatch, offload):
+def test_snapshot_without_the_chunk_memory_gives_what_a_full_copy_does(model, monkeypatch, offload, grows):
     cfg, params, prompts, answers = model
-    eng = InferenceEngine(cfg, params, batch_size=B, max_chunks=16, memory_block=16, segment_chunks=3, offload=offload)
+    # grows: memory blocks of one chunk and an answer of 14 tokens, whose teacher-forced pass closes
+    # three chunks and so grows the memory (device and host) past what the prefill reserved.
+    block = 1 if grows else 16
+    if grows:
+        answers = np.random.default_rng(1).integers(0, 60, (B, 14)).astype(np.int32)
+    eng = InferenceEngine(cfg, params, batch_size=B, max_chunks=block, memory_block=block, segment_chunks=3,
+                          offload=offload)
+    reserved = eng.capacity(eng.prefill(eng.init_state(), prompts)[1])
     full = _run(eng, prompts, answers, monkeypatch, _full_copy)
     light = _run(eng, prompts, answers, monkeypatch, _SNAPSHOT)
     # generated, loss, retrieved, weights of answer_diagnostics, then of answer_turn
@@ -82,7 +90,8 @@ def test_snapshot_without_the_chunk_memory_gives_what_a_full_copy_does(model, mo
         assert len(full[key]) == len(light[key])
         for a, b in zip(full[key], light[key], strict=True):
             np.testing.assert_array_equal(a, b)
+    assert (light["capacity"] > reserved) == grows
     # One snapshot per answer; the light one holds no chunk memory, the full one all of it.
     assert len(light["held"]) == len(full["held"]) == 2
-    for f, h in zip(full["held"], light["held"], strict=True):
-        assert f - h >= light["memory"] > 0, (f, h)
+    for (f, memory), (h, _) in zip(full["held"], light["held"], strict=True):
+        assert f - h >= memory > 0, (f, h, memory)

@@ -258,3 +258,18 @@ def test_chunk_memory_that_cannot_fit_the_device_is_a_one_line_error(monkeypatch
     # Offloaded, only the landmark keys live on the device: the same budget holds 16x more chunks.
     off = InferenceEngine(cfg, params, batch_size=B, max_chunks=256, memory_block=16, offload="host")
     assert off.init_state().host.k.shape[1] == 256
+
+
+def test_host_memory_refuses_rows_past_its_capacity():
+    """A write past the end raises: numpy would broadcast a one-row block into the empty slice and drop it."""
+    from drt_jax.inference.offload import HostMemory
+
+    host = HostMemory.zeros((1, 2, 4, 1, 8), "float32")
+    rows = np.ones((1, 1, 4, 1, 8), np.float32)
+    host.write(1, rows, rows)
+    np.testing.assert_array_equal(host.k[:, 1], rows[:, 0])
+    for start in (2, -1):
+        with pytest.raises(IndexError, match="outside the host memory's 2 rows"):
+            host.write(start, rows, rows)
+    with pytest.raises(IndexError):
+        host.write_async(2, jnp.asarray(rows), jnp.asarray(rows))

@@ -62,7 +62,8 @@ def answer_turn(engine, state, prompts, answers, *, feed_answer: bool = False):
         nll -= np.asarray(jnp.take_along_axis(logp, jnp.asarray(answers[:, i : i + 1]), axis=-1))[:, 0]
         if i + 1 < A:
             step_logits, forced = engine.step(forced, answers[:, i])
-    state = dataclasses.replace(state, dev=restore(forced.dev))
+    # The host memory goes on with the chunk memory: the forced pass may have grown both.
+    state = dataclasses.replace(state, dev=restore(forced.dev), host=forced.host)
     del forced
     generated = []
     for i in range(A):

@@ -116,16 +116,23 @@ class HostMemory:
     # ---- writes ----------------------------------------------------------------------------------
     def write(self, start: int, k, v) -> None:
         """k, v [B, n, S, Hkv, Dh] (device or numpy) -> rows start..start+n-1."""
+        self._check_rows(start, k.shape[1])
         self.flush()
         self._write(start, k, v)
 
     def write_async(self, start: int, k, v) -> None:
         """As write, for device arrays, without waiting: the copy to the host starts now and the rows are
         written by a worker thread."""
+        self._check_rows(start, k.shape[1])
         self.flush()
         for x in (k, v):
             x.copy_to_host_async()
         self._pending = (start, _WORKERS.submit(self._write, start, k, v))
+
+    def _check_rows(self, start: int, n: int) -> None:
+        # numpy would drop rows past the end without a word (a one-row block broadcasts into an empty slice).
+        if not (0 <= start and start + n <= self.capacity):
+            raise IndexError(f"rows {start}..{start + n - 1} are outside the host memory's {self.capacity} rows")
 
     def _write(self, start: int, k, v) -> None:
         k, v = np.asarray(jax.device_get(k)), np.asarray(jax.device_get(v))
