@@ -180,32 +180,18 @@ def test_train_step_recall_is_the_retrieval_of_the_answers_chunk():
     """The train step's recall sums equal needle-chunk recall recomputed from a forward pass of the same
     parameters: per example, the chunks holding needle tokens that the retrieval row serving the first
     answer token's chunk selected. No dropout or Gumbel noise, so the step retrieves what that pass does."""
-    from drt_jax.config import ModelConfig
-    from drt_jax.data import ByteTokenizer
     from drt_jax.model import DRT
-    from drt_jax.tasks.niah import NiahTask
-    from drt_jax.train import mesh as mesh_lib
     from drt_jax.train import step as step_lib
-    from drt_jax.train.config import DEFAULT_RULES, MeshConfig, OptimConfig
-    from drt_jax.train.optim import make_optimizer
-    from tests.train_fixtures import SMALL_MODEL
 
-    cfg = ModelConfig(**{**SMALL_MODEL, "decoder_layers": (1, 1, 1), "dropout_rate": 0.0, "gumbel_noise": False})
-    S, T = cfg.chunk_size, 448
-    hay = np.random.default_rng(0).integers(97, 123, 5000).astype(np.int32)
-    task = NiahTask("multi", ByteTokenizer(), hay, S, seed=1, align="chunk")
-    rows = [task.example(T, i) for i in range(4)]
+    env = _StepEnv()
+    cfg, S = env.cfg, env.cfg.chunk_size
+    task = env.task("multi", seed=1)
+    rows = [task.example(env.T, i) for i in range(4)]
     batch = {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in ("tokens", "mask", "answer", "needle")}
 
-    tx, sched = make_optimizer(OptimConfig(peak_lr=1e-3, warmup_steps=1), 4)
-    mesh = mesh_lib.make_mesh(MeshConfig(), jax.devices()[:1])
-    spec = step_lib.state_spec(cfg, tx, mesh, DEFAULT_RULES)
-    state = step_lib.init_state(cfg, tx, spec, seed=0)
+    state = step_lib.init_state(cfg, env.tx, env.spec, seed=0)
     params = jax.device_get(state["params"])
-    bsh = mesh_lib.batch_sharding(mesh, DEFAULT_RULES)
-    step = step_lib.make_train_step(cfg, tx, sched, spec, bsh, grad_accum=1, block_size=64, batch_keys=tuple(batch))
-    _, metrics = step(state, mesh_lib.global_batch(batch, bsh, len(rows)))
-    diag = jax.device_get(metrics["diagnostics"])
+    diag = env.diagnostics(state, batch, ())
 
     _, inter = DRT(cfg).apply({"params": params}, jnp.asarray(batch["tokens"]), mutable=["intermediates"])
     recalls = []
@@ -230,36 +216,18 @@ def test_train_step_recall_is_the_retrieval_of_the_answers_chunk():
 def test_train_step_keeps_answer_loss_and_recall_per_task():
     """With several mixture tasks, the step's per-task sums are the whole batch's sums over that task's
     rows: they add up to the whole, and each equals the loss and recall computed on its rows alone."""
-    from drt_jax.config import ModelConfig
-    from drt_jax.data import ByteTokenizer
-    from drt_jax.tasks.niah import NiahTask
-    from drt_jax.train import mesh as mesh_lib
     from drt_jax.train import step as step_lib
-    from drt_jax.train.config import DEFAULT_RULES, MeshConfig, OptimConfig
-    from drt_jax.train.optim import make_optimizer
-    from tests.train_fixtures import SMALL_MODEL
 
-    cfg = ModelConfig(**{**SMALL_MODEL, "decoder_layers": (1, 1, 1), "dropout_rate": 0.0, "gumbel_noise": False})
-    S, T = cfg.chunk_size, 448
-    hay = np.random.default_rng(0).integers(97, 123, 5000).astype(np.int32)
-    multi = NiahTask("multi", ByteTokenizer(), hay, S, seed=1, align="chunk")
-    single = NiahTask("single", ByteTokenizer(), hay, S, seed=2, align="chunk")
+    env = _StepEnv()
+    multi, single, T = env.task("multi", seed=1), env.task("single", seed=2), env.T
     examples = [multi.example(T, 0), single.example(T, 0), multi.example(T, 1), single.example(T, 1)]
     task_of_row = [1, 2, 1, 2]
     batch = {k: np.stack([e[k] for e in examples]).astype(np.int32) for k in ("tokens", "mask", "answer", "needle")}
     batch["task"] = np.repeat(np.asarray(task_of_row, np.int32)[:, None], T, axis=1)
 
-    tx, sched = make_optimizer(OptimConfig(peak_lr=1e-3, warmup_steps=1), 4)
-    mesh = mesh_lib.make_mesh(MeshConfig(), jax.devices()[:1])
-    spec = step_lib.state_spec(cfg, tx, mesh, DEFAULT_RULES)
-    bsh = mesh_lib.batch_sharding(mesh, DEFAULT_RULES)
-
     def diag_of(rows, tasks):
-        b = {k: v[rows] for k, v in batch.items()}
-        step = step_lib.make_train_step(cfg, tx, sched, spec, bsh, grad_accum=1, block_size=64,
-                                        batch_keys=tuple(b), tasks=tasks)
-        state = step_lib.init_state(cfg, tx, spec, seed=0)  # the step donates it
-        return jax.device_get(step(state, mesh_lib.global_batch(b, bsh, len(rows)))[1]["diagnostics"])
+        state = step_lib.init_state(env.cfg, env.tx, env.spec, seed=0)  # the step donates it
+        return env.diagnostics(state, {k: v[rows] for k, v in batch.items()}, tasks)
 
     both = diag_of([0, 1, 2, 3], ("niah_multi", "niah_single"))
     means = step_lib.diagnostic_means(both)
@@ -284,11 +252,45 @@ def test_diagnostic_means_names_each_task():
             "a/answer_loss_sum": 1.0, "a/answer_tokens": 1.0, "b/answer_loss_sum": 3.0, "b/answer_tokens": 3.0,
             "recall_g0_sum": 1.0, "recall_g0_count": 2.0, "a/recall_g0_sum": 1.0, "a/recall_g0_count": 1.0,
             "b/recall_g0_sum": 0.0, "b/recall_g0_count": 0.0}
-    assert step_lib_means(sums) == {"corpus_loss": 2.0, "answer_loss": 1.0, "answer_loss/a": 1.0,
-                                    "answer_loss/b": 1.0, "recall_g0": 0.5, "recall_g0/a": 1.0}
-
-
-def step_lib_means(sums):
     from drt_jax.train.step import diagnostic_means
 
-    return diagnostic_means(sums)
+    assert diagnostic_means(sums) == {"corpus_loss": 2.0, "answer_loss": 1.0, "answer_loss/a": 1.0,
+                                      "answer_loss/b": 1.0, "recall_g0": 0.5, "recall_g0/a": 1.0}
+
+
+class _StepEnv:
+    """The train step of a small deterministic DRT (no dropout, no Gumbel noise) on one device, and NIAH
+    examples of T tokens for it."""
+
+    T = 448
+
+    def __init__(self):
+        from drt_jax.config import ModelConfig
+        from drt_jax.train import mesh as mesh_lib
+        from drt_jax.train import step as step_lib
+        from drt_jax.train.config import DEFAULT_RULES, MeshConfig, OptimConfig
+        from drt_jax.train.optim import make_optimizer
+        from tests.train_fixtures import SMALL_MODEL
+
+        self.cfg = ModelConfig(**{**SMALL_MODEL, "decoder_layers": (1, 1, 1), "dropout_rate": 0.0, "gumbel_noise": False})
+        self.tx, self.sched = make_optimizer(OptimConfig(peak_lr=1e-3, warmup_steps=1), 4)
+        mesh = mesh_lib.make_mesh(MeshConfig(), jax.devices()[:1])
+        self.spec = step_lib.state_spec(self.cfg, self.tx, mesh, DEFAULT_RULES)
+        self.bsh = mesh_lib.batch_sharding(mesh, DEFAULT_RULES)
+        self.hay = np.random.default_rng(0).integers(97, 123, 5000).astype(np.int32)
+
+    def task(self, kind: str, seed: int):
+        from drt_jax.data import ByteTokenizer
+        from drt_jax.tasks.niah import NiahTask
+
+        return NiahTask(kind, ByteTokenizer(), self.hay, self.cfg.chunk_size, seed=seed, align="chunk")
+
+    def diagnostics(self, state, batch: dict, tasks: tuple) -> dict:
+        """One step on `batch` (the step donates `state`) -> its diagnostic sums."""
+        from drt_jax.train import mesh as mesh_lib
+        from drt_jax.train import step as step_lib
+
+        step = step_lib.make_train_step(self.cfg, self.tx, self.sched, self.spec, self.bsh, grad_accum=1, block_size=64,
+                                        batch_keys=tuple(batch), tasks=tasks)
+        n = len(batch["tokens"])
+        return jax.device_get(step(state, mesh_lib.global_batch(batch, self.bsh, n))[1]["diagnostics"])

@@ -169,10 +169,12 @@ def diagnostic_means(sums: dict) -> dict:
     """Sums of `_loss_sum`'s diagnostics -> {"corpus_loss", "answer_loss", "recall_g0", "needle_weight_g0",
     ..., and per task "answer_loss/<task>", "recall_g0/<task>", ...}, leaving out those with nothing
     counted."""
+    parts = {}  # "" (the whole batch) or a task name -> its sums, without the prefix
+    for k, v in sums.items():
+        prefix, _, key = k.rpartition("/")
+        parts.setdefault(prefix, {})[key] = v
     out = {}
-    prefixes = sorted({k.rpartition("/")[0] for k in sums})
-    for prefix in prefixes:
-        part = {k.rpartition("/")[2]: v for k, v in sums.items() if k.rpartition("/")[0] == prefix}
+    for prefix, part in sorted(parts.items()):
         pairs = [("corpus_loss", "corpus_loss_sum", "corpus_tokens"), ("answer_loss", "answer_loss_sum", "answer_tokens")]
         pairs += [(k[: -len("_sum")], k, k[: -len("_sum")] + "_count") for k in part
                   if k.startswith(("recall_", "needle_weight_")) and k.endswith("_sum")]
