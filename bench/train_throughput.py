@@ -59,7 +59,7 @@ def header(argv) -> dict:
 
 
 def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, profile: bool = False,
-             hlo_dir: str | None = None, logits_dtype: str = "float32"):
+             hlo_dir: str | None = None, logits_dtype: str = "float32", profile_top: int = 25):
     import jax
     import numpy as np
 
@@ -127,7 +127,7 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
         from drt_jax.train.profiling import summarize
 
         jax.profiler.stop_trace()
-        summary = summarize(trace_dir, top=25, traced_steps=steps)
+        summary = summarize(trace_dir, top=profile_top, traced_steps=steps)
         shutil.rmtree(trace_dir, ignore_errors=True)
     flops_seq = train_flops_per_sequence(cfg, seq_len)
     flops = batch * flops_seq
@@ -240,6 +240,7 @@ def main(argv=None) -> int:
     parser.add_argument("--loop-steps", type=int, default=200, help="loop mode: timed loop steps")
     parser.add_argument("--step-repeats", type=int, default=20, help="loop mode: timed steps of the step alone")
     parser.add_argument("--profile", type=int, default=0, help="trace this many loop steps (loop mode) or the timed steps (any value > 0, step mode) and summarize them")
+    parser.add_argument("--profile-top", type=int, default=25, help="step mode: how many of the busiest kernels the summary lists")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     import jax
@@ -268,7 +269,8 @@ def main(argv=None) -> int:
             t0 = time.time()
             try:
                 row.update(run_case(name, seq_len, args.steps, args.remat, args.batch, profile=args.profile > 0,
-                                    hlo_dir=args.hlo_dir, logits_dtype=args.loss_logits_dtype))
+                                    hlo_dir=args.hlo_dir, logits_dtype=args.loss_logits_dtype,
+                                    profile_top=args.profile_top))
             except Exception as err:  # noqa: BLE001 - record and continue
                 text = " ".join(str(err).split())
                 oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text
