@@ -194,3 +194,26 @@ def test_an_exported_tree_names_the_commit_it_was_cut_from(tmp_path, monkeypatch
     (tmp_path / "a.tar").write_bytes(archive)
     subprocess.run(["tar", "-xf", "a.tar"], cwd=tmp_path, check=True)
     assert (tmp_path / "drt_jax" / "archive_commit.txt").read_text().strip() == head.stdout.strip()
+
+
+def test_trace_kernels_are_named_by_their_hlo_source_and_bytes():
+    """A kernel of the trace ("loop_add_fusion_3") is found in the optimized HLO ("loop_add_fusion.3"),
+    with the JAX operation of its root and its operands' and result's bytes; names the HLO lacks
+    (cuBLAS kernels) stay as they are."""
+    from drt_jax.train.profiling import attribute
+
+    hlo = "\n".join([
+        "  %p.1 = bf16[4,8]{1,0} parameter(0)",
+        "  %p.2 = f32[8]{0} parameter(1)",
+        '  %loop_add_fusion.3 = f32[4,8]{1,0} fusion(%p.1, %p.2), kind=kLoop, calls=%fc.3, '
+        'metadata={op_name="jit(step)/DRT/mlp/add" stack_frame_id=4}',
+        "  %gca.7 = (bf16[2,3]{1,0}, f32[2]{0}) custom-call(%p.1), custom_call_target=\"__gpu$xla.gpu.triton\"",
+    ])
+    summary = {"device": {"top_kernels": [{"name": "loop_add_fusion_3", "ms_per_step": 1.0},
+                                          {"name": "gca_7", "ms_per_step": 0.5},
+                                          {"name": "nvjet_sm90_tst", "ms_per_step": 0.2}]}}
+    rows = attribute(summary, hlo)["device"]["top_kernels"]
+    assert rows[0]["op_name"] == "jit(step)/DRT/mlp/add"
+    assert rows[0]["bytes"] == 4 * 8 * 2 + 8 * 4 + 4 * 8 * 4
+    assert rows[1]["bytes"] == 4 * 8 * 2 + (2 * 3 * 2 + 2 * 4) and rows[1]["op_name"] == ""
+    assert set(rows[2]) == {"name", "ms_per_step"}

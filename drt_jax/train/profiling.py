@@ -10,6 +10,11 @@ by TraceAnnotations (`PHASES`). `summarize` reads the Perfetto JSON of such a tr
           matmuls, copies, other fusions), i.e. what the step spends its time on.
 
     python -m drt_jax.train.profiling runs/<name>/profile          # prints the summary as JSON
+    python -m drt_jax.train.profiling runs/<name>/profile --hlo step.hlo.txt.gz   # and names each kernel's source
+
+With the step's optimized HLO (`bench/train_throughput.py --hlo-dir`), `attribute` adds to each of the
+busiest kernels the JAX operation it was fused from (the root's op_name), its result shape and the
+bytes its operands and result occupy: the bytes a memory-bound fusion must move at least once.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import collections
 import gzip
 import json
 import pathlib
+import re
 import sys
 
 import jax
@@ -147,13 +153,70 @@ def summarize(directory: str | pathlib.Path, top: int = 15, traced_steps: int | 
     return out
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+
+
+def _type_bytes(text: str) -> int:
+    """Bytes of the arrays in an HLO type (an array or a tuple of arrays)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(text):
+        if dtype in _DTYPE_BYTES:
+            n = 1
+            for d in filter(None, dims.split(",")):
+                n *= int(d)
+            total += n * _DTYPE_BYTES[dtype]
+    return total
+
+
+def hlo_kernels(hlo_text: str) -> dict:
+    """The fusions and custom calls of an optimized HLO module, by the name their GPU kernel carries in a
+    trace ("loop_add_fusion.3" runs as loop_add_fusion_3): {name: {op_name, shape, bytes}}, where bytes is
+    the size of the operands plus the result."""
+    types, calls = {}, []
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, type_text, op, rest = m.groups()
+        types[name] = type_text
+        if op in ("fusion", "custom-call"):
+            calls.append((name, type_text, rest))
+    out = {}
+    for name, type_text, rest in calls:
+        args = rest.split(")", 1)[0]
+        operand_bytes = sum(_type_bytes(types.get(a.strip().lstrip("%"), "")) for a in args.split(",") if a.strip())
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        out[name.replace(".", "_")] = {"op_name": op_name.group(1) if op_name else "",
+                                       "shape": type_text, "bytes": operand_bytes + _type_bytes(type_text)}
+    return out
+
+
+def attribute(summary: dict, hlo_text: str) -> dict:
+    """The summary with each top kernel's HLO source (see `hlo_kernels`) added, where the HLO has it."""
+    table = hlo_kernels(hlo_text)
+    for row in summary.get("device", {}).get("top_kernels", []):
+        hit = table.get(row["name"])
+        if hit:
+            row.update(hit)
+    return summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Summarize the newest step trace under a folder (train.profile_steps).")
     parser.add_argument("profile_dir", help="e.g. runs/<name>/profile")
     parser.add_argument("--top", type=int, default=15, help="how many of the busiest kernels to list")
+    parser.add_argument("--hlo", help="the step's optimized HLO (text, or .gz): name each kernel's source operation")
     args = parser.parse_args(argv)
     try:
-        print(json.dumps(summarize(args.profile_dir, top=args.top), indent=2))
+        summary = summarize(args.profile_dir, top=args.top)
+        if args.hlo:
+            opener = gzip.open if args.hlo.endswith(".gz") else open
+            with opener(args.hlo, "rt") as f:
+                summary = attribute(summary, f.read())
+        print(json.dumps(summary, indent=2))
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
