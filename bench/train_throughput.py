@@ -124,10 +124,10 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
     if trace_dir:
         import shutil
 
-        from drt_jax.train.profiling import summarize
+        from drt_jax.train.profiling import attribute, summarize
 
         jax.profiler.stop_trace()
-        summary = summarize(trace_dir, top=profile_top, traced_steps=steps)
+        summary = attribute(summarize(trace_dir, top=profile_top, traced_steps=steps), compiled.as_text())
         shutil.rmtree(trace_dir, ignore_errors=True)
     flops_seq = train_flops_per_sequence(cfg, seq_len)
     flops = batch * flops_seq
