@@ -198,8 +198,8 @@ def test_an_exported_tree_names_the_commit_it_was_cut_from(tmp_path, monkeypatch
 
 def test_trace_kernels_are_named_by_their_hlo_source_and_bytes():
     """A kernel of the trace ("loop_add_fusion_3") is found in the optimized HLO ("loop_add_fusion.3"),
-    with the JAX operation of its root and its operands' and result's bytes; names the HLO lacks
-    (cuBLAS kernels) stay as they are."""
+    with the JAX operation of its root, its operands' and result's bytes and the number of fusions
+    deduplicated into its kernel; names the HLO lacks (cuBLAS kernels) stay as they are."""
     from drt_jax.train.profiling import attribute
 
     hlo = "\n".join([
@@ -207,6 +207,8 @@ def test_trace_kernels_are_named_by_their_hlo_source_and_bytes():
         "  %p.2 = f32[8]{0} parameter(1)",
         '  %loop_add_fusion.3 = f32[4,8]{1,0} fusion(%p.1, %p.2), kind=kLoop, calls=%fc.3, '
         'metadata={op_name="jit(step)/DRT/mlp/add" stack_frame_id=4}',
+        '  %loop_add_fusion.4 = f32[4,8]{1,0} fusion(%p.1, %p.2), kind=kLoop, calls=%fc.3, '
+        'metadata={deduplicated_name="loop_add_fusion.3"}',
         "  %gca.7 = (bf16[2,3]{1,0}, f32[2]{0}) custom-call(%p.1), custom_call_target=\"__gpu$xla.gpu.triton\"",
     ])
     summary = {"device": {"top_kernels": [{"name": "loop_add_fusion_3", "ms_per_step": 1.0},
@@ -215,5 +217,7 @@ def test_trace_kernels_are_named_by_their_hlo_source_and_bytes():
     rows = attribute(summary, hlo)["device"]["top_kernels"]
     assert rows[0]["op_name"] == "jit(step)/DRT/mlp/add"
     assert rows[0]["bytes"] == 4 * 8 * 2 + 8 * 4 + 4 * 8 * 4
+    assert rows[0]["instances"] == 2  # loop_add_fusion.4 runs loop_add_fusion.3's kernel
     assert rows[1]["bytes"] == 4 * 8 * 2 + (2 * 3 * 2 + 2 * 4) and rows[1]["op_name"] == ""
+    assert rows[1]["instances"] == 1
     assert set(rows[2]) == {"name", "ms_per_step"}

@@ -173,8 +173,10 @@ def _type_bytes(text: str) -> int:
 
 def hlo_kernels(hlo_text: str) -> dict:
     """The fusions and custom calls of an optimized HLO module, by the name their GPU kernel carries in a
-    trace ("loop_add_fusion.3" runs as loop_add_fusion_3): {name: {op_name, shape, bytes}}, where bytes is
-    the size of the operands plus the result."""
+    trace ("loop_add_fusion.3" runs as loop_add_fusion_3): {name: {op_name, shape, bytes, instances}}, where
+    bytes is the size of one instance's operands plus its result, and instances counts the fusions XLA
+    deduplicated into that one kernel (a trace sums their time under the name of one of them; an
+    instance inside a loop body runs once per iteration, which the HLO does not count)."""
     types, calls = {}, []
     for line in hlo_text.splitlines():
         m = _INSTRUCTION.match(line)
@@ -184,13 +186,19 @@ def hlo_kernels(hlo_text: str) -> dict:
         types[name] = type_text
         if op in ("fusion", "custom-call"):
             calls.append((name, type_text, rest))
+    groups = collections.Counter()
+    kernel_of = {}
+    for name, _, rest in calls:
+        dedup = re.search(r'deduplicated_name="([^"]*)"', rest)
+        kernel_of[name] = dedup.group(1) if dedup else name
+        groups[kernel_of[name]] += 1
     out = {}
     for name, type_text, rest in calls:
         args = rest.split(")", 1)[0]
         operand_bytes = sum(_type_bytes(types.get(a.strip().lstrip("%"), "")) for a in args.split(",") if a.strip())
         op_name = re.search(r'op_name="([^"]*)"', rest)
-        out[name.replace(".", "_")] = {"op_name": op_name.group(1) if op_name else "",
-                                       "shape": type_text, "bytes": operand_bytes + _type_bytes(type_text)}
+        out[name.replace(".", "_")] = {"op_name": op_name.group(1) if op_name else "", "shape": type_text,
+                                       "bytes": operand_bytes + _type_bytes(type_text), "instances": groups[kernel_of[name]]}
     return out
 
 
