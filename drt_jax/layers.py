@@ -144,17 +144,66 @@ class SelfAttention(nn.Module):
         return dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o", axis=(-2, -1))(out)
 
 
+@jax.custom_vjp
+def swiglu(gate_up):
+    """gate_up [..., 2, F] (the gate's and the up projection's outputs) -> silu(gate) * up [..., F].
+
+    The gradient comes out as one [..., 2, F] array from one pass over gate, up and the incoming
+    gradient. Differentiated as silu(gate) * up, XLA took d up and d gate in two passes, each reading
+    the gradient and the gate again (at drt-133m's 16K x 4, 1.9 GB a layer where one pass moves 1.4).
+    The gradient is formed in float32 and rounded once."""
+    return nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+
+
+def _swiglu_fwd(gate_up):
+    return swiglu(gate_up), gate_up
+
+
+def _swiglu_bwd(gate_up, d_out):
+    acc = jnp.promote_types(gate_up.dtype, jnp.float32)
+    gate, up = gate_up[..., 0, :].astype(acc), gate_up[..., 1, :].astype(acc)
+    d_out = d_out.astype(acc)
+    sig = jax.nn.sigmoid(gate)
+    d_up = d_out * gate * sig
+    d_gate = d_out * up * sig * (1.0 + gate * (1.0 - sig))
+    return (jnp.stack([d_gate, d_up], axis=-2).astype(gate_up.dtype),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+class _Kernel(nn.Module):
+    """The kernel [d, F] of a bias-free projection, declared as nn.DenseGeneral declares it (the same
+    parameter path, <name>/kernel, initializer and logical axes), for a caller that multiplies it itself."""
+
+    cfg: ModelConfig
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", _init(self.cfg, self.axes), self.shape, _dtype(self.cfg.param_dtype))
+
+
 class MLP(nn.Module):
-    """SwiGLU: W_down(silu(W_gate x) * W_up x), no biases."""
+    """SwiGLU: W_down(silu(W_gate x) * W_up x), no biases.
+
+    The gate and up kernels (parameters mlp/gate/kernel and mlp/up/kernel, as separate projections
+    would have them) are stacked into one [d, 2, F] GEMM, whose gradient `swiglu` hands back as one
+    array: one GEMM for d x and one for the two kernels' gradients, where two projections took two each."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate")(x)
-        up = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "up")(x)
-        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down")(nn.silu(gate) * up)
+        shape, axes = (cfg.d_model, cfg.mlp_dim), ("embed", "mlp")
+        gate = _Kernel(cfg, shape, axes, name="gate")()
+        up = _Kernel(cfg, shape, axes, name="up")()
+        dtype = _dtype(cfg.dtype)
+        kernel = jnp.stack([gate, up], axis=1).astype(dtype)
+        gate_up = jnp.einsum("...d,dkf->...kf", x.astype(dtype), kernel)
+        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down")(swiglu(gate_up))
 
 
 class LowerLayer(nn.Module):
