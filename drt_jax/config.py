@@ -19,6 +19,7 @@ POSITIONS = ("rope", "alibi")
 GCA_RESIDUALS = ("authors", "standard")
 REMAT_POLICIES = ("none", "full", "dots", "auto")
 PROMPT_ALIGNS = ("chunk", "none")
+MLP_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.swiglu.IMPLS
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: CPU tests under jax.enable_x64
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -93,6 +94,7 @@ class ModelConfig:
     remat: str = "none"
     attention_impl: str = "auto"
     gca_impl: str = "auto"
+    mlp_impl: str = "auto"
     prompt_align: str = "chunk"
 
     def __post_init__(self):
@@ -166,6 +168,8 @@ class ModelConfig:
             bad(f"prompt_align={self.prompt_align!r} is not one of {PROMPT_ALIGNS}")
         if self.remat not in REMAT_POLICIES:
             bad(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.mlp_impl not in MLP_IMPLS:
+            bad(f"mlp_impl={self.mlp_impl!r} is not one of {MLP_IMPLS}")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 bad(f"{field}={getattr(self, field)!r} is not one of {DTYPES}")

@@ -23,6 +23,7 @@ from drt_jax.attention import alibi_slopes, bidirectional_attention, cached_atte
 from drt_jax.config import ModelConfig
 from pallas_kernels import grouped_cross_attention
 from pallas_kernels.per_shard import KernelMesh
+from pallas_kernels.swiglu import swiglu
 
 
 def _dtype(name: str):
@@ -144,34 +145,6 @@ class SelfAttention(nn.Module):
         return dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o", axis=(-2, -1))(out)
 
 
-@jax.custom_vjp
-def swiglu(gate_up):
-    """gate_up [..., 2, F] (the gate's and the up projection's outputs) -> silu(gate) * up [..., F].
-
-    The gradient comes out as one [..., 2, F] array from one pass over gate, up and the incoming
-    gradient. Differentiated as silu(gate) * up, XLA took d up and d gate in two passes, each reading
-    the gradient and the gate again (at drt-133m's 16K x 4, 1.9 GB a layer where one pass moves 1.4).
-    The gradient is formed in float32 and rounded once."""
-    return nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
-
-
-def _swiglu_fwd(gate_up):
-    return swiglu(gate_up), gate_up
-
-
-def _swiglu_bwd(gate_up, d_out):
-    acc = jnp.promote_types(gate_up.dtype, jnp.float32)
-    gate, up = gate_up[..., 0, :].astype(acc), gate_up[..., 1, :].astype(acc)
-    d_out = d_out.astype(acc)
-    sig = jax.nn.sigmoid(gate)
-    d_up = d_out * gate * sig
-    d_gate = d_out * up * sig * (1.0 + gate * (1.0 - sig))
-    return (jnp.stack([d_gate, d_up], axis=-2).astype(gate_up.dtype),)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
 class _Kernel(nn.Module):
     """The kernel [d, F] of a bias-free projection, declared as nn.DenseGeneral declares it (the same
     parameter path, <name>/kernel, initializer and logical axes), for a caller that multiplies it itself."""
@@ -190,9 +163,11 @@ class MLP(nn.Module):
 
     The gate and up kernels (parameters mlp/gate/kernel and mlp/up/kernel, as separate projections
     would have them) are stacked into one [d, 2, F] GEMM, whose gradient `swiglu` hands back as one
-    array: one GEMM for d x and one for the two kernels' gradients, where two projections took two each."""
+    array: one GEMM for d x and one for the two kernels' gradients, where two projections took two each.
+    cfg.mlp_impl picks how that gradient is taken (pallas_kernels.swiglu)."""
 
     cfg: ModelConfig
+    kernel_mesh: KernelMesh | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -203,7 +178,8 @@ class MLP(nn.Module):
         dtype = _dtype(cfg.dtype)
         kernel = jnp.stack([gate, up], axis=1).astype(dtype)
         gate_up = jnp.einsum("...d,dkf->...kf", x.astype(dtype), kernel)
-        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down")(swiglu(gate_up))
+        h = swiglu(gate_up, impl=cfg.mlp_impl, kernel_mesh=self.kernel_mesh)
+        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down")(h)
 
 
 class LowerLayer(nn.Module):
@@ -223,7 +199,7 @@ class LowerLayer(nn.Module):
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         attn = SelfAttention(cfg, bidirectional=self.bidirectional, kernel_mesh=self.kernel_mesh, name="attn")
         a = h + drop(attn(RMSNorm(eps, cfg.dtype, name="attn_norm")(h), positions, cache))
-        return a + drop(MLP(cfg, name="mlp")(RMSNorm(eps, cfg.dtype, name="mlp_norm")(a)))
+        return a + drop(MLP(cfg, self.kernel_mesh, name="mlp")(RMSNorm(eps, cfg.dtype, name="mlp_norm")(a)))
 
 
 class GroupedCrossAttention(nn.Module):
@@ -273,7 +249,7 @@ class UpperLayer(nn.Module):
         gca = GroupedCrossAttention(cfg, kernel_mesh=self.kernel_mesh, name="gca")
         b = a + drop(gca(a, k_mem, v_mem, indices, weights))
         base = a if cfg.gca_residual == "authors" else b
-        return base + drop(MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.dtype, name="mlp_norm")(b)))
+        return base + drop(MLP(cfg, self.kernel_mesh, name="mlp")(RMSNorm(cfg.norm_eps, cfg.dtype, name="mlp_norm")(b)))
 
 
 class ChunkEncoder(nn.Module):

@@ -70,8 +70,9 @@ def opaque(fn):
 
 
 def install() -> None:
-    """Makes the attention and GCA "reference" implementations opaque for this process."""
+    """Makes the attention, GCA and SwiGLU-gradient "reference" implementations opaque for this process."""
     from drt_jax import attention
+    from pallas_kernels import swiglu
     from pallas_kernels.gca import api
     from pallas_kernels.gca.reference import gca_reference
 
@@ -89,3 +90,5 @@ def install() -> None:
     attention.attention_reference = attention_opaque
     globals()["gca_opaque"] = gca_opaque
     api.register("reference", __name__, "gca_opaque")
+    grad = swiglu.swiglu_grad_reference
+    swiglu._GRADS["reference"] = lambda gate_up, d_out: _call(grad, (gate_up, d_out))

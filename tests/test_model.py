@@ -246,22 +246,6 @@ def test_embed_tokens_broadcasts_the_landmark_row_as_the_slots_gather_would(monk
     np.testing.assert_allclose(np.asarray(g_tokens), np.asarray(g_slots), rtol=1e-5, atol=1e-6)
 
 
-def test_swiglu_gradient_equals_the_autodiff_of_silu_times_up():
-    """`swiglu`'s one-pass gradient is the derivative of silu(gate) * up: against autodiff in float64
-    terms (float32 inputs, x64 off, so compared at float32 precision), on random values of both signs
-    and scales, with a random incoming gradient."""
-    from drt_jax.layers import swiglu
-
-    k1, k2 = jax.random.split(jax.random.PRNGKey(7))
-    gate_up = jax.random.normal(k1, (3, 5, 2, 24), jnp.float32) * jnp.array([0.3, 4.0])[:, None]
-    ct = jax.random.normal(k2, (3, 5, 24), jnp.float32)
-    plain = lambda gu: nn.silu(gu[..., 0, :]) * gu[..., 1, :]  # noqa: E731
-    np.testing.assert_array_equal(swiglu(gate_up), plain(gate_up))
-    got = jax.vjp(swiglu, gate_up)[1](ct)[0]
-    want = jax.vjp(plain, gate_up)[1](ct)[0]
-    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
-
-
 def test_mlp_keeps_the_parameters_of_two_projections():
     """The MLP's stacked gate/up GEMM keeps the parameters separate projections had (mlp/gate/kernel,
     mlp/up/kernel, their initial values and logical axes), so checkpoints written before it load; and it
