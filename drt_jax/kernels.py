@@ -1,4 +1,4 @@
-"""Which attention, GCA and SwiGLU-gradient kernels a model config runs on this backend, and why.
+"""Which attention, GCA, SwiGLU-gradient and log-normaliser kernels a model config runs on this backend, and why.
 
 The dispatchers (drt_jax.attention.choose, pallas_kernels.gca.api.choose) decide per call; this asks
 them once for the config's shapes, so that the trainer and the evaluator can say in one line what runs,
@@ -13,13 +13,13 @@ import jax.numpy as jnp
 
 from drt_jax import attention
 from drt_jax.config import ModelConfig
-from pallas_kernels import swiglu
+from pallas_kernels import logsumexp, swiglu
 from pallas_kernels.gca import api as gca_api
 
 
 def kernel_choices(cfg: ModelConfig) -> dict[str, tuple[str, list[str]]]:
-    """{"attention": (name, reasons), "gca": (name, reasons), "mlp": (name, reasons)} for `cfg` on the
-    default backend; the reasons say why faster candidates were skipped ("gca" only for DRT)."""
+    """{"attention", "gca", "mlp", "loss": (name, reasons)} for `cfg` on the default backend; the reasons
+    say why faster candidates were skipped ("gca" only for DRT; "loss" is the loss head's log-normaliser)."""
     H, Hkv, Dh, S1 = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.slots_per_chunk
     dtype = jnp.dtype(cfg.dtype)
     # A length the TPU kernel's 128-slot blocks divide, as the trainer's sequences do.
@@ -35,18 +35,21 @@ def kernel_choices(cfg: ModelConfig) -> dict[str, tuple[str, list[str]]]:
         out["gca"] = gca_api.choose(gq, mem, mem, idx, w, impl=cfg.gca_impl, softmax_off_by_one=cfg.gca_off_by_one)
     gate_up = jax.ShapeDtypeStruct((1, 128 * S1, 2, cfg.mlp_dim), dtype)
     out["mlp"] = swiglu.choose(gate_up, jax.ShapeDtypeStruct((1, 128 * S1, cfg.mlp_dim), dtype), cfg.mlp_impl)
+    logits = jax.ShapeDtypeStruct((1, 128, cfg.vocab_size), jnp.float32)
+    out["loss"] = logsumexp.choose(logits, cfg.vocab_size)
     return out
 
 
 def kernel_report(cfg: ModelConfig) -> str:
-    """One line: "kernels on gpu: attention cudnn, GCA pallas_gpu, SwiGLU gradient pallas_gpu", with the
-    reasons for any skipped path."""
+    """One line: "kernels on gpu: attention cudnn, GCA pallas_gpu, SwiGLU gradient pallas_gpu, log-normaliser
+    pallas_gpu", with the reasons for any skipped path."""
     parts, choices = [], kernel_choices(cfg)
     for op, label, field in (("attention", "attention", "model.attention_impl"), ("gca", "GCA", "model.gca_impl"),
-                             ("mlp", "SwiGLU gradient", "model.mlp_impl")):
+                             ("mlp", "SwiGLU gradient", "model.mlp_impl"), ("loss", "log-normaliser", None)):
         if op not in choices:
             continue
         name, reasons = choices[op]
-        note = f" ({'; '.join(reasons)}; {field}={getattr(cfg, field.split('.')[1])})" if reasons else ""
+        setting = f"; {field}={getattr(cfg, field.split('.')[1])}" if field else ""
+        note = f" ({'; '.join(reasons)}{setting})" if reasons else ""
         parts.append(f"{label} {name}{note}")
     return f"kernels on {jax.default_backend()}: " + ", ".join(parts)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.logsumexp import row_logsumexp
+
 
 def next_token_targets(tokens, pad_id: int):
     """tokens [B, T] -> (targets [B, T], mask [B, T] float32).
@@ -59,39 +61,21 @@ def _compute_embedding(embedding, dtype):
 LOGITS_DTYPES = ("float32", "bfloat16")
 
 
-def _block_logits(h, emb, V: int, logits_dtype: str = "float32"):
+def _block_logits(h, emb, logits_dtype: str = "float32"):
     """h [B, k, d], emb [Vp, d] in h's dtype -> logits [B, k, Vp] in logits_dtype (the GEMM accumulates
-    in float32 either way), the padded columns at -inf."""
-    logits = jnp.einsum("bkd,vd->bkv", h, emb, preferred_element_type=jnp.dtype(logits_dtype))
-    if emb.shape[0] != V:
-        logits = jnp.where(jnp.arange(emb.shape[0]) < V, logits, -jnp.inf)
-    return logits
+    in float32 either way); the padded columns are not masked here (see `_mask_padding`)."""
+    return jnp.einsum("bkd,vd->bkv", h, emb, preferred_element_type=jnp.dtype(logits_dtype))
 
 
-def _online_max_sum(a, b):
-    """Merges two (max, sum of exp(x - max)) pairs with one exp: the pair with the larger max keeps its
-    sum and the other's is scaled by exp(-|m1 - m2|). Scaling both by exp(m_i - max) costs a second exp
-    per element that is always exp(0); on an H100 the reduction over a block's logits was bound by
-    them (1.2 TB/s, where the d logits pass over the same bytes runs at 2.6)."""
-    (m1, s1), (m2, s2) = a, b
-    first = m1 >= m2
-    gap = jnp.where(m1 == m2, 0.0, -jnp.abs(m1 - m2))  # equal infinities differ by nan, not by a gap
-    e = jnp.exp(gap)
-    return jnp.where(first, m1, m2), jnp.where(first, s1 + s2 * e, s1 * e + s2)
+def _mask_padding(logits, V: int):
+    """The padded vocabulary columns (from V on) at -inf."""
+    if logits.shape[-1] == V:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < V, logits, -jnp.inf)
 
 
-def logsumexp_one_pass(x):
-    """log sum exp over the last axis of float32 x [..., V] in one read of x: a running (max, sum of
-    exp(x - max)) pair, rescaled as the max grows. jax.nn.logsumexp reads x twice (the max, then the
-    sum), and on a block of vocabulary-wide logits each read is a pass over the block in memory.
-    A row that is all -inf gives -inf."""
-    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(0.0, x.dtype))
-    m, s = jax.lax.reduce((x, jnp.ones_like(x)), init, _online_max_sum, (x.ndim - 1,))
-    return m + jnp.log(s)
-
-
-def _block_loss(h, emb, t, V: int, logits_dtype: str = "float32"):
-    """-> (per-token loss [B, k] float32, float32 logits, log-normaliser).
+def _block_loss(h, emb, t, V: int, logits_dtype: str = "float32", lse_impl: str = "auto", kernel_mesh=None):
+    """-> (per-token loss [B, k] float32, float32 logits (the padding at -inf), log-normaliser).
 
     With logits_dtype "bfloat16" the GEMM's output is rounded to bfloat16 before it is stored and every
     later pass reads it as float32: the logits' store and its two reads move half the bytes, at the price of
@@ -100,14 +84,18 @@ def _block_loss(h, emb, t, V: int, logits_dtype: str = "float32"):
 
     The target's logit is the dot product of h with the target's embedding row, not a pick from the
     logits: XLA lowers the pick to a masked sum over the vocabulary, one more read of the block's float32
-    logits (at 16K tokens and 50K entries, 3.3 GB per step), where the row gather reads d values."""
-    logits = _block_logits(h, emb, V, logits_dtype).astype(jnp.float32)
-    lse = logsumexp_one_pass(logits)
+    logits (at 16K tokens and 50K entries, 3.3 GB per step), where the row gather reads d values.
+
+    The log-normaliser reads the GEMM's output as it is stored (pallas_kernels.logsumexp, `lse_impl`,
+    per shard under `kernel_mesh`), so that a kernel does not make XLA store a masked copy first."""
+    raw = _block_logits(h, emb, logits_dtype)
+    lse = row_logsumexp(raw, V, impl=lse_impl, kernel_mesh=kernel_mesh)
+    logits = _mask_padding(raw.astype(jnp.float32), V)
     picked = jnp.einsum("bkd,bkd->bk", h, jnp.take(emb, t, axis=0), preferred_element_type=jnp.float32)
     return lse - picked, logits, lse
 
 
-def _sums(hidden, embedding, targets, weights, extra, logits_dtype):
+def _sums(hidden, embedding, targets, weights, extra, logits_dtype, lse_impl, kernel_mesh):
     """hidden [nb, B, k, d], embedding [V, d], targets/weights [nb, B, k], extra [nb, n, B, k] ->
     (sum of weighted token losses, sums [n] of the token losses under each extra mask)."""
     V, emb = _compute_embedding(embedding, hidden.dtype)
@@ -115,17 +103,17 @@ def _sums(hidden, embedding, targets, weights, extra, logits_dtype):
     def step(carry, xs):
         total, sums = carry
         h, t, w, e = xs
-        token_loss = _block_loss(h, emb, t, V, logits_dtype)[0]
+        token_loss = _block_loss(h, emb, t, V, logits_dtype, lse_impl, kernel_mesh)[0]
         return (total + jnp.sum(token_loss * w), sums + jnp.sum(token_loss * e, axis=(1, 2))), None
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(extra.shape[1], jnp.float32))
     return jax.lax.scan(step, init, (hidden, targets, weights, extra))[0]
 
 
-_blocked_sums = jax.custom_vjp(_sums, nondiff_argnums=(5,))
+_blocked_sums = jax.custom_vjp(_sums, nondiff_argnums=(5, 6, 7))
 
 
-def _sums_fwd(hidden, embedding, targets, weights, extra, logits_dtype):
+def _sums_fwd(hidden, embedding, targets, weights, extra, logits_dtype, lse_impl, kernel_mesh):
     """The gradients are taken here, in the same pass as the loss: the loss is linear in each token's
     loss with the known weights, so d total / d logits = (softmax - one_hot) * weight is complete once
     a block's logits exist, and the backward pass only scales by the incoming cotangent. This saves the
@@ -138,7 +126,7 @@ def _sums_fwd(hidden, embedding, targets, weights, extra, logits_dtype):
     def step(carry, xs):
         total, sums, d_emb = carry
         h, t, w, e = xs
-        token_loss, logits, lse = _block_loss(h, emb, t, V, logits_dtype)
+        token_loss, logits, lse = _block_loss(h, emb, t, V, logits_dtype, lse_impl, kernel_mesh)
         one_hot = jax.nn.one_hot(t, Vp, dtype=jnp.float32)
         d_logits = ((jnp.exp(logits - lse[..., None]) - one_hot) * w[..., None]).astype(h.dtype)
         dh = jnp.einsum("bkv,vd->bkd", d_logits, emb, preferred_element_type=jnp.float32).astype(h.dtype)
@@ -151,7 +139,7 @@ def _sums_fwd(hidden, embedding, targets, weights, extra, logits_dtype):
     return (total, sums), (dh, d_emb[:V], token_loss, np.zeros(targets.shape, jax.dtypes.float0))
 
 
-def _sums_bwd(logits_dtype, res, g):
+def _sums_bwd(logits_dtype, lse_impl, kernel_mesh, res, g):
     dh, d_emb, token_loss, zero_t = res
     g_total, g_sums = g
     d_extra = g_sums[None, :, None, None] * token_loss[:, None]
@@ -177,7 +165,7 @@ def auto_block_size(batch: int, num_tokens: int, vocab: int) -> int:
 
 
 def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int | None = None, metric_masks=None,
-                          logits_dtype: str = "float32"):
+                          logits_dtype: str = "float32", lse_impl: str = "auto", kernel_mesh=None):
     """Cross-entropy of tied logits hidden @ embedding^T without materialising them all.
 
     hidden [B, T, d], embedding [V, d], targets/mask [B, T] -> (mean loss, total weight): `mask` weights
@@ -188,7 +176,9 @@ def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int |
     vs answer tokens; the training loss's gradient does not pass through them). block_size: tokens
     per sequence in a block; None or 0 picks it from the batch and vocabulary (`auto_block_size`).
     logits_dtype: "float32" (default) or "bfloat16", the dtype the logits are stored in between the
-    head's passes (`_block_loss`).
+    head's passes (`_block_loss`). lse_impl: the log-normaliser's implementation
+    (pallas_kernels.logsumexp; "auto" picks the kernel on a GPU); kernel_mesh: the mesh a kernel runs
+    per shard on (pallas_kernels.per_shard), as the model's.
     """
     if logits_dtype not in LOGITS_DTYPES:
         raise ValueError(f"logits_dtype={logits_dtype!r}: choose one of {', '.join(LOGITS_DTYPES)}")
@@ -201,7 +191,7 @@ def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int |
     extra = jnp.zeros((0, B, T), jnp.float32) if metric_masks is None else jnp.asarray(metric_masks, jnp.float32)
     extra = jax.vmap(blocked)(extra).swapaxes(0, 1)  # [nb, n, B, block]
     total, sums = _blocked_sums(hidden, embedding, blocked(targets), blocked(mask), jax.lax.stop_gradient(extra),
-                                 logits_dtype)
+                                 logits_dtype, lse_impl, kernel_mesh)
     count = jnp.sum(mask)
     mean = total / jnp.maximum(count, 1.0)
     return (mean, count) if metric_masks is None else (mean, count, sums)

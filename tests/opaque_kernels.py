@@ -70,9 +70,10 @@ def opaque(fn):
 
 
 def install() -> None:
-    """Makes the attention, GCA and SwiGLU-gradient "reference" implementations opaque for this process."""
+    """Makes the attention, GCA, SwiGLU-gradient and log-normaliser "reference" implementations opaque for
+    this process."""
     from drt_jax import attention
-    from pallas_kernels import swiglu
+    from pallas_kernels import logsumexp, swiglu
     from pallas_kernels.gca import api
     from pallas_kernels.gca.reference import gca_reference
 
@@ -92,3 +93,5 @@ def install() -> None:
     api.register("reference", __name__, "gca_opaque")
     grad = swiglu.swiglu_grad_reference
     swiglu._GRADS["reference"] = lambda gate_up, d_out: _call(grad, (gate_up, d_out))
+    lse = logsumexp.logsumexp_reference
+    logsumexp._IMPLS["reference"] = lambda x, valid: _call(lambda x: lse(x, valid), (x,))

@@ -65,7 +65,8 @@ def test_pallas_gpu_kernel_matches_the_reference_on_gpu(dtype, monkeypatch):
     np.testing.assert_allclose(np.asarray(vjp(d_out)[0], np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
 
 
-def test_a_kernel_that_cannot_run_says_why_and_the_reference_takes_the_call(caplog):
+def test_a_kernel_that_cannot_run_says_why_and_the_reference_takes_the_call(caplog, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     gate_up, d_out = _inputs((2, 3, 64), jnp.float32, 3)
     name, why = sw.choose(gate_up, d_out, "pallas_gpu")
     assert (name, why) == ("reference", ["pallas_gpu: pallas_gpu needs a CUDA GPU (backend is cpu)"])

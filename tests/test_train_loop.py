@@ -104,7 +104,8 @@ def test_trace_summary_splits_device_time_by_kind_of_kernel(tmp_path):
     kernels = [("gemm_fusion_dot_general_124", 0, 300), ("nvjet_sm90_tst_128x128", 300, 100),
                ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 400, 200), ("gca_fwd_pallas_gpu", 600, 50),
                ("loop_multiply_fusion_43", 650, 40), ("input_reduce_fusion_50", 690, 60),
-               ("memcpy128", 750, 10), ("some_custom_kernel", 760, 5)]
+               ("memcpy128", 750, 10), ("some_custom_kernel", 760, 5), ("swiglu_grad_pallas_gpu", 765, 20),
+               ("logsumexp_pallas_gpu", 785, 15)]
     events = meta + [{"ph": "X", "pid": 7, "tid": 1, "name": n, "ts": t, "dur": d} for n, t, d in kernels]
     events.append({"ph": "X", "pid": 1, "tid": 1, "name": "host work", "ts": 0, "dur": 999})  # not a kernel
     trace = tmp_path / "plugins" / "profile" / "x" / "perfetto_trace.json.gz"
@@ -113,7 +114,8 @@ def test_trace_summary_splits_device_time_by_kind_of_kernel(tmp_path):
         json.dump({"traceEvents": events}, f)
     kinds = summarize(tmp_path)["device"]["by_kind"]
     got = {k: round(v["ms_per_step"] * 1e3) for k, v in kinds.items()}
-    assert got == {"matmul": 400, "attention": 200, "fusion": 100, "gca": 50, "copy": 10, "other": 5}
+    assert got == {"matmul": 400, "attention": 200, "fusion": 100, "gca": 50, "copy": 10, "other": 5, "swiglu": 20,
+                   "log-normaliser": 15}
     assert summarize(tmp_path, traced_steps=2)["device"]["by_kind"]["matmul"]["ms_per_step"] == 0.2
     assert kinds["matmul"]["kernels"] == 2 and list(kinds)[0] == "matmul"
     assert abs(sum(v["share"] for v in kinds.values()) - 1) < 1e-9

@@ -6,8 +6,9 @@ by TraceAnnotations (`PHASES`). `summarize` reads the Perfetto JSON of such a tr
 
   host:   for each phase, its total and per-step milliseconds on the main Python thread;
   device: the wall span of the traced steps, the time at least one GPU kernel was running (busy), the
-          busiest kernels by total time, and the time by kind of kernel (`KINDS`: attention, GCA,
-          matmuls, copies, other fusions), i.e. what the step spends its time on.
+          busiest kernels by total time, and the time by kind of kernel (`KINDS`: attention, GCA, the
+          SwiGLU gradient, the log-normaliser, matmuls, copies, other fusions), i.e. what the step
+          spends its time on.
 
     python -m drt_jax.train.profiling runs/<name>/profile          # prints the summary as JSON
     python -m drt_jax.train.profiling runs/<name>/profile --hlo step.hlo.txt.gz   # and names each kernel's source
@@ -82,6 +83,8 @@ def _union_us(intervals) -> float:
 KINDS = (
     ("attention", ("sdpa", "flash", "attention", "splash")),
     ("gca", ("gca",)),
+    ("swiglu", ("swiglu",)),
+    ("log-normaliser", ("logsumexp",)),
     ("matmul", ("gemm", "nvjet", "cublas", "cutlass", "sm90_xmma", "dot")),
     ("copy", ("memcpy", "memset", "copy")),
     ("fusion", ("fusion", "reduce", "loop_", "input_", "triton")),
