@@ -59,7 +59,8 @@ def header(argv) -> dict:
 
 
 def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, profile: bool = False,
-             hlo_dir: str | None = None, logits_dtype: str = "float32", profile_top: int = 25):
+             hlo_dir: str | None = None, logits_dtype: str = "float32", profile_top: int = 25,
+             model_overrides: dict | None = None):
     import jax
     import numpy as np
 
@@ -70,7 +71,7 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
     from drt_jax.train.optim import make_optimizer
     from drt_jax.train.step import init_state, make_train_step, resolve_remat, state_spec
 
-    cfg = ModelConfig.from_preset(name).replace(dtype="bfloat16", param_dtype="float32", remat=remat)
+    cfg = ModelConfig.from_preset(name).replace(dtype="bfloat16", param_dtype="float32", remat=remat, **(model_overrides or {}))
     device = jax.devices()[0]
     mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), [device])
     tx, schedule = make_optimizer(OptimConfig(), 1000)
@@ -241,6 +242,8 @@ def main(argv=None) -> int:
     parser.add_argument("--step-repeats", type=int, default=20, help="loop mode: timed steps of the step alone")
     parser.add_argument("--profile", type=int, default=0, help="trace this many loop steps (loop mode) or the timed steps (any value > 0, step mode) and summarize them")
     parser.add_argument("--profile-top", type=int, default=25, help="step mode: how many of the busiest kernels the summary lists")
+    parser.add_argument("--model-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="step mode: string fields of the models' configs, e.g. mlp_impl=reference lse_impl=reference")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     import jax
@@ -248,6 +251,9 @@ def main(argv=None) -> int:
     if args.run:
         return loop_main(args, argv)
 
+    if any("=" not in kv for kv in args.model_set):
+        parser.error(f"--model-set takes FIELD=VALUE pairs, got {' '.join(args.model_set)}")
+    model_sets = dict(kv.split("=", 1) for kv in args.model_set)
     cases = [(m, t) for m, t in ORDER_DEFAULT if (args.models is None or m in args.models) and (args.lengths is None or t in args.lengths)]
     if args.models and not cases:  # other presets (e.g. tiny for a CPU smoke test)
         cases = [(m, t) for m in args.models for t in (args.lengths or [4096])]
@@ -255,7 +261,7 @@ def main(argv=None) -> int:
         **header(argv),
         "settings": {"batch": args.batch, "dtype": "bfloat16 compute, float32 params", "remat": args.remat, "timed_steps": args.steps,
                      "loss": "blocked cross-entropy (the trainer's block size: 0 = auto, losses.auto_block_size)",
-                     "loss_logits_dtype": args.loss_logits_dtype, "optimizer": "AdamW + clip"},
+                     "loss_logits_dtype": args.loss_logits_dtype, "model_set": model_sets, "optimizer": "AdamW + clip"},
         "cases": [],
     }
     out = pathlib.Path(args.out)
@@ -270,7 +276,7 @@ def main(argv=None) -> int:
             try:
                 row.update(run_case(name, seq_len, args.steps, args.remat, args.batch, profile=args.profile > 0,
                                     hlo_dir=args.hlo_dir, logits_dtype=args.loss_logits_dtype,
-                                    profile_top=args.profile_top))
+                                    profile_top=args.profile_top, model_overrides=model_sets))
             except Exception as err:  # noqa: BLE001 - record and continue
                 text = " ".join(str(err).split())
                 oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text

@@ -20,6 +20,7 @@ GCA_RESIDUALS = ("authors", "standard")
 REMAT_POLICIES = ("none", "full", "dots", "auto")
 PROMPT_ALIGNS = ("chunk", "none")
 MLP_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.swiglu.IMPLS
+LSE_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.logsumexp.IMPLS: the loss head's log-normaliser
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: CPU tests under jax.enable_x64
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -95,6 +96,7 @@ class ModelConfig:
     attention_impl: str = "auto"
     gca_impl: str = "auto"
     mlp_impl: str = "auto"
+    lse_impl: str = "auto"
     prompt_align: str = "chunk"
 
     def __post_init__(self):
@@ -170,6 +172,8 @@ class ModelConfig:
             bad(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         if self.mlp_impl not in MLP_IMPLS:
             bad(f"mlp_impl={self.mlp_impl!r} is not one of {MLP_IMPLS}")
+        if self.lse_impl not in LSE_IMPLS:
+            bad(f"lse_impl={self.lse_impl!r} is not one of {LSE_IMPLS}")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 bad(f"{field}={getattr(self, field)!r} is not one of {DTYPES}")

@@ -36,7 +36,7 @@ def kernel_choices(cfg: ModelConfig) -> dict[str, tuple[str, list[str]]]:
     gate_up = jax.ShapeDtypeStruct((1, 128 * S1, 2, cfg.mlp_dim), dtype)
     out["mlp"] = swiglu.choose(gate_up, jax.ShapeDtypeStruct((1, 128 * S1, cfg.mlp_dim), dtype), cfg.mlp_impl)
     logits = jax.ShapeDtypeStruct((1, 128, cfg.vocab_size), jnp.float32)
-    out["loss"] = logsumexp.choose(logits, cfg.vocab_size)
+    out["loss"] = logsumexp.choose(logits, cfg.vocab_size, cfg.lse_impl)
     return out
 
 
@@ -45,11 +45,10 @@ def kernel_report(cfg: ModelConfig) -> str:
     pallas_gpu", with the reasons for any skipped path."""
     parts, choices = [], kernel_choices(cfg)
     for op, label, field in (("attention", "attention", "model.attention_impl"), ("gca", "GCA", "model.gca_impl"),
-                             ("mlp", "SwiGLU gradient", "model.mlp_impl"), ("loss", "log-normaliser", None)):
+                             ("mlp", "SwiGLU gradient", "model.mlp_impl"), ("loss", "log-normaliser", "model.lse_impl")):
         if op not in choices:
             continue
         name, reasons = choices[op]
-        setting = f"; {field}={getattr(cfg, field.split('.')[1])}" if field else ""
-        note = f" ({'; '.join(reasons)}{setting})" if reasons else ""
+        note = f" ({'; '.join(reasons)}; {field}={getattr(cfg, field.split('.')[1])})" if reasons else ""
         parts.append(f"{label} {name}{note}")
     return f"kernels on {jax.default_backend()}: " + ", ".join(parts)

@@ -26,7 +26,7 @@ from pallas_kernels import per_shard
 
 log = logging.getLogger(__name__)
 
-IMPLS = ("auto", "reference", "pallas_gpu")
+IMPLS = ("auto", "reference", "pallas_gpu")  # drt_jax.config.LSE_IMPLS validates a config's choice (model.lse_impl)
 AUTO_ORDER = {"gpu": ["pallas_gpu", "reference"]}
 _ROWS_BLOCK, _COLUMNS_TILE = 4, 2048
 

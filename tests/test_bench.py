@@ -18,7 +18,8 @@ def test_train_throughput_counts_every_sequence_of_a_batch(tmp_path):
     out = tmp_path / "tt.json"
     bench = _bench("train_throughput")
     assert bench.main(["--models", "tiny", "--lengths", "64", "--batch", "3", "--steps", "1", "--remat", "none",
-                       "--out", str(out), "--hlo-dir", str(tmp_path / "hlo"), "--profile", "1", "--profile-top", "5"]) == 0
+                       "--out", str(out), "--hlo-dir", str(tmp_path / "hlo"), "--profile", "1", "--profile-top", "5",
+                       "--model-set", "mlp_impl=reference", "lse_impl=reference"]) == 0
     result = json.loads(out.read_text())
     (row,) = result["cases"]
     assert row["status"] == "ok", row
@@ -26,6 +27,7 @@ def test_train_throughput_counts_every_sequence_of_a_batch(tmp_path):
     assert row["tokens_per_step"] == 3 * 64
     assert abs(row["tokens_per_s"] * row["step_s"] - 3 * 64) < 1e-6
     assert row["profile"]["steps"] == 1
+    assert result["settings"]["model_set"] == {"mlp_impl": "reference", "lse_impl": "reference"}
     import gzip
 
     assert gzip.open(tmp_path / "hlo" / "tiny-64-none.hlo.txt.gz", "rt").read().startswith("HloModule")

@@ -62,3 +62,11 @@ def test_a_kernel_that_cannot_run_says_why_and_the_reference_takes_the_call(capl
     np.testing.assert_allclose(np.asarray(got), _want(x, 290), rtol=3e-6, atol=3e-6)
     with pytest.raises(ValueError, match="unknown log-normaliser impl 'fast'"):
         lse.row_logsumexp(x, 290, impl="fast")
+
+
+def test_the_config_names_the_log_normaliser_and_refuses_an_unknown_one():
+    from drt_jax.config import ConfigError, ModelConfig
+
+    assert ModelConfig.from_preset("tiny").lse_impl == "auto"
+    with pytest.raises(ConfigError, match=r"lse_impl='fast' is not one of \('auto', 'reference', 'pallas_gpu'\)"):
+        ModelConfig.from_preset("tiny").replace(lse_impl="fast")

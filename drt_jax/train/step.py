@@ -132,7 +132,7 @@ def _loss_sum(model: DRT, cfg: ModelConfig, params, batch, key, *, deterministic
     embedding = params["embed"]["embedding"]
     if "answer" not in batch:
         mean, count = blocked_cross_entropy(hidden, embedding, targets, mask, block_size=block_size,
-                                            logits_dtype=logits_dtype, kernel_mesh=model.kernel_mesh)
+                                            logits_dtype=logits_dtype, lse_impl=cfg.lse_impl, kernel_mesh=model.kernel_mesh)
         return mean * count, (count, {})
     answer = batch["answer"]
     answer_t = mask * _shift_to_predictors(answer, mask.dtype)
@@ -148,7 +148,7 @@ def _loss_sum(model: DRT, cfg: ModelConfig, params, batch, key, *, deterministic
     answer_masks = answer_t[None] * rows[:, :, None]
     mean, count, sums = blocked_cross_entropy(hidden, embedding, targets, weights, block_size=block_size,
                                               metric_masks=jnp.concatenate([corpus_t[None], answer_masks]),
-                                              logits_dtype=logits_dtype, kernel_mesh=model.kernel_mesh)
+                                              logits_dtype=logits_dtype, lse_impl=cfg.lse_impl, kernel_mesh=model.kernel_mesh)
     diag = {"tokens": jnp.sum(mask), "corpus_loss_sum": sums[0], "corpus_tokens": jnp.sum(corpus_t)}
     for j, p in enumerate(parts):
         diag[f"{p}answer_loss_sum"] = sums[1 + j]
