@@ -34,9 +34,9 @@ def kernel_choices(cfg: ModelConfig) -> dict[str, tuple[str, list[str]]]:
         w = jax.ShapeDtypeStruct((1, 2, cfg.top_k), jnp.float32)
         out["gca"] = gca_api.choose(gq, mem, mem, idx, w, impl=cfg.gca_impl, softmax_off_by_one=cfg.gca_off_by_one)
     gate_up = jax.ShapeDtypeStruct((1, 128 * S1, 2, cfg.mlp_dim), dtype)
-    out["mlp"] = swiglu.choose(gate_up, jax.ShapeDtypeStruct((1, 128 * S1, cfg.mlp_dim), dtype), cfg.mlp_impl)
+    out["mlp"] = swiglu.GRADIENT.choose(cfg.mlp_impl, gate_up, jax.ShapeDtypeStruct((1, 128 * S1, cfg.mlp_dim), dtype))
     logits = jax.ShapeDtypeStruct((1, 128, cfg.vocab_size), jnp.float32)
-    out["loss"] = logsumexp.choose(logits, cfg.vocab_size, cfg.lse_impl)
+    out["loss"] = logsumexp.LOG_NORMALISER.choose(cfg.lse_impl, logits, valid=cfg.vocab_size)
     return out
 
 

@@ -15,7 +15,6 @@ order; one that cannot take a call says why in a log line.
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +22,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import per_shard
+from pallas_kernels.dispatch import KernelOp, Unsupported
 
-log = logging.getLogger(__name__)
-
-IMPLS = ("auto", "reference", "pallas_gpu")  # drt_jax.config.LSE_IMPLS validates a config's choice (model.lse_impl)
-AUTO_ORDER = {"gpu": ["pallas_gpu", "reference"]}
 _ROWS_BLOCK, _COLUMNS_TILE = 4, 2048
-
-
-class Unsupported(NotImplementedError):
-    """A kernel that cannot take a call raises this; the message says why."""
 
 
 def _online_max_sum(a, b):
@@ -106,36 +98,12 @@ def logsumexp_pallas_gpu(x, valid: int, *, interpret: bool = False):
     return out.reshape(lead)
 
 
-_IMPLS = {"reference": logsumexp_reference, "pallas_gpu": logsumexp_pallas_gpu}
-
-
-def _candidates(impl: str) -> list[str]:
-    if impl not in IMPLS:
-        raise ValueError(f"unknown log-normaliser impl {impl!r}; choose one of {', '.join(IMPLS)}")
-    names = AUTO_ORDER.get(jax.default_backend(), ["reference"]) if impl == "auto" else [impl]
-    return names if names[-1] == "reference" else [*names, "reference"]
-
-
-def choose(x, valid: int, impl: str = "auto") -> tuple[str, list[str]]:
-    """The implementation a call with this (abstract) operand takes: (name, why each earlier candidate
-    was skipped), found by tracing each candidate without running it."""
-    skipped = []
-    for name in _candidates(impl):
-        try:
-            jax.eval_shape(functools.partial(_IMPLS[name], valid=valid), x)
-            return name, skipped
-        except Unsupported as why:
-            skipped.append(f"{name}: {why}")
-    raise AssertionError("unreachable: the reference takes every call")
+# drt_jax.config.LSE_IMPLS lists the same names for model.lse_impl.
+LOG_NORMALISER = KernelOp("log-normaliser", {"reference": logsumexp_reference, "pallas_gpu": logsumexp_pallas_gpu},
+                          {"gpu": ("pallas_gpu",)})
 
 
 def row_logsumexp(x, valid: int, *, impl: str = "auto", kernel_mesh: per_shard.KernelMesh | None = None):
     """x [B, k, Vp] -> float32 [B, k]: log sum exp of each row's first `valid` columns, per batch shard
     under a `kernel_mesh`."""
-    for name in _candidates(impl):
-        try:
-            fn = functools.partial(_IMPLS[name], valid=valid)
-            return per_shard.run(fn, (x,), (("batch", None, None),), ("batch", None), kernel_mesh)
-        except Unsupported as why:
-            log.warning("log-normaliser impl %r skipped: %s; falling back", name, why)
-    raise AssertionError("unreachable: the reference takes every call")
+    return LOG_NORMALISER(impl, (x,), (("batch", None, None),), ("batch", None), kernel_mesh, valid=valid)

@@ -17,18 +17,14 @@ The dispatcher tries the candidates in order; one that cannot take a call says w
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import per_shard
+from pallas_kernels.dispatch import KernelOp, Unsupported
 
-log = logging.getLogger(__name__)
-
-IMPLS = ("auto", "reference", "pallas_gpu")  # drt_jax.config.MLP_IMPLS validates a config's choice
-AUTO_ORDER = {"gpu": ["pallas_gpu", "reference"]}
 # Inside a kernel mesh the MLP width splits over the head axes, as the "mlp" parameters do over "tensor".
 _GATE_UP = ("batch", None, None, "heads")
 _OUT = ("batch", None, "heads")
@@ -37,10 +33,6 @@ _OUT = ("batch", None, "heads")
 # Tests set this: the kernel then writes into a NaN-filled buffer (aliased in place), so an element it
 # forgets to write shows up as NaN.
 POISON_OUTPUTS = False
-
-
-class Unsupported(NotImplementedError):
-    """A kernel that cannot take a call raises this; the message says why."""
 
 
 def swiglu_grad_reference(gate_up, d_out):
@@ -104,36 +96,9 @@ def swiglu_grad_pallas_gpu(gate_up, d_out, *, interpret: bool = False):
     return out.reshape(gate_up.shape)
 
 
-_GRADS = {"reference": swiglu_grad_reference, "pallas_gpu": swiglu_grad_pallas_gpu}
-
-
-def _candidates(impl: str) -> list[str]:
-    if impl not in IMPLS:
-        raise ValueError(f"unknown SwiGLU impl {impl!r}; choose one of {', '.join(IMPLS)}")
-    names = AUTO_ORDER.get(jax.default_backend(), ["reference"]) if impl == "auto" else [impl]
-    return names if names[-1] == "reference" else [*names, "reference"]
-
-
-def choose(gate_up, d_out, impl: str = "auto") -> tuple[str, list[str]]:
-    """The gradient implementation a call with these (abstract) operands takes: (name, why each earlier
-    candidate was skipped), found by tracing each candidate without running it."""
-    skipped = []
-    for name in _candidates(impl):
-        try:
-            jax.eval_shape(_GRADS[name], gate_up, d_out)
-            return name, skipped
-        except Unsupported as why:
-            skipped.append(f"{name}: {why}")
-    raise AssertionError("unreachable: the reference takes every call")
-
-
-def _grad(gate_up, d_out, impl, kernel_mesh):
-    for name in _candidates(impl):
-        try:
-            return per_shard.run(_GRADS[name], (gate_up, d_out), (_GATE_UP, _OUT), _GATE_UP, kernel_mesh)
-        except Unsupported as why:
-            log.warning("SwiGLU impl %r skipped: %s; falling back", name, why)
-    raise AssertionError("unreachable: the reference takes every call")
+# drt_jax.config.MLP_IMPLS lists the same names for model.mlp_impl.
+GRADIENT = KernelOp("SwiGLU gradient", {"reference": swiglu_grad_reference, "pallas_gpu": swiglu_grad_pallas_gpu},
+                    {"gpu": ("pallas_gpu",)})
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -146,7 +111,7 @@ def _swiglu_fwd(gate_up, impl, kernel_mesh):
 
 
 def _swiglu_bwd(impl, kernel_mesh, gate_up, d_out):
-    return (_grad(gate_up, d_out.astype(gate_up.dtype), impl, kernel_mesh),)
+    return (GRADIENT(impl, (gate_up, d_out.astype(gate_up.dtype)), (_GATE_UP, _OUT), _GATE_UP, kernel_mesh),)
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
@@ -157,5 +122,5 @@ def swiglu(gate_up, *, impl: str = "auto", kernel_mesh: per_shard.KernelMesh | N
     with the gradient from `impl` (see the module docstring), per shard under a `kernel_mesh`."""
     if gate_up.ndim < 2 or gate_up.shape[-2] != 2:
         raise ValueError(f"swiglu wants gate_up [..., 2, F], got {gate_up.shape}")
-    _candidates(impl)
+    GRADIENT.candidates(impl)
     return _swiglu(gate_up, impl, kernel_mesh)

@@ -92,6 +92,6 @@ def install() -> None:
     globals()["gca_opaque"] = gca_opaque
     api.register("reference", __name__, "gca_opaque")
     grad = swiglu.swiglu_grad_reference
-    swiglu._GRADS["reference"] = lambda gate_up, d_out: _call(grad, (gate_up, d_out))
+    swiglu.GRADIENT.impls["reference"] = lambda gate_up, d_out: _call(grad, (gate_up, d_out))
     lse = logsumexp.logsumexp_reference
-    logsumexp._IMPLS["reference"] = lambda x, valid: _call(lambda x: lse(x, valid), (x,))
+    logsumexp.LOG_NORMALISER.impls["reference"] = lambda x, valid: _call(lambda x: lse(x, valid), (x,))

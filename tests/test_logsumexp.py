@@ -49,14 +49,15 @@ def test_pallas_gpu_kernel_matches_float64_on_gpu(dtype):
     x = _logits((4, 1024, 50304), dtype, 1).at[..., 50265:].set(1000.0)
     got = jax.jit(lambda x: lse.logsumexp_pallas_gpu(x, 50265))(x)
     np.testing.assert_allclose(np.asarray(got), _want(x, 50265), rtol=3e-6, atol=3e-6)
-    assert lse.choose(x, 50265)[0] == "pallas_gpu"
+    assert lse.LOG_NORMALISER.choose("auto", x, valid=50265)[0] == "pallas_gpu"
 
 
 def test_a_kernel_that_cannot_run_says_why_and_the_reference_takes_the_call(caplog, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     x = _logits((2, 5, 300), jnp.float32, 2)
-    assert lse.choose(x, 290, "pallas_gpu") == ("reference", ["pallas_gpu: pallas_gpu needs a CUDA GPU (backend is cpu)"])
-    with caplog.at_level(logging.WARNING, logger="pallas_kernels.logsumexp"):
+    assert lse.LOG_NORMALISER.choose("pallas_gpu", x, valid=290) == (
+        "reference", ["pallas_gpu: pallas_gpu needs a CUDA GPU (backend is cpu)"])
+    with caplog.at_level(logging.WARNING, logger="pallas_kernels.dispatch"):
         got = lse.row_logsumexp(x, 290, impl="pallas_gpu")
     assert "log-normaliser impl 'pallas_gpu' skipped: pallas_gpu needs a CUDA GPU" in caplog.text
     np.testing.assert_allclose(np.asarray(got), _want(x, 290), rtol=3e-6, atol=3e-6)

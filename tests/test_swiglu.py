@@ -68,13 +68,13 @@ def test_pallas_gpu_kernel_matches_the_reference_on_gpu(dtype, monkeypatch):
 def test_a_kernel_that_cannot_run_says_why_and_the_reference_takes_the_call(caplog, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     gate_up, d_out = _inputs((2, 3, 64), jnp.float32, 3)
-    name, why = sw.choose(gate_up, d_out, "pallas_gpu")
+    name, why = sw.GRADIENT.choose("pallas_gpu", gate_up, d_out)
     assert (name, why) == ("reference", ["pallas_gpu: pallas_gpu needs a CUDA GPU (backend is cpu)"])
-    with caplog.at_level(logging.WARNING, logger="pallas_kernels.swiglu"):
+    with caplog.at_level(logging.WARNING, logger="pallas_kernels.dispatch"):
         grad = jax.vjp(lambda gu: sw.swiglu(gu, impl="pallas_gpu"), gate_up)[1](d_out)[0]
-    assert "SwiGLU impl 'pallas_gpu' skipped: pallas_gpu needs a CUDA GPU" in caplog.text
+    assert "SwiGLU gradient impl 'pallas_gpu' skipped: pallas_gpu needs a CUDA GPU" in caplog.text
     np.testing.assert_allclose(grad, sw.swiglu_grad_reference(gate_up, d_out), rtol=1e-6)
-    with pytest.raises(ValueError, match="unknown SwiGLU impl 'fast'"):
+    with pytest.raises(ValueError, match="unknown SwiGLU gradient impl 'fast'"):
         sw.swiglu(gate_up, impl="fast")
     with pytest.raises(ConfigError, match=r"mlp_impl='fast' is not one of"):
         ModelConfig.from_preset("tiny").replace(mlp_impl="fast")

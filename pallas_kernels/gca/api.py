@@ -16,12 +16,11 @@ from collections.abc import Callable
 import jax
 
 from pallas_kernels import per_shard
+from pallas_kernels.dispatch import Unsupported  # noqa: F401 - the GCA kernels raise it from here
 
 log = logging.getLogger(__name__)
 
 
-class Unsupported(NotImplementedError):
-    """Raised by a kernel for inputs it cannot take; the message says why."""
 
 
 # name -> (module, attribute); the reference is always available.
