@@ -42,7 +42,7 @@ def kernel_choices(cfg: ModelConfig) -> dict[str, tuple[str, list[str]]]:
 
 def kernel_report(cfg: ModelConfig) -> str:
     """One line: "kernels on gpu: attention cudnn, GCA pallas_gpu, SwiGLU gradient pallas_gpu, log-normaliser
-    pallas_gpu", with the reasons for any skipped path."""
+    reference", with the reasons for any skipped path."""
     parts, choices = [], kernel_choices(cfg)
     for op, label, field in (("attention", "attention", "model.attention_impl"), ("gca", "GCA", "model.gca_impl"),
                              ("mlp", "SwiGLU gradient", "model.mlp_impl"), ("loss", "log-normaliser", "model.lse_impl")):

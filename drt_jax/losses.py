@@ -177,8 +177,8 @@ def blocked_cross_entropy(hidden, embedding, targets, mask, *, block_size: int |
     per sequence in a block; None or 0 picks it from the batch and vocabulary (`auto_block_size`).
     logits_dtype: "float32" (default) or "bfloat16", the dtype the logits are stored in between the
     head's passes (`_block_loss`). lse_impl: the log-normaliser's implementation
-    (pallas_kernels.logsumexp; "auto" picks the kernel on a GPU); kernel_mesh: the mesh a kernel runs
-    per shard on (pallas_kernels.per_shard), as the model's.
+    (pallas_kernels.logsumexp, model.lse_impl); kernel_mesh: the mesh a kernel runs per shard on
+    (pallas_kernels.per_shard), as the model's.
     """
     if logits_dtype not in LOGITS_DTYPES:
         raise ValueError(f"logits_dtype={logits_dtype!r}: choose one of {', '.join(LOGITS_DTYPES)}")
