@@ -27,11 +27,14 @@ class Unsupported(NotImplementedError):
 @dataclasses.dataclass(frozen=True)
 class KernelOp:
     """name: what the op is called in messages; impls: {name: fn} with "reference" among them; auto_order:
-    per backend, the kernels `impl="auto"` tries before the reference."""
+    per backend, the kernels `impl="auto"` tries before the reference; reference_per_shard: False for a
+    reference that XLA partitions better than a per-shard call would (a reduction over an axis the
+    tensor axis may split)."""
 
     name: str
     impls: dict[str, Callable]
     auto_order: dict[str, tuple[str, ...]]
+    reference_per_shard: bool = True
 
     def candidates(self, impl: str) -> list[str]:
         if impl != "auto" and impl not in self.impls:
@@ -57,7 +60,8 @@ class KernelOp:
         for name in self.candidates(impl):
             try:
                 fn = functools.partial(self.impls[name], **kwargs)
-                return per_shard.run(fn, args, layouts, out_layout, kernel_mesh)
+                mesh = kernel_mesh if name != "reference" or self.reference_per_shard else None
+                return per_shard.run(fn, args, layouts, out_layout, mesh)
             except Unsupported as why:
                 log.warning("%s impl %r skipped: %s; falling back", self.name, name, why)
         raise AssertionError("unreachable: the reference takes every call")

@@ -102,10 +102,12 @@ def logsumexp_pallas_gpu(x, valid: int, *, interpret: bool = False):
 
 
 # drt_jax.config.LSE_IMPLS lists the same names for model.lse_impl.
-LOG_NORMALISER = KernelOp("log-normaliser", {"reference": logsumexp_reference, "pallas_gpu": logsumexp_pallas_gpu}, {})
+# The reference runs as XLA partitions it: the logits' vocabulary may be split over the tensor axis.
+LOG_NORMALISER = KernelOp("log-normaliser", {"reference": logsumexp_reference, "pallas_gpu": logsumexp_pallas_gpu}, {},
+                          reference_per_shard=False)
 
 
 def row_logsumexp(x, valid: int, *, impl: str = "auto", kernel_mesh: per_shard.KernelMesh | None = None):
-    """x [B, k, Vp] -> float32 [B, k]: log sum exp of each row's first `valid` columns, per batch shard
-    under a `kernel_mesh`."""
+    """x [B, k, Vp] -> float32 [B, k]: log sum exp of each row's first `valid` columns; a kernel runs per
+    batch shard under a `kernel_mesh`."""
     return LOG_NORMALISER(impl, (x,), (("batch", None, None),), ("batch", None), kernel_mesh, valid=valid)
