@@ -271,6 +271,32 @@ def step_bytes(compiled) -> int | None:
     return int(mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes)
 
 
+# JAX's GPU allocator takes this share of the GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise.
+JAX_DEFAULT_POOL_FRACTION = 0.75
+POOL_FRACTION_HINT = 0.95
+
+
+def pool_hint(need_none: int, free: int, env=None, backend: str | None = None) -> str:
+    """What to say when remat auto had to recompute but the step without remat would fit a larger JAX
+    memory pool: on a GPU whose pool is JAX's default 75%, the free memory at a 95% pool is `free` plus
+    the extra 20% of the GPU (estimated from the default pool's limit). "" where that does not apply."""
+    import os
+
+    env = os.environ if env is None else env
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "gpu" or "XLA_PYTHON_CLIENT_MEM_FRACTION" in env or env.get("XLA_PYTHON_CLIENT_PREALLOCATE") == "false":
+        return ""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return ""
+    gpu = stats["bytes_limit"] / JAX_DEFAULT_POOL_FRACTION
+    larger = free + gpu * (POOL_FRACTION_HINT - JAX_DEFAULT_POOL_FRACTION)
+    if need_none > STEP_MEMORY_SHARE * larger:
+        return ""
+    return (f"; none needs {need_none / 2**30:.2f} GiB, which fits if JAX may take more of the GPU: "
+            f"XLA_PYTHON_CLIENT_MEM_FRACTION={POOL_FRACTION_HINT} (JAX takes {JAX_DEFAULT_POOL_FRACTION:.0%} by default)")
+
+
 def resolve_remat(cfg: ModelConfig, build, args, *, free_bytes: int | None = None, say=print):
     """-> (cfg, step). For cfg.remat "auto": the first of REMAT_SEARCH whose compiled step fits
     STEP_MEMORY_SHARE of the device's free memory, and that step already compiled (so the trainer does
@@ -289,16 +315,17 @@ def resolve_remat(cfg: ModelConfig, build, args, *, free_bytes: int | None = Non
         say("remat auto: the device reports no memory limit; training with remat=none")
         cfg = cfg.replace(remat="none")
         return cfg, build(cfg)
-    tried = []
+    tried, needs = [], {}
     for policy in REMAT_SEARCH:
         compiled = build(cfg.replace(remat=policy)).lower(*args).compile()
-        need = step_bytes(compiled)
+        need = needs[policy] = step_bytes(compiled)
         if need is None:
             say(f"remat auto: the compiler gives no memory analysis; training with remat={policy}")
             return cfg.replace(remat=policy), compiled
         tried.append(f"{policy}: {need / 2**30:.2f} GiB")
         if need <= STEP_MEMORY_SHARE * free:
-            say(f"remat auto: {policy} (the step allocates {need / 2**30:.2f} GiB of {free / 2**30:.2f} GiB free)")
+            hint = pool_hint(needs["none"], free) if policy != "none" else ""
+            say(f"remat auto: {policy} (the step allocates {need / 2**30:.2f} GiB of {free / 2**30:.2f} GiB free){hint}")
             return cfg.replace(remat=policy), compiled
     raise ConfigError(
         f"the training step does not fit {STEP_MEMORY_SHARE:.0%} of the device's {free / 2**30:.2f} GiB free with any "
