@@ -19,8 +19,8 @@ POSITIONS = ("rope", "alibi")
 GCA_RESIDUALS = ("authors", "standard")
 REMAT_POLICIES = ("none", "full", "dots", "auto")
 PROMPT_ALIGNS = ("chunk", "none")
-MLP_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.swiglu.IMPLS
-LSE_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.logsumexp.IMPLS: the loss head's log-normaliser
+MLP_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.swiglu.GRADIENT's implementations
+LSE_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.logsumexp.LOG_NORMALISER's: the loss head's log-normaliser
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: CPU tests under jax.enable_x64
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"

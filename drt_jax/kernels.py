@@ -1,6 +1,7 @@
 """Which attention, GCA, SwiGLU-gradient and log-normaliser kernels a model config runs on this backend, and why.
 
-The dispatchers (drt_jax.attention.choose, pallas_kernels.gca.api.choose) decide per call; this asks
+The dispatchers (drt_jax.attention.choose, pallas_kernels.gca.api.choose, the KernelOps of
+pallas_kernels.swiglu and pallas_kernels.logsumexp) decide per call; this asks
 them once for the config's shapes, so that the trainer and the evaluator can say in one line what runs,
 and a config that leaves the fast path (a float32 model on a GPU takes the reference attention, several
 times slower) says why instead of running slowly without a word.

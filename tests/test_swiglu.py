@@ -78,3 +78,6 @@ def test_a_kernel_that_cannot_run_says_why_and_the_reference_takes_the_call(capl
         sw.swiglu(gate_up, impl="fast")
     with pytest.raises(ConfigError, match=r"mlp_impl='fast' is not one of"):
         ModelConfig.from_preset("tiny").replace(mlp_impl="fast")
+    from drt_jax.config import MLP_IMPLS
+
+    assert set(MLP_IMPLS) == {"auto", *sw.GRADIENT.impls}
