@@ -343,19 +343,22 @@ def test_remat_drops_the_layers_residuals_with_the_swiglu_gradient():
     import re
 
     import jax.numpy as jnp
+    from flax import linen as nn
     from jax.ad_checkpoint import print_saved_residuals
 
-    from drt_jax import DRT, ModelConfig
+    from drt_jax import DRT
     from drt_jax.losses import next_token_loss
 
+    cfg = ModelConfig.from_preset("tiny")
+    tokens = jnp.ones((2, 256), jnp.int32)
+    params = jax.eval_shape(lambda: DRT(cfg).init(jax.random.PRNGKey(0), tokens)["params"])  # remat keeps the params
+
     def residual_bytes(remat):
-        cfg = ModelConfig.from_preset("tiny").replace(remat=remat)
-        model, tokens = DRT(cfg), jnp.ones((2, 256), jnp.int32)
-        params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+        model = DRT(cfg.replace(remat=remat))
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             print_saved_residuals(lambda p: next_token_loss(model.apply({"params": p}, tokens), tokens, cfg.pad_id)[0],
-                                  params)
+                                  nn.unbox(params))
         sizes = [np.prod([int(d) for d in dims.split(",") if d]) * 4
                  for dims in re.findall(r"^\s*f32\[([\d,]*)\]", out.getvalue(), re.M)]
         return sum(sizes)
