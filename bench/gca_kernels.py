@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pallas_kernels.gca import common_vjp  # noqa: E402
+from pallas_kernels import poison  # noqa: E402
 from pallas_kernels.gca.api import Unsupported, _resolve  # noqa: E402
 from tests.gca_testing import Case, check_against_reference  # noqa: E402
 
@@ -143,7 +143,7 @@ def main():
 
         bench_cases = [Case(B=B, C=C, Sq=SQ, H=H, D=D, M=C, Sm=SM - 1 if C == 256 else SM, Hkv=H, K=K,
                             dtype="bfloat16", obo=True) for B, C in shapes]
-        common_vjp.POISON_OUTPUTS = True
+        poison.POISON_OUTPUTS = True
         for name in impls:
             if name == "reference":
                 continue
@@ -158,7 +158,7 @@ def main():
                 res["checks"].append(dict(impl=name, case=str(case), ok=ok, errs=errs, tol=tol, seed=seed))
                 log(f"check {name:10s} {str(case):60s} {'OK ' if ok else 'BAD'} "
                     + " ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in errs.items()))
-        common_vjp.POISON_OUTPUTS = False
+        poison.POISON_OUTPUTS = False
         bad = sorted({c["impl"] for c in res["checks"] if not c["ok"]})
         for name in bad:
             log(f"impl {name} FAILED correctness: not timed")

@@ -18,13 +18,15 @@ order; one that cannot take a call says why in a log line.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import per_shard
+from pallas_kernels import per_shard, poison
+from pallas_kernels.blocks import largest_pow2_divisor
 from pallas_kernels.dispatch import KernelOp, Unsupported
 
 _ROWS_BLOCK, _COLUMNS_TILE = 4, 2048
@@ -84,20 +86,17 @@ def logsumexp_pallas_gpu(x, valid: int, *, interpret: bool = False):
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise Unsupported(f"logits dtype {x.dtype} (float32 or bfloat16)")
     *lead, Vp = x.shape
-    R = 1
-    for n in lead:
-        R *= n
-    bm = 1
-    while bm * 2 <= _ROWS_BLOCK and R % (bm * 2) == 0:
-        bm *= 2
+    R = math.prod(lead)
+    bm = largest_pow2_divisor(R, _ROWS_BLOCK)
     bv = _COLUMNS_TILE if x.dtype == jnp.bfloat16 else _COLUMNS_TILE // 2
-    out = pl.pallas_call(
+    (out,) = poison.pallas_call(
         functools.partial(_kernel, bm=bm, bv=bv, valid=int(valid)),
-        out_shape=jax.ShapeDtypeStruct((R,), jnp.float32),
+        out_shapes=[jax.ShapeDtypeStruct((R,), jnp.float32)],
         grid=(R // bm,),
+        args=(x.reshape(R, Vp),),
         interpret=interpret,
         name="logsumexp_pallas_gpu",
-    )(x.reshape(R, Vp))
+    )
     return out.reshape(lead)
 
 

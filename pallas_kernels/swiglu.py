@@ -17,22 +17,19 @@ The dispatcher tries the candidates in order; one that cannot take a call says w
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import per_shard
+from pallas_kernels import per_shard, poison
+from pallas_kernels.blocks import largest_pow2_divisor
 from pallas_kernels.dispatch import KernelOp, Unsupported
 
 # Inside a kernel mesh the MLP width splits over the head axes, as the "mlp" parameters do over "tensor".
 _GATE_UP = ("batch", None, None, "heads")
 _OUT = ("batch", None, "heads")
-
-
-# Tests set this: the kernel then writes into a NaN-filled buffer (aliased in place), so an element it
-# forgets to write shows up as NaN.
-POISON_OUTPUTS = False
 
 
 def swiglu_grad_reference(gate_up, d_out):
@@ -44,13 +41,6 @@ def swiglu_grad_reference(gate_up, d_out):
     d_up = d_out * gate * sig
     d_gate = d_out * up * sig * (1.0 + gate * (1.0 - sig))
     return jnp.stack([d_gate, d_up], axis=-2).astype(gate_up.dtype)
-
-
-def _largest_pow2_divisor(n: int, cap: int) -> int:
-    b = 1
-    while b * 2 <= cap and n % (b * 2) == 0:
-        b *= 2
-    return b
 
 
 def _grad_kernel(gu_ref, d_ref, out_ref, *, bm, bf):
@@ -71,28 +61,20 @@ def swiglu_grad_pallas_gpu(gate_up, d_out, *, interpret: bool = False):
     if gate_up.dtype not in (jnp.float32, jnp.bfloat16) or d_out.dtype != gate_up.dtype:
         raise Unsupported(f"dtypes gate_up {gate_up.dtype}, d_out {d_out.dtype} (float32 or bfloat16, both the same)")
     *lead, two, F = gate_up.shape
-    N = 1
-    for n in lead:
-        N *= n
-    bm, bf = _largest_pow2_divisor(N, 8), _largest_pow2_divisor(F, 512)
+    N = math.prod(lead)
+    bm, bf = largest_pow2_divisor(N, 8), largest_pow2_divisor(F, 512)
     if bf < 16:
         raise Unsupported(f"MLP width {F} has no power-of-two block of at least 16 columns")
     # Row blocks of 8 and column blocks of 512: a program moves 40 KB in bfloat16, small enough for its
     # registers at 4 warps and large enough to keep the memory busy.
-    kernel = functools.partial(_grad_kernel, bm=bm, bf=bf)
-    args = (gate_up.reshape(N, two, F), d_out.reshape(N, F))
-    aliases = {}
-    if POISON_OUTPUTS:
-        args, aliases = (*args, jnp.full((N, two, F), jnp.nan, gate_up.dtype)), {2: 0}
-        kernel = functools.partial(lambda gu, d, poisoned, out, **kw: _grad_kernel(gu, d, out, **kw), bm=bm, bf=bf)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((N, two, F), gate_up.dtype),
+    (out,) = poison.pallas_call(
+        functools.partial(_grad_kernel, bm=bm, bf=bf),
+        out_shapes=[jax.ShapeDtypeStruct((N, two, F), gate_up.dtype)],
         grid=(N // bm, F // bf),
-        input_output_aliases=aliases,
+        args=(gate_up.reshape(N, two, F), d_out.reshape(N, F)),
         interpret=interpret,
         name="swiglu_grad_pallas_gpu",
-    )(*args)
+    )
     return out.reshape(gate_up.shape)
 
 

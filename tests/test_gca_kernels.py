@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from pallas_kernels import poison as poison_module
 from pallas_kernels.gca import api, common_vjp
 from pallas_kernels.gca.api import Unsupported, grouped_cross_attention
 from pallas_kernels.gca.reference import gca_reference
@@ -26,10 +27,10 @@ ON_GPU = jax.default_backend() == "gpu"
 
 @pytest.fixture
 def poison():
-    old = common_vjp.POISON_OUTPUTS
-    common_vjp.POISON_OUTPUTS = True
+    old = poison_module.POISON_OUTPUTS
+    poison_module.POISON_OUTPUTS = True
     yield
-    common_vjp.POISON_OUTPUTS = old
+    poison_module.POISON_OUTPUTS = old
 
 
 def _assert_close(errs, tol, case, seed):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from drt_jax.config import ConfigError, ModelConfig
+from pallas_kernels import poison
 from pallas_kernels import swiglu as sw
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -43,7 +44,7 @@ def test_pallas_gpu_kernel_matches_the_reference_in_interpret_mode(shape, dtype,
     """Odd row counts (block of 1 row), widths of 96 (32-column blocks) and 1,024 (two 512-column
     blocks); the output starts as NaN, so an element the kernel does not write shows."""
     gate_up, d_out = _inputs(shape, dtype, 1)
-    monkeypatch.setattr(sw, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(poison, "POISON_OUTPUTS", True)
     got = sw.swiglu_grad_pallas_gpu(gate_up, d_out, interpret=True)
     want = sw.swiglu_grad_reference(gate_up, d_out)
     assert got.dtype == want.dtype and got.shape == gate_up.shape
@@ -56,7 +57,7 @@ def test_pallas_gpu_kernel_matches_the_reference_in_interpret_mode(shape, dtype,
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_pallas_gpu_kernel_matches_the_reference_on_gpu(dtype, monkeypatch):
     gate_up, d_out = _inputs((2, 1044, 2048), dtype, 2)
-    monkeypatch.setattr(sw, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(poison, "POISON_OUTPUTS", True)
     got = jax.jit(sw.swiglu_grad_pallas_gpu)(gate_up, d_out)
     want = jax.jit(sw.swiglu_grad_reference)(gate_up, d_out)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2

@@ -8,6 +8,7 @@ draws the same noise as a straight one).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -280,8 +281,6 @@ def pool_hint(need_none: int, free: int, env=None, backend: str | None = None) -
     """What to say when remat auto had to recompute but the step without remat would fit a larger JAX
     memory pool: on a GPU whose pool is JAX's default 75%, the free memory at a 95% pool is `free` plus
     the extra 20% of the GPU (estimated from the default pool's limit). "" where that does not apply."""
-    import os
-
     env = os.environ if env is None else env
     backend = jax.default_backend() if backend is None else backend
     if backend != "gpu" or "XLA_PYTHON_CLIENT_MEM_FRACTION" in env or env.get("XLA_PYTHON_CLIENT_PREALLOCATE") == "false":

@@ -1,5 +1,5 @@
-"""Pieces shared by the GCA kernels (pallas_gpu, pallas_tpu, triton): argument checks, the inverse
-index for the backward pass, and the output poisoning used by the tests.
+"""Pieces shared by the GCA kernels (pallas_gpu, pallas_tpu, triton): argument checks and the inverse
+index for the backward pass (the output poisoning used by the tests is pallas_kernels.poison).
 
 Backward organisation (all three kernels):
   * dq / dweights: a grid over query chunks (like the forward); each program loops over its K slots,
@@ -19,10 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gca.api import Unsupported
-
-# Tests set this to True: kernels then receive NaN-filled output buffers (aliased in place), so an
-# element the kernel forgets to write shows up as NaN instead of as stale or zero memory.
-POISON_OUTPUTS = False
 
 
 def next_pow2(n: int) -> int:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import poison
 from pallas_kernels.gca import common_vjp
 from pallas_kernels.gca.api import Unsupported
 from pallas_kernels.gca.common_vjp import next_pow2
@@ -156,28 +157,9 @@ def _dkdv_kernel(pairs_ref, starts_ref, w_ref, q_ref, k_ref, v_ref, do_ref, dk_r
 
 
 def _call(kernel, grid, out_shapes, args, *, interpret, name):
-    """pallas_call over whole-array refs; with POISON_OUTPUTS the outputs start as NaN buffers."""
-    n_in = len(args)
-    if common_vjp.POISON_OUTPUTS:
-        poison = [jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else -1, s.dtype)
-                  for s in out_shapes]
-        aliases = {n_in + i: i for i in range(len(out_shapes))}
-
-        def body(*refs):
-            kernel(*refs[:n_in], *refs[n_in + len(out_shapes):])
-
-        args = (*args, *poison)
-    else:
-        aliases, body = {}, kernel
-    return pl.pallas_call(
-        body,
-        out_shape=tuple(out_shapes),
-        grid=grid,
-        input_output_aliases=aliases,
-        interpret=interpret,
-        compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
-        name=name,
-    )(*args)
+    """pallas_call over whole-array refs, outputs poisoned under tests (pallas_kernels.poison)."""
+    return poison.pallas_call(kernel, out_shapes=out_shapes, grid=grid, args=args, interpret=interpret, name=name,
+                              compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES))
 
 
 def _static(q, k_mem, indices):

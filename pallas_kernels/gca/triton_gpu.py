@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import poison
 from pallas_kernels.gca import common_vjp
 from pallas_kernels.gca.api import Unsupported
 from pallas_kernels.gca.common_vjp import next_pow2
@@ -238,11 +239,11 @@ _LOG2E = 1.4426950408889634
 
 
 def _launch(name, args, out_shapes, grid, scalars, meta):
-    poison = common_vjp.POISON_OUTPUTS
-    kern = _kernels()[name + ("_poison" if poison else "")]
+    poisoned = poison.POISON_OUTPUTS
+    kern = _kernels()[name + ("_poison" if poisoned else "")]
     extra, aliases = (), None
-    if poison:
-        extra = tuple(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes)
+    if poisoned:
+        extra = poison.filled_outputs(out_shapes)
         aliases = {len(args) + i: i for i in range(len(out_shapes))}
     return jt.triton_call(
         *args, *extra, *scalars, kernel=kern, out_shape=list(out_shapes), grid=grid, num_warps=NUM_WARPS,
