@@ -20,6 +20,7 @@ GCA_RESIDUALS = ("authors", "standard")
 REMAT_POLICIES = ("none", "full", "dots", "auto")
 PROMPT_ALIGNS = ("chunk", "none")
 MLP_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.swiglu.GRADIENT's implementations
+NORM_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.rmsnorm.FORWARD's: RMSNorm and the residual add before it
 LSE_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.logsumexp.LOG_NORMALISER's: the loss head's log-normaliser
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: CPU tests under jax.enable_x64
 
@@ -97,6 +98,7 @@ class ModelConfig:
     gca_impl: str = "auto"
     mlp_impl: str = "auto"
     lse_impl: str = "auto"
+    norm_impl: str = "auto"
     prompt_align: str = "chunk"
 
     def __post_init__(self):
@@ -172,6 +174,8 @@ class ModelConfig:
             bad(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         if self.mlp_impl not in MLP_IMPLS:
             bad(f"mlp_impl={self.mlp_impl!r} is not one of {MLP_IMPLS}")
+        if self.norm_impl not in NORM_IMPLS:
+            bad(f"norm_impl={self.norm_impl!r} is not one of {NORM_IMPLS}")
         if self.lse_impl not in LSE_IMPLS:
             bad(f"lse_impl={self.lse_impl!r} is not one of {LSE_IMPLS}")
         for field in ("dtype", "param_dtype"):

@@ -1,7 +1,7 @@
-"""Which attention, GCA, SwiGLU-gradient and log-normaliser kernels a model config runs on this backend, and why.
+"""Which attention, GCA, SwiGLU-gradient, RMSNorm and log-normaliser kernels a model config runs on this backend, and why.
 
 The dispatchers (drt_jax.attention.choose, pallas_kernels.gca.api.choose, the KernelOps of
-pallas_kernels.swiglu and pallas_kernels.logsumexp) decide per call; this asks
+pallas_kernels.swiglu, pallas_kernels.rmsnorm and pallas_kernels.logsumexp) decide per call; this asks
 them once for the config's shapes, so that the trainer and the evaluator can say in one line what runs,
 and a config that leaves the fast path (a float32 model on a GPU takes the reference attention, several
 times slower) says why instead of running slowly without a word.
@@ -14,12 +14,12 @@ import jax.numpy as jnp
 
 from drt_jax import attention
 from drt_jax.config import ModelConfig
-from pallas_kernels import logsumexp, swiglu
+from pallas_kernels import logsumexp, rmsnorm, swiglu
 from pallas_kernels.gca import api as gca_api
 
 
 def kernel_choices(cfg: ModelConfig) -> dict[str, tuple[str, list[str]]]:
-    """{"attention", "gca", "mlp", "loss": (name, reasons)} for `cfg` on the default backend; the reasons
+    """{"attention", "gca", "mlp", "norm", "loss": (name, reasons)} for `cfg` on the default backend; the reasons
     say why faster candidates were skipped ("gca" only for DRT; "loss" is the loss head's log-normaliser)."""
     H, Hkv, Dh, S1 = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.slots_per_chunk
     dtype = jnp.dtype(cfg.dtype)
@@ -36,17 +36,21 @@ def kernel_choices(cfg: ModelConfig) -> dict[str, tuple[str, list[str]]]:
         out["gca"] = gca_api.choose(gq, mem, mem, idx, w, impl=cfg.gca_impl, softmax_off_by_one=cfg.gca_off_by_one)
     gate_up = jax.ShapeDtypeStruct((1, 128 * S1, 2, cfg.mlp_dim), dtype)
     out["mlp"] = swiglu.GRADIENT.choose(cfg.mlp_impl, gate_up, jax.ShapeDtypeStruct((1, 128 * S1, cfg.mlp_dim), dtype))
+    x = jax.ShapeDtypeStruct((1, 128 * S1, cfg.d_model), dtype)
+    gain = jax.ShapeDtypeStruct((cfg.d_model,), jnp.dtype(cfg.param_dtype))
+    out["norm"] = rmsnorm.FORWARD.choose(cfg.norm_impl, x, x, gain, eps=cfg.norm_eps, out_dtype=dtype)
     logits = jax.ShapeDtypeStruct((1, 128, cfg.vocab_size), jnp.float32)
     out["loss"] = logsumexp.LOG_NORMALISER.choose(cfg.lse_impl, logits, valid=cfg.vocab_size)
     return out
 
 
 def kernel_report(cfg: ModelConfig) -> str:
-    """One line: "kernels on gpu: attention cudnn, GCA pallas_gpu, SwiGLU gradient pallas_gpu, log-normaliser
-    reference", with the reasons for any skipped path."""
+    """One line: "kernels on gpu: attention cudnn, GCA pallas_gpu, SwiGLU gradient pallas_gpu, RMSNorm
+    pallas_gpu, log-normaliser reference", with the reasons for any skipped path."""
     parts, choices = [], kernel_choices(cfg)
     for op, label, field in (("attention", "attention", "model.attention_impl"), ("gca", "GCA", "model.gca_impl"),
-                             ("mlp", "SwiGLU gradient", "model.mlp_impl"), ("loss", "log-normaliser", "model.lse_impl")):
+                             ("mlp", "SwiGLU gradient", "model.mlp_impl"), ("norm", "RMSNorm", "model.norm_impl"),
+                             ("loss", "log-normaliser", "model.lse_impl")):
         if op not in choices:
             continue
         name, reasons = choices[op]

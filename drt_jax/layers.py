@@ -23,6 +23,7 @@ from drt_jax.attention import alibi_slopes, bidirectional_attention, cached_atte
 from drt_jax.config import ModelConfig
 from pallas_kernels import grouped_cross_attention
 from pallas_kernels.per_shard import KernelMesh
+from pallas_kernels.rmsnorm import rms_norm
 from pallas_kernels.swiglu import swiglu
 
 
@@ -42,18 +43,27 @@ def dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1)
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * gain, computed in float32, returned in the compute dtype."""
+    """x / sqrt(mean(x^2) + eps) * gain, computed in float32, returned in the compute dtype.
+
+    Called as norm(delta, residual=h) it also takes the residual add before it and returns
+    (h + delta, its norm): one kernel where XLA makes two passes (pallas_kernels.rmsnorm; `impl` is
+    cfg.norm_impl). x [B, ..., d], batch first."""
 
     eps: float
     dtype: str = "float32"
+    impl: str = "auto"
+    kernel_mesh: KernelMesh | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
         gain = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
-        acc = jnp.promote_types(x.dtype, jnp.float32)
-        x32 = x.astype(acc)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * gain.astype(acc)).astype(_dtype(self.dtype))
+        return rms_norm(x, gain, residual=residual, eps=self.eps, out_dtype=_dtype(self.dtype), impl=self.impl,
+                        kernel_mesh=self.kernel_mesh)
+
+
+def norm(cfg: ModelConfig, name: str, kernel_mesh: KernelMesh | None = None, eps: float | None = None) -> RMSNorm:
+    """The model's RMSNorm: cfg's epsilon (or `eps`), compute dtype and norm kernels."""
+    return RMSNorm(cfg.norm_eps if eps is None else eps, cfg.dtype, cfg.norm_impl, kernel_mesh, name=name)
 
 
 def rope_angles(positions, half_dim: int, theta: float, dtype=jnp.float32):
@@ -198,8 +208,9 @@ class LowerLayer(nn.Module):
         eps = cfg.encoder_norm_eps if self.bidirectional else cfg.norm_eps
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         attn = SelfAttention(cfg, bidirectional=self.bidirectional, kernel_mesh=self.kernel_mesh, name="attn")
-        a = h + drop(attn(RMSNorm(eps, cfg.dtype, name="attn_norm")(h), positions, cache))
-        return a + drop(MLP(cfg, self.kernel_mesh, name="mlp")(RMSNorm(eps, cfg.dtype, name="mlp_norm")(a)))
+        km = self.kernel_mesh
+        a, x = norm(cfg, "mlp_norm", km, eps)(drop(attn(norm(cfg, "attn_norm", km, eps)(h), positions, cache)), residual=h)
+        return a + drop(MLP(cfg, km, name="mlp")(x))
 
 
 class GroupedCrossAttention(nn.Module):
@@ -214,11 +225,14 @@ class GroupedCrossAttention(nn.Module):
     kernel_mesh: KernelMesh | None = None
 
     @nn.compact
-    def __call__(self, a, k_mem, v_mem, indices, weights):
+    def __call__(self, a, k_mem, v_mem, indices, weights, residual=None):
+        """With `residual`, GCA reads norm(a + residual) and returns (a + residual, its output)."""
         cfg = self.cfg
         B, L, _ = a.shape
         C = indices.shape[1]
-        x = RMSNorm(cfg.norm_eps, cfg.dtype, name="norm")(a)
+        x = norm(cfg, "norm", self.kernel_mesh)(a, residual=residual)
+        if residual is not None:
+            a, x = x
         q = dense(cfg, (cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), "q")(x)
         q = q.reshape(B, C, L // C, cfg.n_heads, cfg.head_dim)
         out = grouped_cross_attention(
@@ -226,7 +240,8 @@ class GroupedCrossAttention(nn.Module):
             softmax_off_by_one=cfg.gca_off_by_one, impl=cfg.gca_impl, kernel_mesh=self.kernel_mesh,
         )
         out = out.reshape(B, L, cfg.n_heads, cfg.head_dim)
-        return dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o", axis=(-2, -1))(out)
+        out = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "o", axis=(-2, -1))(out)
+        return out if residual is None else (a, out)
 
 
 class UpperLayer(nn.Module):
@@ -245,11 +260,12 @@ class UpperLayer(nn.Module):
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         attn = SelfAttention(cfg, kernel_mesh=self.kernel_mesh, name="attn")
-        a = h + drop(attn(RMSNorm(cfg.norm_eps, cfg.dtype, name="attn_norm")(h), positions, cache))
-        gca = GroupedCrossAttention(cfg, kernel_mesh=self.kernel_mesh, name="gca")
-        b = a + drop(gca(a, k_mem, v_mem, indices, weights))
+        km = self.kernel_mesh
+        gca = GroupedCrossAttention(cfg, kernel_mesh=km, name="gca")
+        a, g = gca(drop(attn(norm(cfg, "attn_norm", km)(h), positions, cache)), k_mem, v_mem, indices, weights, residual=h)
+        b, x = norm(cfg, "mlp_norm", km)(drop(g), residual=a)
         base = a if cfg.gca_residual == "authors" else b
-        return base + drop(MLP(cfg, self.kernel_mesh, name="mlp")(RMSNorm(cfg.norm_eps, cfg.dtype, name="mlp_norm")(b)))
+        return base + drop(MLP(cfg, km, name="mlp")(x))
 
 
 class ChunkEncoder(nn.Module):
@@ -270,13 +286,13 @@ class ChunkEncoder(nn.Module):
         B, L, d = u.shape
         S1 = cfg.slots_per_chunk
         C = L // S1
-        x = RMSNorm(cfg.encoder_norm_eps, cfg.dtype, name="pre_norm")(u).reshape(B * C, S1, d)
+        x = norm(cfg, "pre_norm", self.kernel_mesh, cfg.encoder_norm_eps)(u).reshape(B * C, S1, d)
         positions = jnp.arange(S1)
         layer_cls = maybe_remat(LowerLayer, cfg)
         for i in range(cfg.encoder_layers):
             x = layer_cls(cfg, self.deterministic, bidirectional=True, kernel_mesh=self.kernel_mesh,
                           name=f"layer_{i}")(x, positions)
-        e = RMSNorm(cfg.encoder_norm_eps, cfg.dtype, name="final_norm")(x).reshape(B, C, S1, d)
+        e = norm(cfg, "final_norm", self.kernel_mesh, cfg.encoder_norm_eps)(x).reshape(B, C, S1, d)
         landmark_keys = e[:, :, cfg.chunk_size]
         tokens = e[:, :, : cfg.chunk_size]
         kv_shape, kv_axes = (cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")

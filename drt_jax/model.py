@@ -77,7 +77,8 @@ class _Retrieval(nn.Module):
         cfg, g = self.cfg, self.g
         # Retrieval runs in at least float32 whatever the compute dtype: top-k is sensitive.
         score_dtype = jnp.promote_types(cfg.dtype, jnp.float32)
-        query = RMSNorm(cfg.norm_eps, score_dtype.name, name=f"landmark_norm_g{g}")(landmarks)
+        # [B, C, d] is one row a chunk: too small for a kernel to pay.
+        query = RMSNorm(cfg.norm_eps, score_dtype.name, "reference", name=f"landmark_norm_g{g}")(landmarks)
         scores = retrieval.landmark_scores(query, memory_keys.astype(score_dtype))
         scores = self.perturb(f"retrieval_scores_g{g}", scores)
         noise_rng = self.make_rng("gumbel") if (cfg.gumbel_noise and not deterministic) else None
@@ -166,7 +167,7 @@ class DRT(nn.Module):
             cfg.vocab_size, cfg.d_model, embedding_init=_embedding_init(cfg),
             dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
         )
-        self.final_norm = RMSNorm(cfg.norm_eps, cfg.dtype)
+        self.final_norm = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.norm_impl, self.kernel_mesh)
         self.lower_stage = _Lower(cfg, self.kernel_mesh)
         nn.share_scope(self, self.lower_stage)
         if cfg.uses_retrieval:

@@ -46,11 +46,13 @@ def _shard_map(fn, mesh, in_specs, out_specs):
     return shard_map(fn, mesh, in_specs, out_specs, check_rep=False)
 
 
-def run(fn: Callable, args: Sequence, layouts: Sequence[Layout], out_layout: Layout,
+def run(fn: Callable, args: Sequence, layouts: Sequence[Layout], out_layout: Layout | tuple[Layout, ...],
         kernel_mesh: KernelMesh | None = None):
-    """fn(*args) -> one array, run once per shard of `kernel_mesh` (None: one direct call).
+    """fn(*args) -> one array (or a tuple of arrays), run once per shard of `kernel_mesh` (None: one
+    direct call).
 
-    args: arrays, or None (passed to every shard as None); layouts: one per arg, a name per dimension.
+    args: arrays, or None (passed to every shard as None); layouts: one per arg, a name per dimension;
+    out_layout: the output's layout, or a tuple of layouts for a tuple of outputs.
     Raises ValueError when a batch or head dimension does not divide over its mesh axes (the trainer
     checks this at start-up, so only code that declares its own kernel mesh can reach it).
     """
@@ -73,5 +75,7 @@ def run(fn: Callable, args: Sequence, layouts: Sequence[Layout], out_layout: Lay
             full[i] = shard
         return fn(*full)
 
-    mapped = _shard_map(body, km.mesh, tuple(to_spec(layouts[i]) for i in present), to_spec(out_layout))
+    several = bool(out_layout) and isinstance(out_layout[0], tuple)
+    out_specs = tuple(map(to_spec, out_layout)) if several else to_spec(out_layout)
+    mapped = _shard_map(body, km.mesh, tuple(to_spec(layouts[i]) for i in present), out_specs)
     return mapped(*(args[i] for i in present))

@@ -252,16 +252,17 @@ def test_the_kernel_report_says_when_a_config_leaves_the_fast_path(monkeypatch):
     from drt_jax.kernels import kernel_report
 
     swa = ModelConfig.from_preset("tiny").replace(arch="swa", decoder_layers=(2,))
-    assert kernel_report(swa) == "kernels on cpu: attention reference, SwiGLU gradient reference, log-normaliser reference"
+    assert kernel_report(swa) == ("kernels on cpu: attention reference, SwiGLU gradient reference, RMSNorm reference, "
+                                 "log-normaliser reference")
     assert "attention reference (cudnn: cuDNN needs a GPU; model.attention_impl=cudnn)" in kernel_report(
         swa.replace(attention_impl="cudnn"))
     drt = ModelConfig.from_preset("tiny")
     assert kernel_report(drt) == ("kernels on cpu: attention reference, GCA reference, SwiGLU gradient reference, "
-                                  "log-normaliser reference")
+                                  "RMSNorm reference, log-normaliser reference")
     assert ("SwiGLU gradient reference (pallas_gpu: pallas_gpu needs a CUDA GPU (backend is cpu); "
             "model.mlp_impl=pallas_gpu)") in kernel_report(drt.replace(mlp_impl="pallas_gpu"))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert kernel_report(swa.replace(dtype="bfloat16")) == ("kernels on gpu: attention cudnn, SwiGLU gradient pallas_gpu, "
-                                                            "log-normaliser reference")
+                                                            "RMSNorm pallas_gpu, log-normaliser reference")
     report = kernel_report(swa)
     assert report.startswith("kernels on gpu: attention reference (cudnn: ") and "not float32" in report, report

@@ -186,6 +186,23 @@ PALLAS_SCRIPT = textwrap.dedent(
     for a, b in zip(grads(attn("reference"), qa, ka, va), grads(attn("splash"), qa, ka, va), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert sorted(set(calls)) == [("gca", (1, C, S, H // 2, D)), ("splash", (1, T, H // 2, D))], calls
+
+    # RMSNorm's two-output forward and its gradient with the per-program gain partials, per batch shard.
+    from pallas_kernels import rmsnorm as rn
+    for op, fn in ((rn.FORWARD, rn.rms_norm_fwd_pallas_gpu), (rn.GRADIENT, rn.rms_norm_bwd_pallas_gpu)):
+        def traced(*args, fn=fn, **kwargs):
+            calls.append(("norm", args[0].shape))
+            return fn(*args, interpret=True, **kwargs)
+        op.impls["pallas_gpu"] = traced
+    x, res, gain = arr(B, T, 24), arr(B, T, 24), 1.0 + 0.1 * arr(24)
+    def norm(impl):
+        def f(x, res, gain):
+            s, y = rn.rms_norm(x, gain, residual=res, eps=1e-5, impl=impl, kernel_mesh=km)
+            return s * y
+        return f
+    for a, b in zip(grads(norm("reference"), x, res, gain), grads(norm("pallas_gpu"), x, res, gain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert ("norm", (1, T, 24)) in calls, calls
     print("OK")
     """
 )

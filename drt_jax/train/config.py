@@ -252,7 +252,7 @@ _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig
 
 # Fields of ModelConfig that do not change the parameters or the function computed by a checkpoint;
 # they may differ between a checkpoint and the run that resumes or evaluates it.
-RUNTIME_MODEL_FIELDS = frozenset({"name", "dtype", "remat", "attention_impl", "gca_impl", "mlp_impl", "lse_impl", "dropout_rate", "gumbel_noise"})
+RUNTIME_MODEL_FIELDS = frozenset({"name", "dtype", "remat", "attention_impl", "gca_impl", "mlp_impl", "lse_impl", "norm_impl", "dropout_rate", "gumbel_noise"})
 
 
 def model_mismatch(saved: dict, current: ModelConfig) -> str | None:

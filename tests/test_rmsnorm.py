@@ -1,0 +1,156 @@
+"""pallas_kernels.rmsnorm: RMSNorm with the residual add before it, its kernels against the reference
+(under the generic Pallas interpreter on CPU, compiled on a GPU), the one-pass gradient against
+autodiff, and the layers' use of it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drt_jax.config import ConfigError, ModelConfig
+from pallas_kernels import poison
+from pallas_kernels import rmsnorm as rn
+
+ON_GPU = jax.default_backend() == "gpu"
+EPS = 1e-5
+
+
+def _inputs(shape, dtype, seed):
+    """x, residual [*shape] at different scales, gain [d] near 1, d y and d s: fresh random values."""
+    k = jax.random.split(jax.random.PRNGKey(seed), 5)
+    x = (jax.random.normal(k[0], shape) * 2.0).astype(dtype)
+    r = (jax.random.normal(k[1], shape) * 0.5).astype(dtype)
+    gain = 1.0 + 0.2 * jax.random.normal(k[2], shape[-1:])
+    return x, r, gain, jax.random.normal(k[3], shape).astype(dtype), jax.random.normal(k[4], shape).astype(dtype)
+
+
+def _plain(x, r, gain, out_dtype):
+    """The unfused layer code: a bfloat16 residual add, then the norm in float32."""
+    s = x if r is None else x + r
+    s32 = s.astype(jnp.float32)
+    y = s32 * jax.lax.rsqrt(jnp.mean(s32 * s32, axis=-1, keepdims=True) + EPS)
+    return s, (y * gain).astype(out_dtype)
+
+
+def _close(got, want, tol):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+
+def test_the_reference_is_the_layer_code_and_its_gradient_is_autodiffs():
+    x, r, gain, dy, ds = _inputs((2, 7, 48), jnp.float32, 0)
+    s, y = rn.rms_norm(x, gain, residual=r, eps=EPS, impl="reference")
+    want_s, want_y = _plain(x, r, gain, jnp.float32)
+    np.testing.assert_array_equal(s, want_s)
+    np.testing.assert_array_equal(y, want_y)
+    dx, dg = rn.rms_norm_bwd_reference(s, gain, dy, ds, eps=EPS)
+    _, vjp = jax.vjp(lambda x, r, g: _plain(x, r, g, jnp.float32), x, r, gain)
+    want_dx, want_dr, want_dg = vjp((ds, dy))
+    _close(dx, want_dx, 1e-5)
+    _close(dx, want_dr, 1e-5)
+    _close(dg.sum(0), want_dg, 1e-5)
+
+
+@pytest.mark.parametrize("shape,dtype,residual", [((2, 40, 96), jnp.float32, True), ((3, 7, 768), jnp.bfloat16, True),
+                                                  ((5, 48), jnp.float32, False), ((2, 64, 80), jnp.bfloat16, False)])
+def test_pallas_gpu_kernels_match_the_reference_in_interpret_mode(shape, dtype, residual, monkeypatch):
+    """Widths that are not powers of two (masked columns), odd row counts (blocks of one row), 64 rows
+    of 4 (a program walks 16 blocks); outputs start as NaN, so an element a kernel does not write shows."""
+    x, r, gain, dy, ds = _inputs(shape, dtype, 1)
+    r, ds = (r, ds) if residual else (None, None)
+    monkeypatch.setattr(poison, "POISON_OUTPUTS", True)
+    s, y = rn.rms_norm_fwd_pallas_gpu(x, r, gain, eps=EPS, out_dtype=dtype, interpret=True)
+    want_s, want_y = rn.rms_norm_reference(x, r, gain, eps=EPS, out_dtype=dtype)
+    tol = 2e-6 if dtype == jnp.float32 else 1e-2
+    assert s.dtype == x.dtype and y.dtype == dtype and not np.isnan(np.asarray(y, np.float32)).any()
+    _close(s, want_s, 0)
+    _close(y, want_y, tol)
+    dx, dg = rn.rms_norm_bwd_pallas_gpu(s, gain, dy, ds, eps=EPS, interpret=True)
+    want_dx, want_dg = rn.rms_norm_bwd_reference(s, gain, dy, ds, eps=EPS)
+    assert dx.dtype == x.dtype and not np.isnan(np.asarray(dx, np.float32)).any() and not np.isnan(dg).any()
+    _close(dx, want_dx, 1e-5 if dtype == jnp.float32 else 3e-2)
+    _close(dg.sum(0), want_dg.sum(0), 1e-4 if dtype == jnp.float32 else 5e-2)
+
+
+def test_the_kernel_path_differentiates_like_the_reference(monkeypatch):
+    """rms_norm with impl="pallas_gpu" goes through the custom gradient (the kernels under the
+    interpreter): output and the three gradients, with and without the residual."""
+    for name, fn in (("pallas_gpu", rn.rms_norm_fwd_pallas_gpu), ("pallas_gpu_bwd", rn.rms_norm_bwd_pallas_gpu)):
+        op = rn.FORWARD if name == "pallas_gpu" else rn.GRADIENT
+        monkeypatch.setitem(op.impls, "pallas_gpu", functools.partial(fn, interpret=True))
+    x, r, gain, dy, ds = _inputs((2, 12, 96), jnp.float32, 2)
+
+    def loss(impl, x, r, g):
+        s, y = rn.rms_norm(x, g, residual=r, eps=EPS, impl=impl)
+        return jnp.sum(s * ds) + jnp.sum(y * dy) + jnp.sum(rn.rms_norm(s, g, eps=EPS, impl=impl) ** 2)
+
+    got = jax.value_and_grad(functools.partial(loss, "pallas_gpu"), argnums=(0, 1, 2))(x, r, gain)
+    want = jax.value_and_grad(functools.partial(loss, "reference"), argnums=(0, 1, 2))(x, r, gain)
+    _close(got[0], want[0], 1e-5)
+    for g, w in zip(got[1], want[1], strict=True):
+        _close(g, w, 1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the compiled Pallas kernels need a GPU")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_gpu_kernels_match_the_reference_on_gpu(dtype, monkeypatch):
+    x, r, gain, dy, ds = _inputs((2, 1044, 768), dtype, 3)
+    monkeypatch.setattr(poison, "POISON_OUTPUTS", True)
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+
+    def both(impl, x, r, g):
+        (s, y), vjp = jax.vjp(lambda x, r, g: rn.rms_norm(x, g, residual=r, eps=EPS, impl=impl), x, r, g)
+        return s, y, *vjp((ds, dy))
+
+    got = jax.jit(functools.partial(both, "pallas_gpu"))(x, r, gain)
+    want = jax.jit(functools.partial(both, "reference"))(x, r, gain)
+    for name, g, w in zip(("s", "y", "dx", "dr", "dgain"), got, want, strict=True):
+        assert not np.isnan(np.asarray(g, np.float32)).any(), name
+        _close(g, w, tol if name != "dgain" else 50 * tol)
+    assert rn.FORWARD.choose("auto", x, r, gain, eps=EPS, out_dtype=dtype)[0] == "pallas_gpu"
+
+
+def test_a_kernel_that_cannot_run_says_why_and_the_reference_takes_the_call(caplog, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    x, r, gain, dy, ds = _inputs((2, 3, 64), jnp.float32, 4)
+    assert rn.FORWARD.choose("pallas_gpu", x, r, gain, eps=EPS, out_dtype=jnp.float32) == (
+        "reference", ["pallas_gpu: pallas_gpu needs a CUDA GPU (backend is cpu)"])
+    with caplog.at_level(logging.WARNING, logger="pallas_kernels.dispatch"):
+        s, y = rn.rms_norm(x, gain, residual=r, eps=EPS, impl="pallas_gpu")
+    assert "RMSNorm impl 'pallas_gpu' skipped: pallas_gpu needs a CUDA GPU" in caplog.text
+    _close(y, _plain(x, r, gain, jnp.float32)[1], 1e-6)
+    with pytest.raises(ValueError, match="unknown RMSNorm impl 'fast'"):
+        rn.rms_norm(x, gain, eps=EPS, impl="fast")
+    with pytest.raises(ConfigError, match=r"norm_impl='fast' is not one of"):
+        ModelConfig.from_preset("tiny").replace(norm_impl="fast")
+    from drt_jax.config import NORM_IMPLS
+
+    assert set(NORM_IMPLS) == {"auto", *rn.FORWARD.impls} == {"auto", *rn.GRADIENT.impls}
+
+
+def test_the_layers_fused_norms_keep_the_parameters_and_the_outputs(monkeypatch):
+    """A DRT with every norm through the kernels (interpreted) gives the reference's logits and gradients,
+    with the same parameter tree."""
+    from drt_jax.model import DRT
+
+    cfg = ModelConfig.from_preset("tiny").replace(gumbel_noise=False)
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 2 * cfg.slots_per_chunk * 4), 0, cfg.vocab_size)
+    params = DRT(cfg).init(jax.random.PRNGKey(6), tokens)["params"]
+    for name, fn in (("fwd", rn.rms_norm_fwd_pallas_gpu), ("bwd", rn.rms_norm_bwd_pallas_gpu)):
+        monkeypatch.setitem((rn.FORWARD if name == "fwd" else rn.GRADIENT).impls, "pallas_gpu",
+                            functools.partial(fn, interpret=True))
+    kernel_cfg = cfg.replace(norm_impl="pallas_gpu")
+    assert jax.tree.structure(DRT(kernel_cfg).init(jax.random.PRNGKey(6), tokens)["params"]) == jax.tree.structure(params)
+
+    def loss(c, p):
+        return jnp.mean(DRT(c).apply({"params": p}, tokens) ** 2)
+
+    got, got_grad = jax.value_and_grad(functools.partial(loss, kernel_cfg))(params)
+    want, want_grad = jax.value_and_grad(functools.partial(loss, cfg))(params)
+    _close(got, want, 1e-5)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
+        _close(g, w, 2e-5)
