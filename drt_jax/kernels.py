@@ -46,7 +46,7 @@ def kernel_choices(cfg: ModelConfig) -> dict[str, tuple[str, list[str]]]:
 
 def kernel_report(cfg: ModelConfig) -> str:
     """One line: "kernels on gpu: attention cudnn, GCA pallas_gpu, SwiGLU gradient pallas_gpu, RMSNorm
-    pallas_gpu, log-normaliser reference", with the reasons for any skipped path."""
+    pallas_gpu, log-normaliser pallas_gpu", with the reasons for any skipped path."""
     parts, choices = [], kernel_choices(cfg)
     for op, label, field in (("attention", "attention", "model.attention_impl"), ("gca", "GCA", "model.gca_impl"),
                              ("mlp", "SwiGLU gradient", "model.mlp_impl"), ("norm", "RMSNorm", "model.norm_impl"),

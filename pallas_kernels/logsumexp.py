@@ -6,10 +6,8 @@ logits [..., Vp] (Vp: the vocabulary padded to a multiple of 128; the padded col
                 d logits pass over the same bytes runs at 2.6.
   "pallas_gpu": a Pallas kernel lowered through Triton: each program walks a few rows in tiles of
                 columns, one exp per element, a running max and sum per row. Tested against float64
-                under the Pallas interpreter; not yet compiled or timed on a GPU
-                (`tests/test_logsumexp.py` holds the GPU tests), so "auto" does not pick it: ask for
-                it with model.lse_impl="pallas_gpu".
-  "auto":       the reference.
+                under the Pallas interpreter and compiled on a GPU.
+  "auto":       pallas_gpu on a GPU, else the reference.
 
 Not differentiable (the blocked loss forms its own gradient). The dispatcher tries the candidates in
 order; one that cannot take a call says why in a log line.
@@ -102,8 +100,8 @@ def logsumexp_pallas_gpu(x, valid: int, *, interpret: bool = False):
 
 # drt_jax.config.LSE_IMPLS lists the same names for model.lse_impl.
 # The reference runs as XLA partitions it: the logits' vocabulary may be split over the tensor axis.
-LOG_NORMALISER = KernelOp("log-normaliser", {"reference": logsumexp_reference, "pallas_gpu": logsumexp_pallas_gpu}, {},
-                          reference_per_shard=False)
+LOG_NORMALISER = KernelOp("log-normaliser", {"reference": logsumexp_reference, "pallas_gpu": logsumexp_pallas_gpu},
+                          {"gpu": ("pallas_gpu",)}, reference_per_shard=False)
 
 
 def row_logsumexp(x, valid: int, *, impl: str = "auto", kernel_mesh: per_shard.KernelMesh | None = None):
