@@ -31,7 +31,6 @@ from pallas_kernels import per_shard, poison
 from pallas_kernels.blocks import largest_pow2_divisor
 from pallas_kernels.dispatch import KernelOp, Unsupported
 
-_ROWS = ("batch", None)
 _GAIN = (None,)
 
 
@@ -203,8 +202,9 @@ def rms_norm(x, gain, *, residual=None, eps: float, out_dtype=None, impl: str = 
     """x [..., d] (batch first), gain [d] -> y [..., d] in out_dtype (default x's); with `residual`
     [..., d], (s, y) with s = x + residual. Differentiable; `impl` picks the kernels (see the module
     docstring), run per batch shard under a `kernel_mesh`."""
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"rms_norm: residual {residual.shape} does not match x {x.shape}")
+    if residual is not None and (residual.shape, residual.dtype) != (x.shape, x.dtype):
+        raise ValueError(f"rms_norm: residual {residual.dtype}{list(residual.shape)} does not match x "
+                         f"{x.dtype}{list(x.shape)}; cast or reshape it")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if FORWARD.candidates(impl) == ["reference"]:
         # No kernel to try: autodiff of the reference, which XLA fuses with its neighbours.

@@ -123,6 +123,8 @@ def test_a_kernel_that_cannot_run_says_why_and_the_reference_takes_the_call(capl
         s, y = rn.rms_norm(x, gain, residual=r, eps=EPS, impl="pallas_gpu")
     assert "RMSNorm impl 'pallas_gpu' skipped: pallas_gpu needs a CUDA GPU" in caplog.text
     _close(y, _plain(x, r, gain, jnp.float32)[1], 1e-6)
+    with pytest.raises(ValueError, match=r"residual bfloat16\[2, 3, 64\] does not match x float32\[2, 3, 64\]"):
+        rn.rms_norm(x, gain, residual=r.astype(jnp.bfloat16), eps=EPS)
     with pytest.raises(ValueError, match="unknown RMSNorm impl 'fast'"):
         rn.rms_norm(x, gain, eps=EPS, impl="fast")
     with pytest.raises(ConfigError, match=r"norm_impl='fast' is not one of"):
