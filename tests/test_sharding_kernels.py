@@ -209,8 +209,9 @@ PALLAS_SCRIPT = textwrap.dedent(
 
 
 def test_pallas_tpu_kernels_in_interpret_mode_run_per_shard_on_data_x_tensor(tmp_path):
-    """pallas_tpu GCA and splash attention (interpret mode) per shard of a (data=4, tensor=2) mesh: their
-    gradients match the reference's, so batch rows and GQA head blocks are split consistently."""
+    """pallas_tpu GCA and splash attention, and the GPU RMSNorm kernels (interpret mode) per shard of a
+    (data=4, tensor=2) mesh: their gradients match the reference's, so batch rows and GQA head blocks are
+    split consistently and the norm's gain gradient sums over the batch shards."""
     script = tmp_path / "pallas.py"
     script.write_text(PALLAS_SCRIPT)
     env = cli_env()
