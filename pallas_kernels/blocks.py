@@ -1,7 +1,14 @@
-"""Block sizes of the row-wise kernels (SwiGLU's gradient, the log-normaliser): they flatten the leading
-dimensions into rows and need power-of-two blocks (Triton) that divide the rows and columns exactly."""
+"""Block sizes of the Triton-lowered kernels, whose blocks are powers of two. The row-wise kernels
+(SwiGLU's gradient, RMSNorm, the log-normaliser) flatten the leading dimensions into rows and take
+blocks that divide the rows exactly; a dimension no power of two divides is padded to the next one
+and masked (GCA's chunks, RMSNorm's width)."""
 
 from __future__ import annotations
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def largest_pow2_divisor(n: int, cap: int) -> int:

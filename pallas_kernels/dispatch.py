@@ -24,6 +24,12 @@ class Unsupported(NotImplementedError):
     """Raised by a kernel for inputs it cannot take; the message says why."""
 
 
+def require_gpu(name: str, interpret: bool = False) -> None:
+    """Raises Unsupported unless the default backend is a GPU (or the kernel runs under the interpreter)."""
+    if not interpret and jax.default_backend() != "gpu":
+        raise Unsupported(f"{name} needs a CUDA GPU (backend is {jax.default_backend()})")
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelOp:
     """name: what the op is called in messages; impls: {name: fn} with "reference" among them; auto_order:

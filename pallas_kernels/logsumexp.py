@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import per_shard, poison
 from pallas_kernels.blocks import largest_pow2_divisor
-from pallas_kernels.dispatch import KernelOp, Unsupported
+from pallas_kernels.dispatch import KernelOp, Unsupported, require_gpu
 
 _ROWS_BLOCK, _COLUMNS_TILE = 4, 2048
 
@@ -79,8 +79,7 @@ def _kernel(x_ref, out_ref, *, bm, bv, valid):
 
 def logsumexp_pallas_gpu(x, valid: int, *, interpret: bool = False):
     """The reference's result as a Pallas (Triton) kernel; `interpret` runs it on any backend (tests)."""
-    if not interpret and jax.default_backend() != "gpu":
-        raise Unsupported(f"pallas_gpu needs a CUDA GPU (backend is {jax.default_backend()})")
+    require_gpu("pallas_gpu", interpret)
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise Unsupported(f"logits dtype {x.dtype} (float32 or bfloat16)")
     *lead, Vp = x.shape

@@ -28,8 +28,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import per_shard, poison
-from pallas_kernels.blocks import largest_pow2_divisor
-from pallas_kernels.dispatch import KernelOp, Unsupported
+from pallas_kernels.blocks import largest_pow2_divisor, next_pow2
+from pallas_kernels.dispatch import KernelOp, Unsupported, require_gpu
 
 _GAIN = (None,)
 
@@ -47,8 +47,8 @@ def rms_norm_reference(x, residual, gain, *, eps: float, out_dtype):
 
 
 def _cols(d: int):
-    """Triton blocks are powers of two: a row of d columns is loaded as the next power of two, masked."""
-    bd = 1 << (d - 1).bit_length()
+    """A row of d columns is loaded as the next power of two of them, masked."""
+    bd = next_pow2(d)
     return bd, jnp.arange(bd) < d
 
 
@@ -98,8 +98,7 @@ def _bwd_kernel(*refs, bm, steps, d, eps, has_ds):
 
 
 def _check(x, interpret):
-    if not interpret and jax.default_backend() != "gpu":
-        raise Unsupported(f"pallas_gpu needs a CUDA GPU (backend is {jax.default_backend()})")
+    require_gpu("pallas_gpu", interpret)
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise Unsupported(f"dtype {x.dtype} (float32 or bfloat16)")
     if x.shape[-1] > 8192:

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import per_shard, poison
 from pallas_kernels.blocks import largest_pow2_divisor
-from pallas_kernels.dispatch import KernelOp, Unsupported
+from pallas_kernels.dispatch import KernelOp, Unsupported, require_gpu
 
 # Inside a kernel mesh the MLP width splits over the head axes, as the "mlp" parameters do over "tensor".
 _GATE_UP = ("batch", None, None, "heads")
@@ -56,8 +56,7 @@ def _grad_kernel(gu_ref, d_ref, out_ref, *, bm, bf):
 
 def swiglu_grad_pallas_gpu(gate_up, d_out, *, interpret: bool = False):
     """The reference's gradient as a Pallas (Triton) kernel; `interpret` runs it on any backend (tests)."""
-    if not interpret and jax.default_backend() != "gpu":
-        raise Unsupported(f"pallas_gpu needs a CUDA GPU (backend is {jax.default_backend()})")
+    require_gpu("pallas_gpu", interpret)
     if gate_up.dtype not in (jnp.float32, jnp.bfloat16) or d_out.dtype != gate_up.dtype:
         raise Unsupported(f"dtypes gate_up {gate_up.dtype}, d_out {d_out.dtype} (float32 or bfloat16, both the same)")
     *lead, two, F = gate_up.shape

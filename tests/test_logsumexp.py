@@ -66,9 +66,7 @@ def test_a_kernel_that_cannot_run_says_why_and_the_reference_takes_the_call(capl
 
 
 def test_the_config_names_the_log_normaliser_and_refuses_an_unknown_one():
-    from drt_jax.config import ConfigError, ModelConfig
-
-    from drt_jax.config import LSE_IMPLS
+    from drt_jax.config import LSE_IMPLS, ConfigError, ModelConfig
 
     assert ModelConfig.from_preset("tiny").lse_impl == "auto"
     assert set(LSE_IMPLS) == {"auto", *lse.LOG_NORMALISER.impls}

@@ -37,6 +37,12 @@ def _plain(x, r, gain, out_dtype):
     return s, (y * gain).astype(out_dtype)
 
 
+def _interpret_kernels(monkeypatch):
+    """impl="pallas_gpu" reaches both kernels under the Pallas interpreter, as on a GPU."""
+    monkeypatch.setitem(rn.FORWARD.impls, "pallas_gpu", functools.partial(rn.rms_norm_fwd_pallas_gpu, interpret=True))
+    monkeypatch.setitem(rn.GRADIENT.impls, "pallas_gpu", functools.partial(rn.rms_norm_bwd_pallas_gpu, interpret=True))
+
+
 def _close(got, want, tol):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
 
@@ -79,9 +85,7 @@ def test_pallas_gpu_kernels_match_the_reference_in_interpret_mode(shape, dtype, 
 def test_the_kernel_path_differentiates_like_the_reference(monkeypatch):
     """rms_norm with impl="pallas_gpu" goes through the custom gradient (the kernels under the
     interpreter): output and the three gradients, with and without the residual."""
-    for name, fn in (("pallas_gpu", rn.rms_norm_fwd_pallas_gpu), ("pallas_gpu_bwd", rn.rms_norm_bwd_pallas_gpu)):
-        op = rn.FORWARD if name == "pallas_gpu" else rn.GRADIENT
-        monkeypatch.setitem(op.impls, "pallas_gpu", functools.partial(fn, interpret=True))
+    _interpret_kernels(monkeypatch)
     x, r, gain, dy, ds = _inputs((2, 12, 96), jnp.float32, 2)
 
     def loss(impl, x, r, g):
@@ -147,9 +151,7 @@ def test_the_layers_fused_norms_keep_the_parameters_and_the_outputs(monkeypatch)
     cfg = ModelConfig.from_preset("tiny").replace(gumbel_noise=False)
     tokens = jax.random.randint(jax.random.PRNGKey(5), (1, cfg.slots_per_chunk * 4), 0, cfg.vocab_size)
     params = DRT(cfg).init(jax.random.PRNGKey(6), tokens)["params"]
-    for name, fn in (("fwd", rn.rms_norm_fwd_pallas_gpu), ("bwd", rn.rms_norm_bwd_pallas_gpu)):
-        monkeypatch.setitem((rn.FORWARD if name == "fwd" else rn.GRADIENT).impls, "pallas_gpu",
-                            functools.partial(fn, interpret=True))
+    _interpret_kernels(monkeypatch)
     kernel_cfg = cfg.replace(norm_impl="pallas_gpu")
     assert jax.tree.structure(DRT(kernel_cfg).init(jax.random.PRNGKey(6), tokens)["params"]) == jax.tree.structure(params)
 

@@ -18,11 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.blocks import next_pow2
 from pallas_kernels.gca.api import Unsupported
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def check_dtypes(q, k_mem, v_mem, weights) -> None:

@@ -21,9 +21,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import poison
+from pallas_kernels.blocks import next_pow2
+from pallas_kernels.dispatch import require_gpu
 from pallas_kernels.gca import common_vjp
-from pallas_kernels.gca.api import Unsupported
-from pallas_kernels.gca.common_vjp import next_pow2
 
 NUM_WARPS = 4
 NUM_STAGES = 2
@@ -222,8 +222,7 @@ _gca.defvjp(_gca_fwd, _gca_bwd)
 def gca_pallas_gpu(q, k_mem, v_mem, indices, weights, *, softmax_off_by_one=True, scale=None,
                    interpret=False):
     """Same contract as `gca_reference`; raises `Unsupported` for inputs this kernel cannot take."""
-    if not interpret and jax.default_backend() != "gpu":
-        raise Unsupported(f"pallas_gpu needs a CUDA GPU (backend is {jax.default_backend()})")
+    require_gpu("pallas_gpu", interpret)
     common_vjp.check_dtypes(q, k_mem, v_mem, weights)
     common_vjp.check_one_tile("pallas_gpu", q, k_mem)
     scale = common_vjp.resolve_scale(scale, q.shape[-1])

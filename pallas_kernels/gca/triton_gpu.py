@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import poison
+from pallas_kernels.blocks import next_pow2
 from pallas_kernels.gca import common_vjp
 from pallas_kernels.gca.api import Unsupported
-from pallas_kernels.gca.common_vjp import next_pow2
 
 try:  # jax_triton 0.3.1 raises ImportError on CPU-only jaxlib; triton may be missing altogether.
     import jax_triton as jt
