@@ -13,6 +13,7 @@ and GCA reads whatever chunk memory the caller passes. The weights and the math 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -23,7 +24,7 @@ from drt_jax.attention import alibi_slopes, bidirectional_attention, cached_atte
 from drt_jax.config import ModelConfig
 from pallas_kernels import grouped_cross_attention
 from pallas_kernels.per_shard import KernelMesh
-from pallas_kernels.rmsnorm import rms_norm
+from pallas_kernels.rmsnorm import residual_add, rms_norm
 from pallas_kernels.swiglu import swiglu
 
 
@@ -64,6 +65,30 @@ class RMSNorm(nn.Module):
 def norm(cfg: ModelConfig, name: str, kernel_mesh: KernelMesh | None = None, eps: float | None = None) -> RMSNorm:
     """The model's RMSNorm: cfg's epsilon (or `eps`), compute dtype and norm kernels."""
     return RMSNorm(cfg.norm_eps if eps is None else eps, cfg.dtype, cfg.norm_impl, kernel_mesh, name=name)
+
+
+class Stream(NamedTuple):
+    """A residual stream whose last add is still pending: its value is base + delta, both [B, L, d].
+
+    A decoder or encoder layer returns its output this way, and the next layer's first norm takes the
+    add into its kernel (rms_norm's residual): the add costs no pass of its own, and the two gradients
+    of the layer's input (through the norm and through the residual) are summed in the norm's backward.
+    """
+
+    base: jax.Array
+    delta: jax.Array
+
+
+def resolve(h):
+    """h: [B, L, d] or a Stream -> its value [B, L, d], rounded as a fused norm would round it."""
+    return residual_add(h.delta, h.base) if isinstance(h, Stream) else h
+
+
+def normed(norm_module: RMSNorm, h):
+    """h: [B, L, d] or a Stream -> (its value, norm_module(value)), the pending add fused into the norm."""
+    if isinstance(h, Stream):
+        return norm_module(h.delta, residual=h.base)
+    return h, norm_module(h)
 
 
 def rope_angles(positions, half_dim: int, theta: float, dtype=jnp.float32):
@@ -195,7 +220,9 @@ class MLP(nn.Module):
 class LowerLayer(nn.Module):
     """Pre-norm Llama block: h + SA(norm(h)), then + MLP(norm(.)). Also the baselines' layer and,
     with `bidirectional`, the chunk encoder's layer (full attention within one chunk, RoPE positions
-    0..S, the encoder's own norm epsilon)."""
+    0..S, the encoder's own norm epsilon).
+
+    h [B, L, d] or a Stream -> a Stream: the last residual add is left to the next norm."""
 
     cfg: ModelConfig
     deterministic: bool = True
@@ -209,8 +236,9 @@ class LowerLayer(nn.Module):
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         attn = SelfAttention(cfg, bidirectional=self.bidirectional, kernel_mesh=self.kernel_mesh, name="attn")
         km = self.kernel_mesh
-        a, x = norm(cfg, "mlp_norm", km, eps)(drop(attn(norm(cfg, "attn_norm", km, eps)(h), positions, cache)), residual=h)
-        return a + drop(MLP(cfg, km, name="mlp")(x))
+        h, x = normed(norm(cfg, "attn_norm", km, eps), h)
+        a, x = norm(cfg, "mlp_norm", km, eps)(drop(attn(x, positions, cache)), residual=h)
+        return Stream(a, drop(MLP(cfg, km, name="mlp")(x)))
 
 
 class GroupedCrossAttention(nn.Module):
@@ -249,6 +277,7 @@ class UpperLayer(nn.Module):
 
     "authors" wiring: a = h + SA(norm h); b = a + GCA(a); h' = a + MLP(norm b) (GCA reaches the
     residual stream only through the MLP input, as in the released code). "standard": h' = b + MLP(norm b).
+    h [B, L, d] or a Stream -> a Stream (h' with its last add pending).
     """
 
     cfg: ModelConfig
@@ -262,10 +291,11 @@ class UpperLayer(nn.Module):
         attn = SelfAttention(cfg, kernel_mesh=self.kernel_mesh, name="attn")
         km = self.kernel_mesh
         gca = GroupedCrossAttention(cfg, kernel_mesh=km, name="gca")
-        a, g = gca(drop(attn(norm(cfg, "attn_norm", km)(h), positions, cache)), k_mem, v_mem, indices, weights, residual=h)
+        h, x = normed(norm(cfg, "attn_norm", km), h)
+        a, g = gca(drop(attn(x, positions, cache)), k_mem, v_mem, indices, weights, residual=h)
         b, x = norm(cfg, "mlp_norm", km)(drop(g), residual=a)
         base = a if cfg.gca_residual == "authors" else b
-        return base + drop(MLP(cfg, km, name="mlp")(x))
+        return Stream(base, drop(MLP(cfg, km, name="mlp")(x)))
 
 
 class ChunkEncoder(nn.Module):
@@ -292,7 +322,8 @@ class ChunkEncoder(nn.Module):
         for i in range(cfg.encoder_layers):
             x = layer_cls(cfg, self.deterministic, bidirectional=True, kernel_mesh=self.kernel_mesh,
                           name=f"layer_{i}")(x, positions)
-        e = norm(cfg, "final_norm", self.kernel_mesh, cfg.encoder_norm_eps)(x).reshape(B, C, S1, d)
+        _, e = normed(norm(cfg, "final_norm", self.kernel_mesh, cfg.encoder_norm_eps), x)
+        e = e.reshape(B, C, S1, d)
         landmark_keys = e[:, :, cfg.chunk_size]
         tokens = e[:, :, : cfg.chunk_size]
         kv_shape, kv_axes = (cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")

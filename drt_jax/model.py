@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from drt_jax import chunking, retrieval
 from drt_jax.config import ModelConfig
-from drt_jax.layers import ChunkEncoder, Incremental, LowerLayer, RMSNorm, UpperLayer, maybe_remat
+from drt_jax.layers import ChunkEncoder, Incremental, LowerLayer, RMSNorm, UpperLayer, maybe_remat, normed, resolve
 from pallas_kernels.per_shard import KernelMesh
 
 
@@ -37,7 +37,8 @@ def _embedding_init(cfg: ModelConfig):
 
 
 class _Lower(nn.Module):
-    """Embedding dropout and the lower layers (every layer of a baseline): [B, L, d] -> [B, L, d]."""
+    """Embedding dropout and the lower layers (every layer of a baseline): [B, L, d] -> [B, L, d] as a
+    layers.Stream (the last add pending)."""
 
     cfg: ModelConfig
     kernel_mesh: KernelMesh | None = None
@@ -91,7 +92,7 @@ class _Retrieval(nn.Module):
 
 class _Group(nn.Module):
     """Group g's upper layers: h [B, L, d] with GCA over k_mem/v_mem [B, M, S, Hkv, Dh] read through
-    indices/weights [B, C, K] (row c serves the c-th run of L / C slots) -> [B, L, d]."""
+    indices/weights [B, C, K] (row c serves the c-th run of L / C slots) -> [B, L, d] as a layers.Stream."""
 
     cfg: ModelConfig
     g: int
@@ -231,13 +232,16 @@ class DRT(nn.Module):
         positions = jnp.arange(x.shape[1])
         h = self.lower_stage(x, positions, deterministic)
         if cfg.uses_retrieval:
+            h = resolve(h)
             landmark_keys, k_mem, v_mem = self.encoder_stage(h, deterministic)
             for retrieve, group in zip(self.retrieval_stages, self.group_stages, strict=True):
+                h = resolve(h)
                 landmarks = chunking.landmark_states(h, cfg.chunk_size)
                 indices, weights = retrieve(landmarks, landmark_keys, deterministic=deterministic)
                 indices, weights = retrieval.shift_to_consumers(indices, weights)
                 h = group(h, positions, k_mem, v_mem, indices, weights, deterministic)
-        h = self.final_norm(h)
+        # The last layer's residual add runs inside the final norm's kernel.
+        _, h = normed(self.final_norm, h)
         return chunking.remove_landmarks(h, cfg.chunk_size, T) if cfg.uses_retrieval else h
 
     # ---- incremental inference (apply with mutable=["cache"]) ------------------------------------
@@ -261,7 +265,7 @@ class DRT(nn.Module):
             slots = jnp.concatenate([slots, jnp.full_like(slots, cfg.landmark_id)], axis=1)
         positions = position + jnp.arange(slots.shape[1])
         cache = Incremental(ring)
-        h = self.lower_stage(self.embed_slots(slots), positions, cache=cache)
+        h = resolve(self.lower_stage(self.embed_slots(slots), positions, cache=cache))
         if not cfg.uses_retrieval:
             return self.readout(h[:, 0]), None, None
         chunk = self.open_chunk(h, jnp.mod(position, cfg.slots_per_chunk))
@@ -271,7 +275,7 @@ class DRT(nn.Module):
             if closes_chunk:
                 indices, weights = retrieve(h[:, -1:], memory_keys, query_offset=chunks_done)
                 new.append((indices[:, 0], weights[:, 0]))
-            h = group(h, positions, *gca[g], cache=cache)
+            h = resolve(group(h, positions, *gca[g], cache=cache))
         return self.readout(h[:, 0]), finished, (new if closes_chunk else None)
 
     def prefill_lower(self, tokens, position, *, ring: int, prefix: int):
@@ -280,7 +284,7 @@ class DRT(nn.Module):
         k_mem, v_mem [B, C, S, Hkv, Dh]), or None for a baseline). prefix: see Incremental."""
         x = self.embed_tokens(tokens)
         positions = position + jnp.arange(x.shape[1])
-        h = self.lower_stage(x, positions, cache=Incremental(ring, prefix))
+        h = resolve(self.lower_stage(x, positions, cache=Incremental(ring, prefix)))
         return h, (self.encoder_stage(h) if self.config.uses_retrieval else None)
 
     def retrieve(self, g: int, h, memory_keys, chunks_done):
@@ -294,7 +298,7 @@ class DRT(nn.Module):
         """Group g's upper layers over a prefill segment h [B, L, d] from absolute slot `position`, GCA
         reading k_mem/v_mem [B, M, S, Hkv, Dh] through indices/weights [B, C, K] -> [B, L, d]."""
         positions = position + jnp.arange(h.shape[1])
-        return self.group_stages[g](h, positions, k_mem, v_mem, indices, weights, cache=Incremental(ring, prefix))
+        return resolve(self.group_stages[g](h, positions, k_mem, v_mem, indices, weights, cache=Incremental(ring, prefix)))
 
 
 def parameter_count(cfg: ModelConfig) -> dict[str, int]:

@@ -38,9 +38,15 @@ def _acc(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def residual_add(x, residual):
+    """x + residual [..., d] in x's dtype, summed in float32 and rounded once: the kernel's s, and the
+    sum a caller takes where no norm follows, so that both round alike."""
+    return (x.astype(_acc(x.dtype)) + residual.astype(_acc(x.dtype))).astype(x.dtype)
+
+
 def rms_norm_reference(x, residual, gain, *, eps: float, out_dtype):
     """x, residual (or None) [..., d], gain [d] -> (s [..., d] in x's dtype, y [..., d] in out_dtype)."""
-    s = x if residual is None else (x.astype(_acc(x.dtype)) + residual.astype(_acc(x.dtype))).astype(x.dtype)
+    s = x if residual is None else residual_add(x, residual)
     s32 = s.astype(_acc(s.dtype))
     y = s32 * jax.lax.rsqrt(jnp.mean(s32 * s32, axis=-1, keepdims=True) + eps)
     return s, (y * gain.astype(y.dtype)).astype(out_dtype)
@@ -155,7 +161,7 @@ def rms_norm_bwd_reference(s, gain, dy, ds, *, eps: float):
     _, vjp = jax.vjp(lambda s, g: rms_norm_reference(s, None, g, eps=eps, out_dtype=dy.dtype)[1], s, gain)
     dx, dg = vjp(dy)
     if ds is not None:
-        dx = (dx.astype(_acc(dx.dtype)) + ds.astype(_acc(dx.dtype))).astype(s.dtype)
+        dx = residual_add(dx.astype(s.dtype), ds)
     return dx, dg.astype(jnp.float32)[None, :]
 
 

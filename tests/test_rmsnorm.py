@@ -163,3 +163,27 @@ def test_the_layers_fused_norms_keep_the_parameters_and_the_outputs(monkeypatch)
     _close(got, want, 1e-5)
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad), strict=True):
         _close(g, w, 2e-5)
+
+
+def test_each_layers_last_residual_add_runs_inside_the_next_norm(monkeypatch):
+    """A layer hands its output on with the last add pending (layers.Stream), so only the norms that
+    start a stage read a plain array: the first lower layer's (the embedding), the encoder's input norm
+    and its first layer's, and each group's first layer's (the groups' retrieval reads the sum itself).
+    Every other norm, the final norms included, takes the add into its kernel."""
+    from drt_jax.model import DRT
+
+    cfg = ModelConfig.from_preset("tiny").replace(gumbel_noise=False)
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (1, cfg.slots_per_chunk * 4), 0, cfg.vocab_size)
+    params = DRT(cfg).init(jax.random.PRNGKey(6), tokens)["params"]
+    calls = []
+
+    def recording(x, residual, gain, **kw):
+        calls.append(residual is not None)
+        return rn.rms_norm_reference(x, residual, gain, **kw)
+
+    monkeypatch.setitem(rn.FORWARD.impls, "pallas_gpu", recording)
+    DRT(cfg.replace(norm_impl="pallas_gpu")).apply({"params": params}, tokens)
+    groups = len(cfg.groups)
+    norms = 2 * cfg.n_lower + (2 + 2 * cfg.encoder_layers) + 3 * sum(cfg.groups) + 1
+    assert len(calls) == norms
+    assert calls.count(False) == 3 + groups, calls
