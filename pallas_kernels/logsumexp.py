@@ -15,6 +15,7 @@ order; one that cannot take a call says why in a log line.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -27,7 +28,28 @@ from pallas_kernels import per_shard, poison
 from pallas_kernels.blocks import largest_pow2_divisor
 from pallas_kernels.dispatch import KernelOp, Unsupported, require_gpu
 
-_ROWS_BLOCK, _COLUMNS_TILE = 4, 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How the kernel walks the logits: `rows` rows a program (at most; a power of two dividing the row
+    count), tiles of `tile_bytes` per row (2,048 bfloat16 or 1,024 float32 columns by default), and
+    Triton's warps and software-pipelining stages (the defaults are Pallas's own). bench/log_normaliser.py
+    times the choices."""
+
+    rows: int = 4
+    tile_bytes: int = 4096
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("rows", "tile_bytes", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"Tiling.{name}={v}: use a power of two")
+
+
+DEFAULT_TILING = Tiling()
 
 
 def _online_max_sum(a, b):
@@ -77,15 +99,15 @@ def _kernel(x_ref, out_ref, *, bm, bv, valid):
     out_ref[rows] = m + jnp.log(s)
 
 
-def logsumexp_pallas_gpu(x, valid: int, *, interpret: bool = False):
+def logsumexp_pallas_gpu(x, valid: int, *, interpret: bool = False, tiling: Tiling = DEFAULT_TILING):
     """The reference's result as a Pallas (Triton) kernel; `interpret` runs it on any backend (tests)."""
     require_gpu("pallas_gpu", interpret)
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise Unsupported(f"logits dtype {x.dtype} (float32 or bfloat16)")
     *lead, Vp = x.shape
     R = math.prod(lead)
-    bm = largest_pow2_divisor(R, _ROWS_BLOCK)
-    bv = _COLUMNS_TILE if x.dtype == jnp.bfloat16 else _COLUMNS_TILE // 2
+    bm = largest_pow2_divisor(R, tiling.rows)
+    bv = max(1, tiling.tile_bytes // x.dtype.itemsize)
     (out,) = poison.pallas_call(
         functools.partial(_kernel, bm=bm, bv=bv, valid=int(valid)),
         out_shapes=[jax.ShapeDtypeStruct((R,), jnp.float32)],
@@ -93,6 +115,7 @@ def logsumexp_pallas_gpu(x, valid: int, *, interpret: bool = False):
         args=(x.reshape(R, Vp),),
         interpret=interpret,
         name="logsumexp_pallas_gpu",
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
     )
     return out.reshape(lead)
 

@@ -57,3 +57,23 @@ def test_train_throughput_loop_mode_times_the_loop_against_its_step(tmp_path):
     assert row["loop_steps_timed"] >= 4
     assert abs(row["ratio"] - row["step_s"] / row["loop_step_s"]) < 1e-9
     assert abs(row["loop_tokens_per_s"] * row["loop_step_s"] - 2 * 64) < 1e-6
+
+
+def test_log_normaliser_bench_checks_every_tiling_against_the_reference(tmp_path):
+    out = tmp_path / "ln.json"
+    _bench("log_normaliser").main(["--shape", "2", "4", "384", "--valid", "300", "--rows", "1", "4", "--tile-bytes", "256",
+                                   "1024", "--warps", "4", "--stages", "3", "--repeats", "1", "--interpret", "--out", str(out)])
+    result = json.loads(out.read_text())
+    kernels = [c for c in result["cases"] if c["impl"] == "pallas_gpu"]
+    assert [(c["tiling"]["rows"], c["tiling"]["tile_bytes"]) for c in kernels] == [(1, 256), (1, 1024), (4, 256), (4, 1024)]
+    assert all(c["max_abs_err"] < 1e-4 for c in kernels), kernels
+    assert result["cases"][0]["impl"] == "reference"
+    assert result["command"].startswith("PYTHONPATH=. python bench/log_normaliser.py")
+
+
+def test_log_normaliser_bench_refuses_a_tiling_that_is_not_a_power_of_two(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        _bench("log_normaliser").main(["--rows", "3"])
+    assert "Tiling.rows=3: use a power of two" in capsys.readouterr().err

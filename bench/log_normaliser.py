@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""The loss head's log-normaliser alone: the reference (XLA's one-read reduction) against the Pallas
+kernel (pallas_kernels.logsumexp) at each tiling: rows a program, tile bytes, Triton warps and stages.
+
+The input is one block of the loss head's logits: [batch, block, Vp] in the stored dtype, by default
+drt-133m's at 16K x 4 with 1,024-token blocks ([4, 1024, 50304] bfloat16, the vocabulary of 50,265
+padded to a multiple of 128; the padded columns do not count). Each case is checked against the
+reference (largest absolute difference) and timed over --repeats back-to-back calls after a warm-up
+call; GB/s counts one read of the logits.
+
+    PYTHONPATH=. python bench/log_normaliser.py                                     # the default sweep
+    PYTHONPATH=. python bench/log_normaliser.py --rows 4 8 --tile-bytes 8192 --warps 8 --stages 2 3
+
+On a backend without the kernel (a CPU) only the reference is timed, unless --interpret runs the kernel
+under the Pallas interpreter (a check of the options, not a timing). Prints a table, fastest first,
+and writes bench/results/log_normaliser.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from train_throughput import header  # noqa: E402
+
+
+def _time(fn, x, repeats: int) -> float:
+    """Seconds a call, the mean of `repeats` calls dispatched back to back after one warm-up call."""
+    import jax
+
+    jax.block_until_ready(fn(x))
+    t0 = time.perf_counter()
+    outs = [fn(x) for _ in range(repeats)]
+    jax.block_until_ready(outs)
+    return (time.perf_counter() - t0) / repeats
+
+
+def main(argv=None) -> None:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import logsumexp as lse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", nargs=3, type=int, default=[4, 1024, 50304], metavar=("BATCH", "BLOCK", "VP"))
+    parser.add_argument("--valid", type=int, default=50265, help="columns that count (the vocabulary)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--rows", nargs="*", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--tile-bytes", nargs="*", type=int, default=[4096, 8192, 16384])
+    parser.add_argument("--warps", nargs="*", type=int, default=[4, 8])
+    parser.add_argument("--stages", nargs="*", type=int, default=[1, 3])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--interpret", action="store_true", help="run the kernel under the Pallas interpreter")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "log_normaliser.json"))
+    args = parser.parse_args(argv)
+    if args.valid > args.shape[2]:
+        parser.error(f"--valid {args.valid} exceeds the padded width {args.shape[2]}; lower it or widen --shape")
+
+    try:
+        tilings = [lse.Tiling(*t) for t in itertools.product(args.rows, args.tile_bytes, args.warps, args.stages)]
+    except ValueError as e:
+        parser.error(str(e))
+
+    x = (4.0 * jax.random.normal(jax.random.PRNGKey(0), tuple(args.shape), jnp.float32)).astype(args.dtype)
+    gigabytes = x.size * x.dtype.itemsize / 1e9
+    reference = jax.jit(functools.partial(lse.logsumexp_reference, valid=args.valid))
+    want = reference(x)
+    result = {**header(argv), "shape": args.shape, "valid": args.valid, "dtype": args.dtype, "cases": []}
+    result["command"] = result["command"].replace("train_throughput.py", "log_normaliser.py")
+
+    def record(name, tiling, fn):
+        err = float(jnp.max(jnp.abs(fn(x) - want)))
+        s = _time(fn, x, args.repeats)
+        result["cases"].append({"impl": name, "tiling": tiling, "ms": 1e3 * s, "gb_per_s": gigabytes / s, "max_abs_err": err})
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+
+    record("reference", None, reference)
+    if jax.default_backend() == "gpu" or args.interpret:
+        for tiling in tilings:
+            fn = jax.jit(functools.partial(lse.logsumexp_pallas_gpu, valid=args.valid, interpret=args.interpret, tiling=tiling))
+            try:
+                record("pallas_gpu", vars(tiling), fn)
+            except Exception as e:  # noqa: BLE001 - a tiling Triton cannot compile is a row of the table
+                result["cases"].append({"impl": "pallas_gpu", "tiling": vars(tiling), "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    else:
+        print(f"no kernel on {jax.default_backend()}: the reference only (--interpret runs the kernel's options)")
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+
+    print(f"{result['device']}  jax {result['jax']}  {result['date']}  logits {args.dtype}{args.shape}, {gigabytes:.3f} GB a read")
+    print(f"{'impl':<11} {'rows':>4} {'tile B':>7} {'warps':>5} {'stages':>6} {'ms':>8} {'GB/s':>7} {'max err':>9}")
+    default = vars(lse.DEFAULT_TILING)
+    for c in sorted(result["cases"], key=lambda c: c.get("ms", float("inf"))):
+        t = c["tiling"] or {}
+        cols = f"{t.get('rows', '-'):>4} {t.get('tile_bytes', '-'):>7} {str(t.get('num_warps', '-')):>5} {str(t.get('num_stages', '-')):>6}"
+        tail = c["error"] if "error" in c else f"{c['ms']:>8.3f} {c['gb_per_s']:>7.0f} {c['max_abs_err']:>9.2e}"
+        mark = "  (default)" if t == default else ""
+        print(f"{c['impl']:<11} {cols} {tail}{mark}")
+
+
+if __name__ == "__main__":
+    main()
