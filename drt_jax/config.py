@@ -58,6 +58,9 @@ class ModelConfig:
       that fits the device's free memory (train.step.resolve_remat); outside the trainer, where no
       gradient is taken, it is "none".
     position: "rope" (default: fused GPU/TPU attention supports it) or "alibi" (authors' choice).
+    fuse_qkv: self-attention's q, k and v projections run as one GEMM over their kernels stacked per
+      key-value head: the input is read once, and its gradient is one GEMM where three GEMMs and a sum
+      take it. The parameters stay q, k and v, so a checkpoint loads either way.
     prompt_align: where inference puts a prompt's end (drt only). "chunk" (default): the engine
       left-pads every prompt it prefills with pad_id so that its last token is the first slot of a
       chunk; the chunk before, which holds the rest of the prompt, then makes the retrieval that the
@@ -99,6 +102,7 @@ class ModelConfig:
     mlp_impl: str = "auto"
     lse_impl: str = "auto"
     norm_impl: str = "auto"
+    fuse_qkv: bool = False
     prompt_align: str = "chunk"
 
     def __post_init__(self):

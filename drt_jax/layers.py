@@ -149,13 +149,32 @@ class SelfAttention(nn.Module):
     bidirectional: bool = False
     kernel_mesh: KernelMesh | None = None
 
+    def projections(self, x):
+        """x [B, L, d] -> q [B, L, H, Dh], k, v [B, L, Hkv, Dh].
+
+        With cfg.fuse_qkv the three kernels are stacked as [d, Hkv, G + 2, Dh] (G = H / Hkv query heads
+        a key-value head, in GQA's order: query head h reads key-value head h // G), so a tensor-parallel
+        split of the heads stays a split of the stacked kernel's key-value heads."""
+        cfg = self.cfg
+        H, Hkv, Dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        q_shape, q_axes = (H, Dh), ("embed", "heads", "head_dim")
+        kv_shape, kv_axes = (Hkv, Dh), ("embed", "kv_heads", "head_dim")
+        if not cfg.fuse_qkv:
+            return tuple(dense(cfg, shape, axes, name)(x) for shape, axes, name in
+                         ((q_shape, q_axes, "q"), (kv_shape, kv_axes, "k"), (kv_shape, kv_axes, "v")))
+        d, G, dtype = x.shape[-1], H // Hkv, _dtype(cfg.dtype)
+        wq = _Kernel(cfg, (d, *q_shape), q_axes, name="q")()
+        wk = _Kernel(cfg, (d, *kv_shape), kv_axes, name="k")()
+        wv = _Kernel(cfg, (d, *kv_shape), kv_axes, name="v")()
+        w = jnp.concatenate([wq.reshape(d, Hkv, G, Dh), wk[:, :, None], wv[:, :, None]], axis=2).astype(dtype)
+        qkv = jnp.einsum("...d,dkge->...kge", x.astype(dtype), w)
+        return qkv[..., :G, :].reshape(*qkv.shape[:-3], H, Dh), qkv[..., G, :], qkv[..., G + 1, :]
+
     @nn.compact
     def __call__(self, x, positions, cache: Incremental | None = None):
         cfg = self.cfg
         H, Hkv, Dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        q = dense(cfg, (H, Dh), ("embed", "heads", "head_dim"), "q")(x)
-        k = dense(cfg, (Hkv, Dh), ("embed", "kv_heads", "head_dim"), "k")(x)
-        v = dense(cfg, (Hkv, Dh), ("embed", "kv_heads", "head_dim"), "v")(x)
+        q, k, v = self.projections(x)
         if self.bidirectional:
             # The encoder always uses RoPE with positions 0..S inside the chunk (spec 2.4).
             q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)

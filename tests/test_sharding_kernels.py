@@ -76,7 +76,7 @@ SCRIPT = textwrap.dedent(
 
     init = None
 
-    def run(mesh_cfg, devices, per_shard=True):
+    def run(mesh_cfg, devices, per_shard=True, cfg=cfg):
         global init
         mesh = M.make_mesh(mesh_cfg, devices)
         M.check_kernel_split(cfg, mesh, DEFAULT_RULES)
@@ -97,9 +97,12 @@ SCRIPT = textwrap.dedent(
 
     p1, l1, g1 = run(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     out = {"one": l1}
-    for name, mc in {"fsdp": MeshConfig(data=1, fsdp=8, tensor=1), "data_fsdp": MeshConfig(data=2, fsdp=4, tensor=1),
-                     "data_tensor": MeshConfig(data=4, fsdp=1, tensor=2)}.items():
-        p, l, g = run(mc, jax.devices())
+    # The last case also stacks q, k and v into one GEMM (model.fuse_qkv) with the heads split over tensor.
+    for name, mc, fuse in [("fsdp", MeshConfig(data=1, fsdp=8, tensor=1), False),
+                           ("data_fsdp", MeshConfig(data=2, fsdp=4, tensor=1), False),
+                           ("data_tensor", MeshConfig(data=4, fsdp=1, tensor=2), False),
+                           ("data_tensor_fused_qkv", MeshConfig(data=4, fsdp=1, tensor=2), True)]:
+        p, l, g = run(mc, jax.devices(), cfg=dataclasses.replace(cfg, fuse_qkv=fuse))
         np.testing.assert_allclose(l, l1, rtol=1e-5, err_msg=name)
         # Clipped AdamW updates do not change with a uniform gradient scale; the gradient norm does.
         np.testing.assert_allclose(g, g1, rtol=1e-5, err_msg=name)
@@ -133,7 +136,7 @@ def test_sharded_step_runs_opaque_kernels_per_shard_and_matches_one_device(tmp_p
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert all(4.0 < x < 7.0 for x in result["one"]), result
-    assert set(result) >= {"fsdp", "data_fsdp", "data_tensor"}, result
+    assert set(result) >= {"fsdp", "data_fsdp", "data_tensor", "data_tensor_fused_qkv"}, result
     assert "custom_partitioner" in result["unwrapped"], result["unwrapped"]
     err = result["heads_error"]
     assert "\n" not in err and "model.n_kv_heads=2" in err and "change mesh.tensor" in err, err
