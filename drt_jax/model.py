@@ -17,7 +17,16 @@ import jax.numpy as jnp
 
 from drt_jax import chunking, retrieval
 from drt_jax.config import ModelConfig
-from drt_jax.layers import ChunkEncoder, Incremental, LowerLayer, RMSNorm, UpperLayer, maybe_remat, normed, resolve
+from drt_jax.layers import (
+    ChunkEncoder,
+    Incremental,
+    LowerLayer,
+    RMSNorm,
+    UpperLayer,
+    maybe_remat,
+    normed,
+    resolve,
+)
 from pallas_kernels.per_shard import KernelMesh
 
 

@@ -29,7 +29,6 @@ from pallas_kernels.blocks import largest_pow2_divisor
 from pallas_kernels.dispatch import KernelOp, Unsupported, require_gpu
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Tiling:
     """How the kernel walks the logits: `rows` rows a program (at most; a power of two dividing the row

@@ -5,8 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drt_jax.attention import (alibi_slopes, attention_reference, bidirectional_attention, bidirectional_reference,
-                               causal_attention)
+from drt_jax.attention import (
+    alibi_slopes,
+    attention_reference,
+    bidirectional_attention,
+    bidirectional_reference,
+    causal_attention,
+)
 from drt_jax.config import ModelConfig
 
 
@@ -182,9 +187,8 @@ def test_the_chunk_encoders_cudnn_call_attends_to_the_whole_chunk_on_cpu(monkeyp
 def test_a_drt_forward_runs_its_chunk_encoder_on_the_configs_attention_kernel(monkeypatch):
     """With cuDNN available, the model's encoder layers call it without the causal mask (one call per
     encoder layer) and the decoder layers with it; the logits equal those of the reference kernels."""
-    from tests.conftest import small_config
-
     from drt_jax.model import DRT
+    from tests.conftest import small_config
 
     cfg = small_config(encoder_layers=2, dropout_rate=0.0, gumbel_noise=False)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 4 * cfg.chunk_size + 2), 0, cfg.landmark_id)

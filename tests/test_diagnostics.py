@@ -72,8 +72,8 @@ def test_answer_record_weighs_needle_and_distractor_chunks():
 def test_trailing_slots_count_the_chunks_just_after_a_needle_or_distractor():
     """Chunks 11 and 12 follow the needle's chunk 9 within a span of 3, and 7 follows the distractor's 5;
     40 follows neither, 6 is a distractor's own chunk, and an empty slot is not a slot."""
-    from drt_jax.evaluate.niah import _answer_record, trailing_span
     from drt_jax.config import ModelConfig
+    from drt_jax.evaluate.niah import _answer_record, trailing_span
 
     answer, values = np.array([7, 8]), [np.array([3, 4]), np.array([1, 2])]
     retrieved = np.array([[9, 11, 12, 40, -1], [5, 6, 7, 9, 40]])
