@@ -66,12 +66,15 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
 
     from drt_jax.config import ModelConfig
     from drt_jax.train import mesh as mesh_lib
-    from drt_jax.train.config import DEFAULT_RULES, MeshConfig, OptimConfig, TrainConfig
+    from drt_jax.train.config import DEFAULT_RULES, MeshConfig, OptimConfig, RunConfig, TrainConfig, apply_overrides
     from drt_jax.train.metrics import peak_flops_per_device, train_flops_per_sequence
     from drt_jax.train.optim import make_optimizer
     from drt_jax.train.step import init_state, make_train_step, resolve_remat, state_spec
 
-    cfg = ModelConfig.from_preset(name).replace(dtype="bfloat16", param_dtype="float32", remat=remat, **(model_overrides or {}))
+    cfg = ModelConfig.from_preset(name).replace(dtype="bfloat16", param_dtype="float32", remat=remat)
+    # Parsed and checked as train.py's --set model.FIELD=VALUE is (fuse_qkv=false is a bool, not a string).
+    overrides = [f"model.{k}={v}" for k, v in (model_overrides or {}).items()]
+    cfg = apply_overrides(RunConfig(name=cfg.name, model=cfg), overrides).model
     device = jax.devices()[0]
     mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), [device])
     tx, schedule = make_optimizer(OptimConfig(), 1000)
@@ -254,6 +257,13 @@ def main(argv=None) -> int:
     if any("=" not in kv for kv in args.model_set):
         parser.error(f"--model-set takes FIELD=VALUE pairs, got {' '.join(args.model_set)}")
     model_sets = dict(kv.split("=", 1) for kv in args.model_set)
+    from drt_jax.config import ConfigError
+    from drt_jax.train.config import RunConfig, apply_overrides
+
+    try:
+        apply_overrides(RunConfig(), [f"model.{k}={v}" for k, v in model_sets.items()])
+    except ConfigError as err:
+        parser.error(f"--model-set: {err}")
     cases = [(m, t) for m, t in ORDER_DEFAULT if (args.models is None or m in args.models) and (args.lengths is None or t in args.lengths)]
     if args.models and not cases:  # other presets (e.g. tiny for a CPU smoke test)
         cases = [(m, t) for m in args.models for t in (args.lengths or [4096])]

@@ -77,3 +77,13 @@ def test_log_normaliser_bench_refuses_a_tiling_that_is_not_a_power_of_two(capsys
     with pytest.raises(SystemExit):
         _bench("log_normaliser").main(["--rows", "3"])
     assert "Tiling.rows=3: use a power of two" in capsys.readouterr().err
+
+
+def test_train_throughput_parses_model_settings_as_train_py_does(capsys):
+    """--model-set values are typed as train.py's --set model.FIELD=VALUE (fuse_qkv=false is False, not
+    the string "false"), and a bad one is refused in one line before anything runs."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        _bench("train_throughput").main(["--models", "tiny", "--model-set", "fuse_qkv=maybe"])
+    assert "model.fuse_qkv" in capsys.readouterr().err
