@@ -65,8 +65,9 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
     import numpy as np
 
     from drt_jax.config import ModelConfig
+    from drt_jax.train import config as run_config
     from drt_jax.train import mesh as mesh_lib
-    from drt_jax.train.config import DEFAULT_RULES, MeshConfig, OptimConfig, RunConfig, TrainConfig, apply_overrides
+    from drt_jax.train.config import DEFAULT_RULES, MeshConfig, OptimConfig, TrainConfig
     from drt_jax.train.metrics import peak_flops_per_device, train_flops_per_sequence
     from drt_jax.train.optim import make_optimizer
     from drt_jax.train.step import init_state, make_train_step, resolve_remat, state_spec
@@ -74,7 +75,7 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
     cfg = ModelConfig.from_preset(name).replace(dtype="bfloat16", param_dtype="float32", remat=remat)
     # Parsed and checked as train.py's --set model.FIELD=VALUE is (fuse_qkv=false is a bool, not a string).
     overrides = [f"model.{k}={v}" for k, v in (model_overrides or {}).items()]
-    cfg = apply_overrides(RunConfig(name=cfg.name, model=cfg), overrides).model
+    cfg = run_config.apply_overrides(run_config.RunConfig(name=cfg.name, model=cfg), overrides).model
     device = jax.devices()[0]
     mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), [device])
     tx, schedule = make_optimizer(OptimConfig(), 1000)

@@ -24,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -178,6 +179,8 @@ def _fused(x, residual, gain, eps, out_dtype, impl, kernel_mesh):
 
 
 def _fused_fwd(x, residual, gain, eps, out_dtype, impl, kernel_mesh):
+    # symbolic_zeros below: the differentiable arguments arrive as CustomVJPPrimal(value, perturbed).
+    x, residual, gain = (a.value if isinstance(a, CustomVJPPrimal) else a for a in (x, residual, gain))
     rows = _rows(x.ndim)
     s, y = FORWARD(impl, (x, residual, gain), (rows, rows, _GAIN), (rows, rows), kernel_mesh,
                    eps=eps, out_dtype=out_dtype)
@@ -188,6 +191,12 @@ def _fused_bwd(eps, out_dtype, impl, kernel_mesh, saved, cotangent):
     s, gain = saved
     has_residual = isinstance(cotangent, tuple)
     ds, dy = cotangent if has_residual else (None, cotangent)
+    # A caller that discards the sum (the final norms; GCA's MLP norm in the authors' wiring) gives it a
+    # symbolic zero cotangent: the kernel then reads no d s, and no zeros are written for it.
+    if isinstance(ds, SymbolicZero):
+        ds = None
+    if isinstance(dy, SymbolicZero):
+        dy = jnp.zeros(dy.shape, dy.dtype)
     rows = _rows(s.ndim)
     dx, dg = GRADIENT(impl, (s, gain, dy.astype(out_dtype), None if ds is None else ds.astype(s.dtype)),
                       (rows, _GAIN, rows, rows), (rows, ("batch", None)), kernel_mesh, eps=eps)
@@ -195,7 +204,7 @@ def _fused_bwd(eps, out_dtype, impl, kernel_mesh, saved, cotangent):
     return dx, (dx if has_residual else None), dg
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def _rows(ndim: int) -> per_shard.Layout:

@@ -187,3 +187,31 @@ def test_each_layers_last_residual_add_runs_inside_the_next_norm(monkeypatch):
     norms = 2 * cfg.n_lower + (2 + 2 * cfg.encoder_layers) + 3 * sum(cfg.groups) + 1
     assert len(calls) == norms
     assert calls.count(False) == 3 + groups, calls
+
+
+def test_a_discarded_sum_gives_the_backward_kernel_no_sum_gradient(monkeypatch):
+    """When the caller drops s (the final norms, GCA's MLP norm in the authors' wiring), the backward
+    kernel gets no d s to read (a symbolic zero, not a buffer of zeros); when s is used, it gets d s.
+    The gradients match the reference's either way."""
+    x, r, gain, _, _ = _inputs((3, 5, 40), jnp.float32, 11)
+    seen = []
+
+    def recording(s, gain, dy, ds, **kw):
+        seen.append(ds is not None)
+        return rn.rms_norm_bwd_reference(s, gain, dy, ds, **kw)
+
+    monkeypatch.setitem(rn.FORWARD.impls, "pallas_gpu", rn.rms_norm_reference)
+    monkeypatch.setitem(rn.GRADIENT.impls, "pallas_gpu", recording)
+
+    def loss(impl, use_sum):
+        def f(x, r, gain):
+            s, y = rn.rms_norm(x, gain, residual=r, eps=EPS, impl=impl)
+            return jnp.sum(y * y) + (jnp.sum(jnp.sin(s)) if use_sum else 0.0)
+        return jax.grad(f, argnums=(0, 1, 2))(x, r, gain)
+
+    for use_sum in (False, True):
+        seen.clear()
+        got, want = loss("pallas_gpu", use_sum), loss("reference", use_sum)
+        assert seen == [use_sum]
+        for g, w in zip(got, want, strict=True):
+            _close(g, w, 1e-5)
