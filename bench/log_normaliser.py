@@ -79,12 +79,15 @@ def main(argv=None) -> None:
     result = {**header(argv), "shape": args.shape, "valid": args.valid, "dtype": args.dtype, "cases": []}
     result["command"] = result["command"].replace("train_throughput.py", "log_normaliser.py")
 
+    def save():  # after every case, so a failure keeps the rows before it
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+
     def record(name, tiling, fn):
         err = float(jnp.max(jnp.abs(fn(x) - want)))
         s = _time(fn, x, args.repeats)
         result["cases"].append({"impl": name, "tiling": tiling, "ms": 1e3 * s, "gb_per_s": gigabytes / s, "max_abs_err": err})
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+        save()
 
     record("reference", None, reference)
     if jax.default_backend() == "gpu" or args.interpret:
@@ -96,8 +99,7 @@ def main(argv=None) -> None:
                 result["cases"].append({"impl": "pallas_gpu", "tiling": vars(tiling), "error": f"{type(e).__name__}: {str(e)[:200]}"})
     else:
         print(f"no kernel on {jax.default_backend()}: the reference only (--interpret runs the kernel's options)")
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+    save()
 
     print(f"{result['device']}  jax {result['jax']}  {result['date']}  logits {args.dtype}{args.shape}, {gigabytes:.3f} GB a read")
     print(f"{'impl':<11} {'rows':>4} {'tile B':>7} {'warps':>5} {'stages':>6} {'ms':>8} {'GB/s':>7} {'max err':>9}")

@@ -65,17 +65,13 @@ def run_case(name: str, seq_len: int, steps: int, remat: str, batch: int = 1, pr
     import numpy as np
 
     from drt_jax.config import ModelConfig
-    from drt_jax.train import config as run_config
     from drt_jax.train import mesh as mesh_lib
     from drt_jax.train.config import DEFAULT_RULES, MeshConfig, OptimConfig, TrainConfig
     from drt_jax.train.metrics import peak_flops_per_device, train_flops_per_sequence
     from drt_jax.train.optim import make_optimizer
     from drt_jax.train.step import init_state, make_train_step, resolve_remat, state_spec
 
-    cfg = ModelConfig.from_preset(name).replace(dtype="bfloat16", param_dtype="float32", remat=remat)
-    # Parsed and checked as train.py's --set model.FIELD=VALUE is (fuse_qkv=false is a bool, not a string).
-    overrides = [f"model.{k}={v}" for k, v in (model_overrides or {}).items()]
-    cfg = run_config.apply_overrides(run_config.RunConfig(name=cfg.name, model=cfg), overrides).model
+    cfg = ModelConfig.from_preset(name).replace(dtype="bfloat16", param_dtype="float32", remat=remat, **(model_overrides or {}))
     device = jax.devices()[0]
     mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), [device])
     tx, schedule = make_optimizer(OptimConfig(), 1000)
@@ -261,10 +257,11 @@ def main(argv=None) -> int:
     from drt_jax.config import ConfigError
     from drt_jax.train.config import RunConfig, apply_overrides
 
-    try:
-        apply_overrides(RunConfig(), [f"model.{k}={v}" for k, v in model_sets.items()])
+    try:  # typed as train.py's --set model.FIELD=VALUE is (fuse_qkv=false is a bool, not a string)
+        typed = apply_overrides(RunConfig(), [f"model.{k}={v}" for k, v in model_sets.items()]).model
     except ConfigError as err:
         parser.error(f"--model-set: {err}")
+    model_overrides = {k: getattr(typed, k) for k in model_sets}
     cases = [(m, t) for m, t in ORDER_DEFAULT if (args.models is None or m in args.models) and (args.lengths is None or t in args.lengths)]
     if args.models and not cases:  # other presets (e.g. tiny for a CPU smoke test)
         cases = [(m, t) for m in args.models for t in (args.lengths or [4096])]
@@ -287,7 +284,7 @@ def main(argv=None) -> int:
             try:
                 row.update(run_case(name, seq_len, args.steps, args.remat, args.batch, profile=args.profile > 0,
                                     hlo_dir=args.hlo_dir, logits_dtype=args.loss_logits_dtype,
-                                    profile_top=args.profile_top, model_overrides=model_sets))
+                                    profile_top=args.profile_top, model_overrides=model_overrides))
             except Exception as err:  # noqa: BLE001 - record and continue
                 text = " ".join(str(err).split())
                 oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text

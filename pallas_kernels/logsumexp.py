@@ -114,7 +114,7 @@ def logsumexp_pallas_gpu(x, valid: int, *, interpret: bool = False, tiling: Tili
         args=(x.reshape(R, Vp),),
         interpret=interpret,
         name="logsumexp_pallas_gpu",
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
     )
     return out.reshape(lead)
 
