@@ -1,15 +1,19 @@
 #!/usr/bin/env python
 """The loss head's log-normaliser alone: the reference (XLA's one-read reduction) against the Pallas
 kernel (pallas_kernels.logsumexp) at each tiling: rows a program, tile bytes, Triton warps and stages.
+With --op gradient, the log-normaliser with the cross-entropy's gradient
+(`softmax_grad_pallas_gpu`, one read and one write of the logits) against the reference (XLA) and
+against the path it replaces in the loss (the log-normaliser kernel, then XLA's gradient pass).
 
 The input is one block of the loss head's logits: [batch, block, Vp] in the stored dtype, by default
 drt-133m's at 16K x 4 with 1,024-token blocks ([4, 1024, 50304] bfloat16, the vocabulary of 50,265
 padded to a multiple of 128; the padded columns do not count). Each case is checked against the
 reference (largest absolute difference) and timed over --repeats back-to-back calls after a warm-up
-call; GB/s counts one read of the logits.
+call; GB/s counts one read of the logits (and one write of the gradient with --op gradient).
 
     PYTHONPATH=. python bench/log_normaliser.py                                     # the default sweep
     PYTHONPATH=. python bench/log_normaliser.py --rows 4 8 --tile-bytes 8192 --warps 8 --stages 2 3
+    PYTHONPATH=. python bench/log_normaliser.py --op gradient --rows 1 2 4 --tile-bytes 4096 16384 --stages 3
 
 On a backend without the kernel (a CPU) only the reference is timed, unless --interpret runs the kernel
 under the Pallas interpreter (a check of the options, not a timing). Prints a table, fastest first,
@@ -31,13 +35,13 @@ sys.path.insert(0, str(REPO / "bench"))
 from train_throughput import header  # noqa: E402
 
 
-def _time(fn, x, repeats: int) -> float:
+def _time(fn, args, repeats: int) -> float:
     """Seconds a call, the mean of `repeats` calls dispatched back to back after one warm-up call."""
     import jax
 
-    jax.block_until_ready(fn(x))
+    jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
-    outs = [fn(x) for _ in range(repeats)]
+    outs = [fn(*args) for _ in range(repeats)]
     jax.block_until_ready(outs)
     return (time.perf_counter() - t0) / repeats
 
@@ -51,6 +55,8 @@ def main(argv=None) -> None:
     from pallas_kernels import logsumexp as lse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", choices=("lse", "gradient"), default="lse",
+                        help="the log-normaliser alone, or with the cross-entropy's gradient")
     parser.add_argument("--shape", nargs=3, type=int, default=[4, 1024, 50304], metavar=("BATCH", "BLOCK", "VP"))
     parser.add_argument("--valid", type=int, default=50265, help="columns that count (the vocabulary)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -73,10 +79,25 @@ def main(argv=None) -> None:
         parser.error(str(e))
 
     x = (4.0 * jax.random.normal(jax.random.PRNGKey(0), tuple(args.shape), jnp.float32)).astype(args.dtype)
-    gigabytes = x.size * x.dtype.itemsize / 1e9
-    reference = jax.jit(functools.partial(lse.logsumexp_reference, valid=args.valid))
-    want = reference(x)
-    result = {**header(argv), "shape": args.shape, "valid": args.valid, "dtype": args.dtype, "cases": []}
+    gigabytes = x.size * x.dtype.itemsize / 1e9 * (2 if args.op == "gradient" else 1)
+    if args.op == "gradient":
+        targets = jax.random.randint(jax.random.PRNGKey(1), tuple(args.shape[:2]), 0, args.valid)
+        weights = jnp.ones(tuple(args.shape[:2]), jnp.float32)
+        operands = (x, targets, weights)
+        kwargs = {"valid": args.valid, "out_dtype": x.dtype}
+        kernel_fn, reference_fn = lse.softmax_grad_pallas_gpu, lse.softmax_grad_reference
+
+        def before(x, t, w):
+            """The loss's path before the gradient kernel: the log-normaliser kernel, then XLA's pass."""
+            m = lse.logsumexp_pallas_gpu(x, args.valid, interpret=args.interpret)
+            p = jnp.where(jnp.arange(x.shape[-1]) < args.valid, jnp.exp(x.astype(jnp.float32) - m[..., None]), 0.0)
+            return m, ((p - jax.nn.one_hot(t, x.shape[-1])) * w[..., None]).astype(x.dtype)
+    else:
+        operands, kwargs = (x,), {"valid": args.valid}
+        kernel_fn, reference_fn, before = lse.logsumexp_pallas_gpu, lse.logsumexp_reference, None
+    reference = jax.jit(functools.partial(reference_fn, **kwargs))
+    want = reference(*operands)
+    result = {**header(argv), "op": args.op, "shape": args.shape, "valid": args.valid, "dtype": args.dtype, "cases": []}
     result["command"] = result["command"].replace("train_throughput.py", "log_normaliser.py")
 
     def save():  # after every case, so a failure keeps the rows before it
@@ -84,15 +105,18 @@ def main(argv=None) -> None:
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
 
     def record(name, tiling, fn):
-        err = float(jnp.max(jnp.abs(fn(x) - want)))
-        s = _time(fn, x, args.repeats)
+        got = jax.tree.leaves(fn(*operands))
+        err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))) for g, w in zip(got, jax.tree.leaves(want)))
+        s = _time(fn, operands, args.repeats)
         result["cases"].append({"impl": name, "tiling": tiling, "ms": 1e3 * s, "gb_per_s": gigabytes / s, "max_abs_err": err})
         save()
 
     record("reference", None, reference)
     if jax.default_backend() == "gpu" or args.interpret:
+        if before is not None:
+            record("lse+xla", None, jax.jit(before))
         for tiling in tilings:
-            fn = jax.jit(functools.partial(lse.logsumexp_pallas_gpu, valid=args.valid, interpret=args.interpret, tiling=tiling))
+            fn = jax.jit(functools.partial(kernel_fn, **kwargs, interpret=args.interpret, tiling=tiling))
             try:
                 record("pallas_gpu", vars(tiling), fn)
             except Exception as e:  # noqa: BLE001 - a tiling Triton cannot compile is a row of the table
@@ -101,9 +125,10 @@ def main(argv=None) -> None:
         print(f"no kernel on {jax.default_backend()}: the reference only (--interpret runs the kernel's options)")
     save()
 
-    print(f"{result['device']}  jax {result['jax']}  {result['date']}  logits {args.dtype}{args.shape}, {gigabytes:.3f} GB a read")
+    moved = "a read and a write" if args.op == "gradient" else "a read"
+    print(f"{result['device']}  jax {result['jax']}  {result['date']}  {args.op}: logits {args.dtype}{args.shape}, {gigabytes:.3f} GB {moved}")
     print(f"{'impl':<11} {'rows':>4} {'tile B':>7} {'warps':>5} {'stages':>6} {'ms':>8} {'GB/s':>7} {'max err':>9}")
-    default = vars(lse.DEFAULT_TILING)
+    default = vars(lse.DEFAULT_GRAD_TILING if args.op == "gradient" else lse.DEFAULT_TILING)
     for c in sorted(result["cases"], key=lambda c: c.get("ms", float("inf"))):
         t = c["tiling"] or {}
         cols = f"{t.get('rows', '-'):>4} {t.get('tile_bytes', '-'):>7} {str(t.get('num_warps', '-')):>5} {str(t.get('num_stages', '-')):>6}"

@@ -21,7 +21,7 @@ REMAT_POLICIES = ("none", "full", "dots", "auto")
 PROMPT_ALIGNS = ("chunk", "none")
 MLP_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.swiglu.GRADIENT's implementations
 NORM_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.rmsnorm.FORWARD's: RMSNorm and the residual add before it
-LSE_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.logsumexp.LOG_NORMALISER's: the loss head's log-normaliser
+LSE_IMPLS = ("auto", "reference", "pallas_gpu")  # pallas_kernels.logsumexp: the loss head's log-normaliser and its gradient
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: CPU tests under jax.enable_x64
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.logsumexp import row_logsumexp
+from pallas_kernels.logsumexp import row_logsumexp, row_logsumexp_with_grad
 
 
 def next_token_targets(tokens, pad_id: int):
@@ -63,36 +63,31 @@ LOGITS_DTYPES = ("float32", "bfloat16")
 
 def _block_logits(h, emb, logits_dtype: str = "float32"):
     """h [B, k, d], emb [Vp, d] in h's dtype -> logits [B, k, Vp] in logits_dtype (the GEMM accumulates
-    in float32 either way); the padded columns are not masked here (see `_mask_padding`)."""
+    in float32 either way); the padded columns are not masked here: the log-normaliser and its gradient
+    read only the first V columns and write zeros on the rest."""
     return jnp.einsum("bkd,vd->bkv", h, emb, preferred_element_type=jnp.dtype(logits_dtype))
 
 
-def _mask_padding(logits, V: int):
-    """The padded vocabulary columns (from V on) at -inf."""
-    if logits.shape[-1] == V:
-        return logits
-    return jnp.where(jnp.arange(logits.shape[-1]) < V, logits, -jnp.inf)
-
-
 def _block_loss(h, emb, t, V: int, logits_dtype: str = "float32", lse_impl: str = "auto", kernel_mesh=None):
-    """-> (per-token loss [B, k] float32, float32 logits (the padding at -inf), log-normaliser).
+    """-> per-token loss [B, k] float32.
 
     With logits_dtype "bfloat16" the GEMM's output is rounded to bfloat16 before it is stored and every
-    later pass reads it as float32: the logits' store and its two reads move half the bytes, at the price of
+    later pass reads it as float32: the logits' store and its reads move half the bytes, at the price of
     rounding each logit to 8 significant bits, which moves a probability by up to |logit| x 0.2% (the
     target's logit stays float32).
-
-    The target's logit is the dot product of h with the target's embedding row, not a pick from the
-    logits: XLA lowers the pick to a masked sum over the vocabulary, one more read of the block's float32
-    logits (at 16K tokens and 50K entries, 3.3 GB per step), where the row gather reads d values.
 
     The log-normaliser reads the GEMM's output as it is stored (pallas_kernels.logsumexp, `lse_impl`,
     per shard under `kernel_mesh`), so that a kernel does not make XLA store a masked copy first."""
     raw = _block_logits(h, emb, logits_dtype)
-    lse = row_logsumexp(raw, V, impl=lse_impl, kernel_mesh=kernel_mesh)
-    logits = _mask_padding(raw.astype(jnp.float32), V)
-    picked = jnp.einsum("bkd,bkd->bk", h, jnp.take(emb, t, axis=0), preferred_element_type=jnp.float32)
-    return lse - picked, logits, lse
+    return row_logsumexp(raw, V, impl=lse_impl, kernel_mesh=kernel_mesh) - _target_logits(h, emb, t)
+
+
+def _target_logits(h, emb, t):
+    """h [B, k, d], emb [Vp, d], t [B, k] -> float32 [B, k]: each target's logit as the dot product of h
+    with the target's embedding row. XLA lowers a pick from the logits to a masked sum over the
+    vocabulary, one more read of the block's logits (at 16K tokens and 50K entries, 3.3 GB per step in
+    float32), where the row gather reads d values."""
+    return jnp.einsum("bkd,bkd->bk", h, jnp.take(emb, t, axis=0), preferred_element_type=jnp.float32)
 
 
 def _sums(hidden, embedding, targets, weights, extra, logits_dtype, lse_impl, kernel_mesh):
@@ -103,7 +98,7 @@ def _sums(hidden, embedding, targets, weights, extra, logits_dtype, lse_impl, ke
     def step(carry, xs):
         total, sums = carry
         h, t, w, e = xs
-        token_loss = _block_loss(h, emb, t, V, logits_dtype, lse_impl, kernel_mesh)[0]
+        token_loss = _block_loss(h, emb, t, V, logits_dtype, lse_impl, kernel_mesh)
         return (total + jnp.sum(token_loss * w), sums + jnp.sum(token_loss * e, axis=(1, 2))), None
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(extra.shape[1], jnp.float32))
@@ -126,9 +121,9 @@ def _sums_fwd(hidden, embedding, targets, weights, extra, logits_dtype, lse_impl
     def step(carry, xs):
         total, sums, d_emb = carry
         h, t, w, e = xs
-        token_loss, logits, lse = _block_loss(h, emb, t, V, logits_dtype, lse_impl, kernel_mesh)
-        one_hot = jax.nn.one_hot(t, Vp, dtype=jnp.float32)
-        d_logits = ((jnp.exp(logits - lse[..., None]) - one_hot) * w[..., None]).astype(h.dtype)
+        raw = _block_logits(h, emb, logits_dtype)
+        lse, d_logits = row_logsumexp_with_grad(raw, t, w, V, out_dtype=h.dtype, impl=lse_impl, kernel_mesh=kernel_mesh)
+        token_loss = lse - _target_logits(h, emb, t)
         dh = jnp.einsum("bkv,vd->bkd", d_logits, emb, preferred_element_type=jnp.float32).astype(h.dtype)
         d_emb = d_emb + jnp.einsum("bkv,bkd->vd", d_logits, h, preferred_element_type=jnp.float32)
         carry = (total + jnp.sum(token_loss * w), sums + jnp.sum(token_loss * e, axis=(1, 2)), d_emb)

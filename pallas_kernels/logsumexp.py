@@ -1,5 +1,6 @@
 """The loss head's log-normaliser: log sum exp over the first `valid` columns of each row of a block of
-logits [..., Vp] (Vp: the vocabulary padded to a multiple of 128; the padded columns do not count).
+logits [..., Vp] (Vp: the vocabulary padded to a multiple of 128; the padded columns do not count), and
+the same with the cross-entropy's gradient (`row_logsumexp_with_grad`, below).
 
   "reference":  `logsumexp_one_pass` in jnp, one read of the logits. XLA's variadic reduction takes an
                 exp per element and a rescaling per merge; on an H100 it ran at 1.5 TB/s, where the
@@ -9,7 +10,7 @@ logits [..., Vp] (Vp: the vocabulary padded to a multiple of 128; the padded col
                 under the Pallas interpreter and compiled on a GPU.
   "auto":       pallas_gpu on a GPU, else the reference.
 
-Not differentiable (the blocked loss forms its own gradient). The dispatcher tries the candidates in
+Neither op is differentiable: the blocked loss forms its own gradient, with the second. The dispatcher tries the candidates in
 order; one that cannot take a call says why in a log line.
 """
 
@@ -129,3 +130,90 @@ def row_logsumexp(x, valid: int, *, impl: str = "auto", kernel_mesh: per_shard.K
     """x [B, k, Vp] -> float32 [B, k]: log sum exp of each row's first `valid` columns; a kernel runs per
     batch shard under a `kernel_mesh`."""
     return LOG_NORMALISER(impl, (x,), (("batch", None, None),), ("batch", None), kernel_mesh, valid=valid)
+
+
+def softmax_grad_reference(x, targets, weights, valid: int, out_dtype):
+    """x [..., Vp], targets [...] int (< valid), weights [...] -> (float32 lse [...], d [..., Vp] in
+    out_dtype): the log-normaliser and the gradient of weights x (lse - x[target]) with respect to x,
+    (softmax(x[:valid]) - one_hot(target)) x weight, zero on the padded columns."""
+    lse = logsumexp_reference(x, valid)
+    p = jnp.exp(x.astype(jnp.float32) - lse[..., None])
+    cols = jnp.arange(x.shape[-1])
+    p = jnp.where(cols < valid, p, 0.0)
+    d = (p - (cols == targets[..., None])) * weights[..., None].astype(jnp.float32)
+    return lse, d.astype(out_dtype)
+
+
+def _grad_kernel(x_ref, t_ref, w_ref, lse_ref, d_ref, *, bm, bv, valid, width):
+    rows = pl.ds(pl.program_id(0) * bm, bm)
+
+    def load(t):
+        cols = t * bv + jnp.arange(bv)
+        x = pltriton.load(x_ref.at[rows, pl.ds(t * bv, bv)], mask=(cols < valid)[None, :], other=-jnp.inf)
+        return cols, x.astype(jnp.float32)
+
+    def stats(t, carry):
+        m, s = carry
+        x = load(t)[1]
+        m_new = jnp.maximum(m, jnp.max(x, axis=1))
+        base = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        s = s * jnp.exp(m - base) + jnp.sum(jnp.exp(x - base[:, None]), axis=1)
+        return m_new, s
+
+    init = (jnp.full((bm,), -jnp.inf, jnp.float32), jnp.zeros((bm,), jnp.float32))
+    m, s = jax.lax.fori_loop(0, pl.cdiv(valid, bv), stats, init)
+    lse = m + jnp.log(s)
+    lse_ref[rows] = lse
+    target, weight = t_ref[rows], w_ref[rows].astype(jnp.float32)
+
+    # The second sweep re-reads tiles the first read moments before, so a program's rows are still in
+    # L2 when the tiling keeps few rows in flight; it writes every column, zeros on the padding.
+    def grad(t, carry):
+        cols, x = load(t)
+        d = (jnp.exp(x - lse[:, None]) - (cols[None, :] == target[:, None])) * weight[:, None]
+        pltriton.store(d_ref.at[rows, pl.ds(t * bv, bv)], d.astype(d_ref.dtype), mask=(cols < width)[None, :])
+        return carry
+
+    jax.lax.fori_loop(0, pl.cdiv(width, bv), grad, 0)
+
+
+DEFAULT_GRAD_TILING = Tiling()
+
+
+def softmax_grad_pallas_gpu(x, targets, weights, valid: int, out_dtype, *, interpret: bool = False,
+                            tiling: Tiling = DEFAULT_GRAD_TILING):
+    """The reference's result as one Pallas (Triton) kernel: each program sweeps its rows twice, the
+    first time for the running max and sum, the second for the gradient; `interpret` runs it on any
+    backend (tests)."""
+    require_gpu("pallas_gpu", interpret)
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise Unsupported(f"logits dtype {x.dtype} (float32 or bfloat16)")
+    *lead, Vp = x.shape
+    R = math.prod(lead)
+    bm = largest_pow2_divisor(R, tiling.rows)
+    bv = max(1, tiling.tile_bytes // x.dtype.itemsize)
+    lse, d = poison.pallas_call(
+        functools.partial(_grad_kernel, bm=bm, bv=bv, valid=int(valid), width=Vp),
+        out_shapes=[jax.ShapeDtypeStruct((R,), jnp.float32), jax.ShapeDtypeStruct((R, Vp), jnp.dtype(out_dtype))],
+        grid=(R // bm,),
+        args=(x.reshape(R, Vp), targets.reshape(R).astype(jnp.int32), weights.reshape(R)),
+        interpret=interpret,
+        name="softmax_grad_pallas_gpu",
+        compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+    )
+    return lse.reshape(lead), d.reshape(x.shape)
+
+
+SOFTMAX_GRADIENT = KernelOp("log-normaliser with gradient",
+                            {"reference": softmax_grad_reference, "pallas_gpu": softmax_grad_pallas_gpu},
+                            {"gpu": ("pallas_gpu",)}, reference_per_shard=False)
+
+
+def row_logsumexp_with_grad(x, targets, weights, valid: int, *, out_dtype, impl: str = "auto",
+                            kernel_mesh: per_shard.KernelMesh | None = None):
+    """x [B, k, Vp], targets [B, k] (< valid), weights [B, k] -> (float32 lse [B, k], d x [B, k, Vp] in
+    out_dtype): `row_logsumexp` and the gradient of sum(weights x (lse - x[targets])) in one pass over
+    the logits, where the log-normaliser and then XLA's gradient pass read them twice. A kernel runs
+    per batch shard under a `kernel_mesh`; `impl` takes the log-normaliser's names (model.lse_impl)."""
+    return SOFTMAX_GRADIENT(impl, (x, targets, weights), (("batch", None, None), ("batch", None), ("batch", None)),
+                            (("batch", None), ("batch", None, None)), kernel_mesh, valid=valid, out_dtype=out_dtype)

@@ -71,6 +71,19 @@ def test_log_normaliser_bench_checks_every_tiling_against_the_reference(tmp_path
     assert result["command"].startswith("PYTHONPATH=. python bench/log_normaliser.py")
 
 
+def test_log_normaliser_bench_times_the_gradient_kernel_against_the_path_it_replaces(tmp_path):
+    out = tmp_path / "grad.json"
+    _bench("log_normaliser").main(["--op", "gradient", "--shape", "2", "4", "384", "--valid", "300", "--rows", "1", "2",
+                                   "--tile-bytes", "512", "--warps", "4", "--stages", "3", "--repeats", "1", "--interpret",
+                                   "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["op"] == "gradient"
+    assert [c["impl"] for c in result["cases"]] == ["reference", "lse+xla", "pallas_gpu", "pallas_gpu"]
+    assert [c["tiling"]["rows"] for c in result["cases"][2:]] == [1, 2]
+    # bfloat16 gradients of magnitude up to 1 round to within 2^-9 of the reference's
+    assert all(c["max_abs_err"] < 4e-3 for c in result["cases"]), result["cases"]
+
+
 def test_log_normaliser_bench_refuses_a_tiling_that_is_not_a_power_of_two(capsys):
     import pytest
 
