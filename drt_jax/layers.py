@@ -48,7 +48,8 @@ class RMSNorm(nn.Module):
 
     Called as norm(delta, residual=h) it also takes the residual add before it and returns
     (h + delta, its norm): one kernel where XLA makes two passes (pallas_kernels.rmsnorm; `impl` is
-    cfg.norm_impl). x [B, ..., d], batch first."""
+    cfg.norm_impl). With `copies` n > 1 the norm comes back as n arrays, one a reader, so that the
+    backward kernel sums their gradients. x [B, ..., d], batch first."""
 
     eps: float
     dtype: str = "float32"
@@ -56,10 +57,10 @@ class RMSNorm(nn.Module):
     kernel_mesh: KernelMesh | None = None
 
     @nn.compact
-    def __call__(self, x, residual=None):
+    def __call__(self, x, residual=None, copies: int = 1):
         gain = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
         return rms_norm(x, gain, residual=residual, eps=self.eps, out_dtype=_dtype(self.dtype), impl=self.impl,
-                        kernel_mesh=self.kernel_mesh)
+                        kernel_mesh=self.kernel_mesh, copies=copies)
 
 
 def norm(cfg: ModelConfig, name: str, kernel_mesh: KernelMesh | None = None, eps: float | None = None) -> RMSNorm:
@@ -84,11 +85,12 @@ def resolve(h):
     return residual_add(h.delta, h.base) if isinstance(h, Stream) else h
 
 
-def normed(norm_module: RMSNorm, h):
-    """h: [B, L, d] or a Stream -> (its value, norm_module(value)), the pending add fused into the norm."""
+def normed(norm_module: RMSNorm, h, copies: int = 1):
+    """h: [B, L, d] or a Stream -> (its value, norm_module(value)), the pending add fused into the norm;
+    with `copies` > 1 the norm is a tuple of that many copies (RMSNorm)."""
     if isinstance(h, Stream):
-        return norm_module(h.delta, residual=h.base)
-    return h, norm_module(h)
+        return norm_module(h.delta, residual=h.base, copies=copies)
+    return h, norm_module(h, copies=copies)
 
 
 def rope_angles(positions, half_dim: int, theta: float, dtype=jnp.float32):
@@ -138,6 +140,13 @@ class Incremental:
     prefix: int | None = None
 
 
+def qkv_inputs(cfg: ModelConfig) -> int:
+    """The copies of the attention norm's output a layer takes: one for each of the q, k and v
+    projections, so that the norm's backward kernel sums their three input gradients where XLA would
+    add them in a pass of their own; one for the stacked projection (cfg.fuse_qkv)."""
+    return 1 if cfg.fuse_qkv else 3
+
+
 class SelfAttention(nn.Module):
     """Causal sliding-window self-attention (decoder) or bidirectional attention (chunk encoder).
 
@@ -150,7 +159,7 @@ class SelfAttention(nn.Module):
     kernel_mesh: KernelMesh | None = None
 
     def projections(self, x):
-        """x [B, L, d] -> q [B, L, H, Dh], k, v [B, L, Hkv, Dh].
+        """x [B, L, d], or a tuple of three copies of it (`qkv_inputs`) -> q [B, L, H, Dh], k, v [B, L, Hkv, Dh].
 
         With cfg.fuse_qkv the three kernels are stacked as [d, Hkv, G + 2, Dh] (G = H / Hkv query heads
         a key-value head, in GQA's order: query head h reads key-value head h // G), so a tensor-parallel
@@ -159,9 +168,11 @@ class SelfAttention(nn.Module):
         H, Hkv, Dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         q_shape, q_axes = (H, Dh), ("embed", "heads", "head_dim")
         kv_shape, kv_axes = (Hkv, Dh), ("embed", "kv_heads", "head_dim")
+        xs = x if isinstance(x, tuple) else (x,) * 3
         if not cfg.fuse_qkv:
-            return tuple(dense(cfg, shape, axes, name)(x) for shape, axes, name in
-                         ((q_shape, q_axes, "q"), (kv_shape, kv_axes, "k"), (kv_shape, kv_axes, "v")))
+            return tuple(dense(cfg, shape, axes, name)(x) for x, shape, axes, name in
+                         zip(xs, (q_shape, kv_shape, kv_shape), (q_axes, kv_axes, kv_axes), "qkv", strict=True))
+        x = xs[0]
         d, G, dtype = x.shape[-1], H // Hkv, _dtype(cfg.dtype)
         wq = _Kernel(cfg, (d, *q_shape), q_axes, name="q")()
         wk = _Kernel(cfg, (d, *kv_shape), kv_axes, name="k")()
@@ -255,7 +266,7 @@ class LowerLayer(nn.Module):
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         attn = SelfAttention(cfg, bidirectional=self.bidirectional, kernel_mesh=self.kernel_mesh, name="attn")
         km = self.kernel_mesh
-        h, x = normed(norm(cfg, "attn_norm", km, eps), h)
+        h, x = normed(norm(cfg, "attn_norm", km, eps), h, qkv_inputs(cfg))
         a, x = norm(cfg, "mlp_norm", km, eps)(drop(attn(x, positions, cache)), residual=h)
         return Stream(a, drop(MLP(cfg, km, name="mlp")(x)))
 
@@ -310,7 +321,7 @@ class UpperLayer(nn.Module):
         attn = SelfAttention(cfg, kernel_mesh=self.kernel_mesh, name="attn")
         km = self.kernel_mesh
         gca = GroupedCrossAttention(cfg, kernel_mesh=km, name="gca")
-        h, x = normed(norm(cfg, "attn_norm", km), h)
+        h, x = normed(norm(cfg, "attn_norm", km), h, qkv_inputs(cfg))
         a, g = gca(drop(attn(x, positions, cache)), k_mem, v_mem, indices, weights, residual=h)
         b, x = norm(cfg, "mlp_norm", km)(drop(g), residual=a)
         base = a if cfg.gca_residual == "authors" else b

@@ -4,14 +4,16 @@
     y = s / sqrt(mean(s^2) + eps) * gain       (float32 inside, y in out_dtype)
 
 x, residual [..., d]; gain [d]. With a residual the op returns (s, y): the layer keeps s as its residual
-stream and feeds y to the next projection. XLA emits the forward as two passes (the add and the sum of
+stream and feeds y to the next projection. With `copies` n > 1, y is returned as n arrays, one for each
+reader (self-attention's q, k and v projections): their gradients reach the backward kernel one by one
+and are summed as it reads them, where autodiff would sum them in a pass of their own. XLA emits the forward as two passes (the add and the sum of
 squares, then the scaling: five reads and writes of a row where four do) and the backward as a row
 reduction, a column reduction for d gain and an elementwise pass.
 
   "reference":  the maths in jnp; its gradient is autodiff's.
   "pallas_gpu": Pallas kernels lowered through Triton. The forward reads x (and residual) once and
-                writes s and y; the backward reads s, d y (and d s) once and writes d x with a partial
-                d gain per program, summed by XLA.
+                writes s and y; the backward reads s, each d y (and d s) once and writes d x with a
+                partial d gain per program, summed by XLA.
   "auto":       pallas_gpu on a GPU, else the reference.
 
 The dispatcher tries the candidates in order; one that cannot take a call says why in a log line.
@@ -78,10 +80,8 @@ def _fwd_kernel(*refs, bm, d, eps, has_residual):
 
 
 def _bwd_kernel(*refs, bm, steps, d, eps, has_ds):
-    if has_ds:
-        s_ref, g_ref, dy_ref, ds_ref, dx_ref, dg_ref = refs
-    else:
-        (s_ref, g_ref, dy_ref, dx_ref, dg_ref), ds_ref = refs, None
+    s_ref, g_ref, dy_ref, *rest, dx_ref, dg_ref = refs
+    ds_ref, more_dy = (rest[0], rest[1:]) if has_ds else (None, rest)
     bd, mask = _cols(d)
     cols = pl.ds(0, bd)
     g = pltriton.load(g_ref.at[cols], mask=mask, other=0.0).astype(jnp.float32)
@@ -91,6 +91,8 @@ def _bwd_kernel(*refs, bm, steps, d, eps, has_ds):
         rows = pl.ds(first + i * bm, bm)
         s = pltriton.load(s_ref.at[rows, cols], mask=mask[None, :], other=0.0).astype(jnp.float32)
         dy = pltriton.load(dy_ref.at[rows, cols], mask=mask[None, :], other=0.0).astype(jnp.float32)
+        for ref in more_dy:
+            dy = dy + pltriton.load(ref.at[rows, cols], mask=mask[None, :], other=0.0).astype(jnp.float32)
         rstd = jax.lax.rsqrt(jnp.sum(s * s, axis=1) / d + eps)
         n = s * rstd[:, None]
         dn = dy * g[None, :]
@@ -135,14 +137,15 @@ def rms_norm_fwd_pallas_gpu(x, residual, gain, *, eps: float, out_dtype, interpr
     return s.reshape(*lead, d), y.reshape(*lead, d)
 
 
-def rms_norm_bwd_pallas_gpu(s, gain, dy, ds, *, eps: float, interpret: bool = False):
-    """s [..., d], gain [d], d y [..., d], d s [..., d] or None -> (d x [..., d] in s's dtype, d gain
-    partials [P, d] float32). A program walks `steps` blocks of rows and writes its partial d gain; the
-    caller sums the partials."""
+def rms_norm_bwd_pallas_gpu(s, gain, dy, ds, *more_dy, eps: float, interpret: bool = False):
+    """s [..., d], gain [d], d y [..., d], d s [..., d] or None, more_dy: the other copies' d y [..., d]
+    -> (d x [..., d] in s's dtype, d gain partials [P, d] float32). A program walks `steps` blocks of rows
+    and writes its partial d gain; the caller sums the partials."""
     _check(s, interpret)
     *lead, d = s.shape
     N = math.prod(lead)
     s, dy, ds = s.reshape(N, d), dy.reshape(N, d), None if ds is None else ds.reshape(N, d)
+    more_dy = tuple(m.reshape(N, d) for m in more_dy)
     bm = largest_pow2_divisor(N, 4)
     steps = largest_pow2_divisor(N // bm, 16)
     programs = N // (bm * steps)
@@ -151,14 +154,17 @@ def rms_norm_bwd_pallas_gpu(s, gain, dy, ds, *, eps: float, interpret: bool = Fa
         functools.partial(_bwd_kernel, bm=bm, steps=steps, d=d, eps=float(eps), has_ds=has_ds),
         out_shapes=[jax.ShapeDtypeStruct((N, d), s.dtype), jax.ShapeDtypeStruct((programs, d), jnp.float32)],
         grid=(programs,),
-        args=(s, gain, dy, ds) if has_ds else (s, gain, dy),
+        args=(s, gain, dy, *((ds,) if has_ds else ()), *more_dy),
         interpret=interpret, name="rms_norm_bwd_pallas_gpu",
     )
     return dx.reshape(*lead, d), dg
 
 
-def rms_norm_bwd_reference(s, gain, dy, ds, *, eps: float):
-    """The reference's gradient by autodiff, in the kernel's form: (d x, d gain partials [1, d])."""
+def rms_norm_bwd_reference(s, gain, dy, ds, *more_dy, eps: float):
+    """The reference's gradient by autodiff, in the kernel's form: (d x, d gain partials [1, d]); the
+    copies' d y are summed in float32, as the kernel sums them."""
+    if more_dy:
+        dy = sum((m.astype(jnp.float32) for m in more_dy), dy.astype(jnp.float32))
     _, vjp = jax.vjp(lambda s, g: rms_norm_reference(s, None, g, eps=eps, out_dtype=dy.dtype)[1], s, gain)
     dx, dg = vjp(dy)
     if ds is not None:
@@ -173,33 +179,44 @@ GRADIENT = KernelOp("RMSNorm gradient", {"reference": rms_norm_bwd_reference, "p
                     {"gpu": ("pallas_gpu",)})
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _fused(x, residual, gain, eps, out_dtype, impl, kernel_mesh):
-    return _fused_fwd(x, residual, gain, eps, out_dtype, impl, kernel_mesh)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _fused(x, residual, gain, eps, out_dtype, impl, kernel_mesh, layout):
+    """layout: (whether residual is given, the number of copies of y), the output's structure."""
+    return _fused_fwd(x, residual, gain, eps, out_dtype, impl, kernel_mesh, layout)[0]
 
 
-def _fused_fwd(x, residual, gain, eps, out_dtype, impl, kernel_mesh):
+def _fused_fwd(x, residual, gain, eps, out_dtype, impl, kernel_mesh, layout):
     # symbolic_zeros below: the differentiable arguments arrive as CustomVJPPrimal(value, perturbed).
     x, residual, gain = (a.value if isinstance(a, CustomVJPPrimal) else a for a in (x, residual, gain))
     rows = _rows(x.ndim)
     s, y = FORWARD(impl, (x, residual, gain), (rows, rows, _GAIN), (rows, rows), kernel_mesh,
                    eps=eps, out_dtype=out_dtype)
-    return (y if residual is None else (s, y)), (s, gain)
+    return _structure(s, y, layout), (s, gain)
 
 
-def _fused_bwd(eps, out_dtype, impl, kernel_mesh, saved, cotangent):
+def _structure(s, y, layout):
+    has_residual, copies = layout
+    y = (y,) * copies if copies > 1 else y
+    return (s, y) if has_residual else y
+
+
+def _fused_bwd(eps, out_dtype, impl, kernel_mesh, layout, saved, cotangent):
     s, gain = saved
-    has_residual = isinstance(cotangent, tuple)
+    has_residual, copies = layout
     ds, dy = cotangent if has_residual else (None, cotangent)
     # A caller that discards the sum (the final norms; GCA's MLP norm in the authors' wiring) gives it a
-    # symbolic zero cotangent: the kernel then reads no d s, and no zeros are written for it.
+    # symbolic zero cotangent: the kernel then reads no d s, and no zeros are written for it. A copy of y
+    # that no one reads is left out of the sum the same way.
     if isinstance(ds, SymbolicZero):
         ds = None
-    if isinstance(dy, SymbolicZero):
-        dy = jnp.zeros(dy.shape, dy.dtype)
+    dys = [d for d in (dy if copies > 1 else (dy,)) if not isinstance(d, SymbolicZero)]
+    if not dys:
+        dys = [jnp.zeros(s.shape, out_dtype)]
     rows = _rows(s.ndim)
-    dx, dg = GRADIENT(impl, (s, gain, dy.astype(out_dtype), None if ds is None else ds.astype(s.dtype)),
-                      (rows, _GAIN, rows, rows), (rows, ("batch", None)), kernel_mesh, eps=eps)
+    args = (s, gain, dys[0].astype(out_dtype), None if ds is None else ds.astype(s.dtype),
+            *(d.astype(out_dtype) for d in dys[1:]))
+    dx, dg = GRADIENT(impl, args, (rows, _GAIN, rows, rows, *(rows,) * (len(dys) - 1)), (rows, ("batch", None)),
+                      kernel_mesh, eps=eps)
     dg = jnp.sum(dg, axis=0).astype(gain.dtype)
     return dx, (dx if has_residual else None), dg
 
@@ -212,10 +229,11 @@ def _rows(ndim: int) -> per_shard.Layout:
 
 
 def rms_norm(x, gain, *, residual=None, eps: float, out_dtype=None, impl: str = "auto",
-             kernel_mesh: per_shard.KernelMesh | None = None):
+             kernel_mesh: per_shard.KernelMesh | None = None, copies: int = 1):
     """x [..., d] (batch first), gain [d] -> y [..., d] in out_dtype (default x's); with `residual`
-    [..., d], (s, y) with s = x + residual. Differentiable; `impl` picks the kernels (see the module
-    docstring), run per batch shard under a `kernel_mesh`."""
+    [..., d], (s, y) with s = x + residual; with `copies` n > 1, y is a tuple of n arrays, one a reader
+    (see the module docstring). Differentiable; `impl` picks the kernels (see the module docstring), run
+    per batch shard under a `kernel_mesh`."""
     if residual is not None and (residual.shape, residual.dtype) != (x.shape, x.dtype):
         raise ValueError(f"rms_norm: residual {residual.dtype}{list(residual.shape)} does not match x "
                          f"{x.dtype}{list(x.shape)}; cast or reshape it")
@@ -223,5 +241,5 @@ def rms_norm(x, gain, *, residual=None, eps: float, out_dtype=None, impl: str = 
     if FORWARD.candidates(impl) == ["reference"]:
         # No kernel to try: autodiff of the reference, which XLA fuses with its neighbours.
         s, y = rms_norm_reference(x, residual, gain, eps=eps, out_dtype=out_dtype)
-        return y if residual is None else (s, y)
-    return _fused(x, residual, gain, float(eps), out_dtype, impl, kernel_mesh)
+        return _structure(s, y, (residual is not None, copies))
+    return _fused(x, residual, gain, float(eps), out_dtype, impl, kernel_mesh, (residual is not None, int(copies)))

@@ -99,6 +99,39 @@ def test_the_kernel_path_differentiates_like_the_reference(monkeypatch):
         _close(g, w, 1e-5)
 
 
+@pytest.mark.parametrize("residual", [True, False])
+def test_copies_of_the_norm_have_their_gradients_summed_in_the_backward_kernel(residual, monkeypatch):
+    """copies=3 (self-attention's q, k, v readers): three arrays equal to the one norm, and the gradient
+    of a loss that reads each copy differently (one copy not at all, a symbolic zero) equals the
+    reference's; the backward kernel, poisoned, reads two d y (the third left out) in one call."""
+    _interpret_kernels(monkeypatch)
+    monkeypatch.setattr(poison, "POISON_OUTPUTS", True)
+    x, r, gain, dy, ds = _inputs((2, 12, 96), jnp.bfloat16, 5)
+    dy2 = jnp.flip(dy, axis=1)
+    calls = []
+    bwd = rn.GRADIENT.impls["pallas_gpu"]
+    monkeypatch.setitem(rn.GRADIENT.impls, "pallas_gpu", lambda *a, **k: calls.append(len(a)) or bwd(*a, **k))
+
+    def loss(impl, x, r, g):
+        out = rn.rms_norm(x, g, residual=r if residual else None, eps=EPS, impl=impl, copies=3)
+        s, (y1, y2, y3) = out if residual else (None, out)
+        assert y1 is y2 is y3 or impl == "pallas_gpu"
+        extra = jnp.sum(s.astype(jnp.float32) * ds) if residual else 0.0
+        return jnp.sum(y1.astype(jnp.float32) * dy) + jnp.sum(y3.astype(jnp.float32) * dy2) + extra
+
+    got = jax.value_and_grad(functools.partial(loss, "pallas_gpu"), argnums=(0, 1, 2) if residual else (0, 2))(x, r, gain)
+    want = jax.value_and_grad(functools.partial(loss, "reference"), argnums=(0, 1, 2) if residual else (0, 2))(x, r, gain)
+    assert calls == [5]  # s, gain, d y, d s (or None), the second d y
+    _close(got[0], want[0], 1e-2)
+    for g, w in zip(got[1], want[1], strict=True):
+        assert not np.isnan(np.asarray(g, np.float32)).any()
+        _close(g, w, 3e-2)
+    dx, dg = rn.rms_norm_bwd_reference(x, gain, dy, None, dy2, eps=EPS)
+    want_dx, want_dg = rn.rms_norm_bwd_reference(x, gain, dy.astype(jnp.float32) + dy2, None, eps=EPS)
+    _close(dx, want_dx, 0)
+    _close(dg, want_dg, 0)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the compiled Pallas kernels need a GPU")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("residual", [True, False])
@@ -187,6 +220,31 @@ def test_each_layers_last_residual_add_runs_inside_the_next_norm(monkeypatch):
     norms = 2 * cfg.n_lower + (2 + 2 * cfg.encoder_layers) + 3 * sum(cfg.groups) + 1
     assert len(calls) == norms
     assert calls.count(False) == 3 + groups, calls
+
+
+@pytest.mark.parametrize("fuse_qkv", [False, True])
+def test_each_attention_norms_backward_sums_the_q_k_v_input_gradients(fuse_qkv, monkeypatch):
+    """In a tiny DRT's gradient, every self-attention norm (lower layers, encoder layers, upper layers)
+    hands its backward kernel three d y, one from each projection, and every other norm one; with the
+    stacked projection (fuse_qkv) every norm hands one."""
+    from drt_jax.model import DRT
+
+    cfg = ModelConfig.from_preset("tiny").replace(gumbel_noise=False, fuse_qkv=fuse_qkv)
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (1, cfg.slots_per_chunk * 4), 0, cfg.vocab_size)
+    params = DRT(cfg).init(jax.random.PRNGKey(6), tokens)["params"]
+    seen = []
+
+    def recording(s, gain, dy, ds, *more_dy, **kw):
+        seen.append(1 + len(more_dy))
+        return rn.rms_norm_bwd_reference(s, gain, dy, ds, *more_dy, **kw)
+
+    monkeypatch.setitem(rn.FORWARD.impls, "pallas_gpu", rn.rms_norm_reference)
+    monkeypatch.setitem(rn.GRADIENT.impls, "pallas_gpu", recording)
+    model = DRT(cfg.replace(norm_impl="pallas_gpu"))
+    jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens).astype(jnp.float32) ** 2))(params)
+    attention_norms = cfg.n_lower + cfg.encoder_layers + sum(cfg.groups)
+    norms = 2 * cfg.n_lower + (2 + 2 * cfg.encoder_layers) + 3 * sum(cfg.groups) + 1
+    assert sorted(seen) == [1] * (norms - attention_norms) + [1 if fuse_qkv else 3] * attention_norms, seen
 
 
 def test_a_discarded_sum_gives_the_backward_kernel_no_sum_gradient(monkeypatch):
