@@ -150,8 +150,9 @@ def qkv_inputs(cfg: ModelConfig) -> int:
 class SelfAttention(nn.Module):
     """Causal sliding-window self-attention (decoder) or bidirectional attention (chunk encoder).
 
-    x [B, L, d] -> [B, L, d]. `positions` [L] are absolute slot indices, used by RoPE and ALiBi. With
-    `cache` (decoder only) the L slots follow the context held in the "cache" collection (see Incremental).
+    x [B, L, d] (or three copies of it, see `qkv_inputs`) -> [B, L, d]. `positions` [L] are absolute slot
+    indices, used by RoPE and ALiBi. With `cache` (decoder only) the L slots follow the context held in the
+    "cache" collection (see Incremental).
     """
 
     cfg: ModelConfig
@@ -200,7 +201,7 @@ class SelfAttention(nn.Module):
                 out = causal_attention(q, k, v, window=cfg.window, slopes=slopes, impl=cfg.attention_impl,
                                        kernel_mesh=self.kernel_mesh)
             else:
-                ring_shape = (x.shape[0], cache.ring, Hkv, Dh)
+                ring_shape = (q.shape[0], cache.ring, Hkv, Dh)
                 ring_k = self.variable("cache", "cached_key", jnp.zeros, ring_shape, k.dtype)
                 ring_v = self.variable("cache", "cached_value", jnp.zeros, ring_shape, v.dtype)
                 out, ring_k.value, ring_v.value = cached_attention(
