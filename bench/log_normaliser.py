@@ -13,7 +13,7 @@ call; GB/s counts one read of the logits (and one write of the gradient with --o
 
     PYTHONPATH=. python bench/log_normaliser.py                                     # the default sweep
     PYTHONPATH=. python bench/log_normaliser.py --rows 4 8 --tile-bytes 8192 --warps 8 --stages 2 3
-    PYTHONPATH=. python bench/log_normaliser.py --op gradient --rows 1 2 4 --tile-bytes 4096 16384 --stages 3
+    PYTHONPATH=. python bench/log_normaliser.py --op gradient --rows 1 2 --tile-bytes 8192 16384 --warps 8 --stages 3 --programs 0 256
 
 On a backend without the kernel (a CPU) only the reference is timed, unless --interpret runs the kernel
 under the Pallas interpreter (a check of the options, not a timing). Prints a table, fastest first,
@@ -66,6 +66,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tile-bytes", nargs="*", type=int, default=[4096, 16384, 65536])
     parser.add_argument("--warps", nargs="*", type=int, default=[4, 8, 16, 32])
     parser.add_argument("--stages", nargs="*", type=int, default=[1, 3])
+    parser.add_argument("--programs", nargs="*", type=int, default=[0],
+                        help="with --op gradient: at most this many programs, each walking several row blocks (0: one a block)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--interpret", action="store_true", help="run the kernel under the Pallas interpreter")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "log_normaliser.json"))
@@ -74,9 +76,11 @@ def main(argv=None) -> None:
         parser.error(f"--valid {args.valid} exceeds the padded width {args.shape[2]}; lower it or widen --shape")
 
     try:
-        tilings = [lse.Tiling(*t) for t in itertools.product(args.rows, args.tile_bytes, args.warps, args.stages)]
+        tilings = [lse.Tiling(*t) for t in itertools.product(args.rows, args.tile_bytes, args.warps, args.stages, args.programs)]
     except ValueError as e:
         parser.error(str(e))
+    if args.op != "gradient" and args.programs != [0]:
+        parser.error("--programs is the gradient kernel's: add --op gradient")
 
     x = (4.0 * jax.random.normal(jax.random.PRNGKey(0), tuple(args.shape), jnp.float32)).astype(args.dtype)
     gigabytes = x.size * x.dtype.itemsize / 1e9 * (2 if args.op == "gradient" else 1)
@@ -127,11 +131,12 @@ def main(argv=None) -> None:
 
     moved = "a read and a write" if args.op == "gradient" else "a read"
     print(f"{result['device']}  jax {result['jax']}  {result['date']}  {args.op}: logits {args.dtype}{args.shape}, {gigabytes:.3f} GB {moved}")
-    print(f"{'impl':<11} {'rows':>4} {'tile B':>7} {'warps':>5} {'stages':>6} {'ms':>8} {'GB/s':>7} {'max err':>9}")
+    print(f"{'impl':<11} {'rows':>4} {'tile B':>7} {'warps':>5} {'stages':>6} {'progs':>5} {'ms':>8} {'GB/s':>7} {'max err':>9}")
     default = vars(lse.DEFAULT_GRAD_TILING if args.op == "gradient" else lse.DEFAULT_TILING)
     for c in sorted(result["cases"], key=lambda c: c.get("ms", float("inf"))):
         t = c["tiling"] or {}
-        cols = f"{t.get('rows', '-'):>4} {t.get('tile_bytes', '-'):>7} {str(t.get('num_warps', '-')):>5} {str(t.get('num_stages', '-')):>6}"
+        cols = (f"{t.get('rows', '-'):>4} {t.get('tile_bytes', '-'):>7} {str(t.get('num_warps', '-')):>5} "
+                f"{str(t.get('num_stages', '-')):>6} {str(t.get('programs', '-')):>5}")
         tail = c["error"] if "error" in c else f"{c['ms']:>8.3f} {c['gb_per_s']:>7.0f} {c['max_abs_err']:>9.2e}"
         mark = "  (default)" if t == default else ""
         print(f"{c['impl']:<11} {cols} {tail}{mark}")

@@ -34,19 +34,21 @@ from pallas_kernels.dispatch import KernelOp, Unsupported, require_gpu
 class Tiling:
     """How the kernel walks the logits: `rows` rows a program (at most; a power of two dividing the row
     count), tiles of `tile_bytes` per row (2,048 bfloat16 or 1,024 float32 columns by default), and
-    Triton's warps and software-pipelining stages (the defaults are Pallas's own). bench/log_normaliser.py
-    times the choices."""
+    Triton's warps and software-pipelining stages (the defaults are Pallas's own). `programs` (the
+    gradient kernel's): at most this many programs, each walking its share of the row blocks one after
+    another; 0 for one program a block of rows. bench/log_normaliser.py times the choices."""
 
     rows: int = 4
     tile_bytes: int = 4096
     num_warps: int = 4
     num_stages: int = 3
+    programs: int = 0
 
     def __post_init__(self):
-        for name in ("rows", "tile_bytes", "num_warps"):
+        for name in ("rows", "tile_bytes", "num_warps", "programs"):
             v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"Tiling.{name}={v}: use a power of two")
+            if (v < 1 and not (name == "programs" and v == 0)) or v & (v - 1):
+                raise ValueError(f"Tiling.{name}={v}: use a power of two" + (" (or 0)" if name == "programs" else ""))
 
 
 DEFAULT_TILING = Tiling()
@@ -104,6 +106,8 @@ def logsumexp_pallas_gpu(x, valid: int, *, interpret: bool = False, tiling: Tili
     require_gpu("pallas_gpu", interpret)
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise Unsupported(f"logits dtype {x.dtype} (float32 or bfloat16)")
+    if tiling.programs:
+        raise ValueError(f"Tiling.programs={tiling.programs} is the gradient kernel's; leave it 0 here")
     *lead, Vp = x.shape
     R = math.prod(lead)
     bm = largest_pow2_divisor(R, tiling.rows)
@@ -144,40 +148,46 @@ def softmax_grad_reference(x, targets, weights, valid: int, out_dtype):
     return lse, d.astype(out_dtype)
 
 
-def _grad_kernel(x_ref, t_ref, w_ref, lse_ref, d_ref, *, bm, bv, valid, width):
-    rows = pl.ds(pl.program_id(0) * bm, bm)
+def _grad_kernel(x_ref, t_ref, w_ref, lse_ref, d_ref, *, bm, bv, valid, width, programs, steps):
+    # Program p takes the row blocks p, p + programs, ...: with `programs` a small multiple of the SMs,
+    # the rows in flight fit in L2, so the second sweep over a row reads it from there, not from memory.
+    pid = pl.program_id(0)
 
-    def load(t):
-        cols = t * bv + jnp.arange(bv)
-        x = pltriton.load(x_ref.at[rows, pl.ds(t * bv, bv)], mask=(cols < valid)[None, :], other=-jnp.inf)
-        return cols, x.astype(jnp.float32)
+    def row_block(j, carry):
+        rows = pl.ds((pid + j * programs) * bm, bm)
 
-    def stats(t, carry):
-        m, s = carry
-        x = load(t)[1]
-        m_new = jnp.maximum(m, jnp.max(x, axis=1))
-        base = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        s = s * jnp.exp(m - base) + jnp.sum(jnp.exp(x - base[:, None]), axis=1)
-        return m_new, s
+        def load(t):
+            cols = t * bv + jnp.arange(bv)
+            x = pltriton.load(x_ref.at[rows, pl.ds(t * bv, bv)], mask=(cols < valid)[None, :], other=-jnp.inf)
+            return cols, x.astype(jnp.float32)
 
-    init = (jnp.full((bm,), -jnp.inf, jnp.float32), jnp.zeros((bm,), jnp.float32))
-    m, s = jax.lax.fori_loop(0, pl.cdiv(valid, bv), stats, init)
-    lse = m + jnp.log(s)
-    lse_ref[rows] = lse
-    target, weight = t_ref[rows], w_ref[rows].astype(jnp.float32)
+        def stats(t, carry):
+            m, s = carry
+            x = load(t)[1]
+            m_new = jnp.maximum(m, jnp.max(x, axis=1))
+            base = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            s = s * jnp.exp(m - base) + jnp.sum(jnp.exp(x - base[:, None]), axis=1)
+            return m_new, s
 
-    # The second sweep re-reads tiles the first read moments before, so a program's rows are still in
-    # L2 when the tiling keeps few rows in flight; it writes every column, zeros on the padding.
-    def grad(t, carry):
-        cols, x = load(t)
-        d = (jnp.exp(x - lse[:, None]) - (cols[None, :] == target[:, None])) * weight[:, None]
-        pltriton.store(d_ref.at[rows, pl.ds(t * bv, bv)], d.astype(d_ref.dtype), mask=(cols < width)[None, :])
-        return carry
+        init = (jnp.full((bm,), -jnp.inf, jnp.float32), jnp.zeros((bm,), jnp.float32))
+        m, s = jax.lax.fori_loop(0, pl.cdiv(valid, bv), stats, init)
+        lse = m + jnp.log(s)
+        lse_ref[rows] = lse
+        target, weight = t_ref[rows], w_ref[rows].astype(jnp.float32)
 
-    jax.lax.fori_loop(0, pl.cdiv(width, bv), grad, 0)
+        # Every column is written, zeros on the padding.
+        def grad(t, carry):
+            cols, x = load(t)
+            d = (jnp.exp(x - lse[:, None]) - (cols[None, :] == target[:, None])) * weight[:, None]
+            pltriton.store(d_ref.at[rows, pl.ds(t * bv, bv)], d.astype(d_ref.dtype), mask=(cols < width)[None, :])
+            return carry
+
+        return jax.lax.fori_loop(0, pl.cdiv(width, bv), grad, carry)
+
+    jax.lax.fori_loop(0, steps, row_block, 0)
 
 
-DEFAULT_GRAD_TILING = Tiling()
+DEFAULT_GRAD_TILING = Tiling(rows=1, tile_bytes=8192, num_warps=8)
 
 
 def softmax_grad_pallas_gpu(x, targets, weights, valid: int, out_dtype, *, interpret: bool = False,
@@ -192,10 +202,12 @@ def softmax_grad_pallas_gpu(x, targets, weights, valid: int, out_dtype, *, inter
     R = math.prod(lead)
     bm = largest_pow2_divisor(R, tiling.rows)
     bv = max(1, tiling.tile_bytes // x.dtype.itemsize)
+    programs = largest_pow2_divisor(R // bm, tiling.programs) if tiling.programs else R // bm
     lse, d = poison.pallas_call(
-        functools.partial(_grad_kernel, bm=bm, bv=bv, valid=int(valid), width=Vp),
+        functools.partial(_grad_kernel, bm=bm, bv=bv, valid=int(valid), width=Vp, programs=programs,
+                          steps=R // bm // programs),
         out_shapes=[jax.ShapeDtypeStruct((R,), jnp.float32), jax.ShapeDtypeStruct((R, Vp), jnp.dtype(out_dtype))],
-        grid=(R // bm,),
+        grid=(programs,),
         args=(x.reshape(R, Vp), targets.reshape(R).astype(jnp.int32), weights.reshape(R)),
         interpret=interpret,
         name="softmax_grad_pallas_gpu",

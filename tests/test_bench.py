@@ -74,12 +74,12 @@ def test_log_normaliser_bench_checks_every_tiling_against_the_reference(tmp_path
 def test_log_normaliser_bench_times_the_gradient_kernel_against_the_path_it_replaces(tmp_path):
     out = tmp_path / "grad.json"
     _bench("log_normaliser").main(["--op", "gradient", "--shape", "2", "4", "384", "--valid", "300", "--rows", "1", "2",
-                                   "--tile-bytes", "512", "--warps", "4", "--stages", "3", "--repeats", "1", "--interpret",
-                                   "--out", str(out)])
+                                   "--tile-bytes", "512", "--warps", "4", "--stages", "3", "--programs", "0", "2",
+                                   "--repeats", "1", "--interpret", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["op"] == "gradient"
-    assert [c["impl"] for c in result["cases"]] == ["reference", "lse+xla", "pallas_gpu", "pallas_gpu"]
-    assert [c["tiling"]["rows"] for c in result["cases"][2:]] == [1, 2]
+    assert [c["impl"] for c in result["cases"]] == ["reference", "lse+xla"] + ["pallas_gpu"] * 4
+    assert [(c["tiling"]["rows"], c["tiling"]["programs"]) for c in result["cases"][2:]] == [(1, 0), (1, 2), (2, 0), (2, 2)]
     # bfloat16 gradients of magnitude up to 1 round to within 2^-9 of the reference's
     assert all(c["max_abs_err"] < 4e-3 for c in result["cases"]), result["cases"]
 
@@ -90,6 +90,9 @@ def test_log_normaliser_bench_refuses_a_tiling_that_is_not_a_power_of_two(capsys
     with pytest.raises(SystemExit):
         _bench("log_normaliser").main(["--rows", "3"])
     assert "Tiling.rows=3: use a power of two" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _bench("log_normaliser").main(["--programs", "256"])
+    assert "--programs is the gradient kernel's: add --op gradient" in capsys.readouterr().err
 
 
 def test_train_throughput_parses_model_settings_as_train_py_does(capsys):

@@ -115,9 +115,11 @@ def test_the_gradient_reference_is_autodiffs_gradient_of_the_weighted_loss():
     ((2, 8, 4224), 4100, jnp.bfloat16, jnp.bfloat16, lse.Tiling()),
     ((2, 8, 4224), 4100, jnp.bfloat16, jnp.float32, lse.Tiling(rows=1, tile_bytes=1024)),
     ((1, 7, 256), 256, jnp.float32, jnp.bfloat16, lse.Tiling(rows=2, tile_bytes=256)),
-    ((1, 7, 640), 300, jnp.float32, jnp.float32, lse.Tiling(tile_bytes=512))])
+    ((1, 7, 640), 300, jnp.float32, jnp.float32, lse.Tiling(tile_bytes=512)),
+    ((4, 6, 384), 300, jnp.bfloat16, jnp.bfloat16, lse.Tiling(rows=2, tile_bytes=256, programs=4)),
+    ((3, 8, 384), 384, jnp.float32, jnp.float32, lse.Tiling(rows=1, tile_bytes=512, programs=8))])
 def test_gradient_kernel_matches_float64_in_interpret_mode(shape, valid, dtype, out_dtype, tiling, monkeypatch):
-    """Rows a block does not divide, tails the masks cut short (the log-normaliser's at `valid`, the
+    """Rows a block does not divide, programs that each walk several row blocks, tails the masks cut short (the log-normaliser's at `valid`, the
     gradient's store at the padded width), padding wider than a tile, garbage in the padded columns that must come out as zeros,
     and outputs poisoned with NaN so that an element the kernel does not write shows."""
     from pallas_kernels import poison
@@ -128,7 +130,7 @@ def test_gradient_kernel_matches_float64_in_interpret_mode(shape, valid, dtype, 
     assert got.shape == x.shape and got.dtype == out_dtype and got_lse.dtype == jnp.float32
     want_lse, want = _want_grad(x, t, w, valid)
     np.testing.assert_allclose(np.asarray(got_lse), want_lse, rtol=3e-6, atol=3e-6)
-    tol = 1e-2 if out_dtype == jnp.bfloat16 else 1e-5  # bfloat16 keeps 8 significant bits
+    tol = 1e-2 if out_dtype == jnp.bfloat16 else 1e-4  # bfloat16 keeps 8 significant bits
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=tol, atol=tol * 1e-2)
     assert not np.any(np.asarray(got[..., valid:].astype(jnp.float32)))
     ref_lse, ref = lse.softmax_grad_reference(x, t, w, valid, out_dtype)
@@ -142,6 +144,7 @@ def test_gradient_kernel_matches_float64_on_gpu(dtype):
     got_lse, got = jax.jit(lambda x, t, w: lse.softmax_grad_pallas_gpu(x, t, w, 50265, dtype))(x, t, w)
     want_lse, want = _want_grad(x, t, w, 50265)
     np.testing.assert_allclose(np.asarray(got_lse), want_lse, rtol=3e-6, atol=3e-6)
-    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+    # float32: a logit of 400 puts lse's rounding (3e-5) into every probability's exponent
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-4
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=tol, atol=tol * 1e-2)
     assert lse.SOFTMAX_GRADIENT.choose("auto", x, t, w, valid=50265, out_dtype=dtype)[0] == "pallas_gpu"
