@@ -241,7 +241,7 @@ def test_each_attention_norms_backward_sums_the_q_k_v_input_gradients(fuse_qkv, 
     monkeypatch.setitem(rn.FORWARD.impls, "pallas_gpu", rn.rms_norm_reference)
     monkeypatch.setitem(rn.GRADIENT.impls, "pallas_gpu", recording)
     model = DRT(cfg.replace(norm_impl="pallas_gpu"))
-    jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens).astype(jnp.float32) ** 2))(params)
+    jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens).astype(jnp.float32) ** 2))).lower(params)
     attention_norms = cfg.n_lower + cfg.encoder_layers + sum(cfg.groups)
     norms = 2 * cfg.n_lower + (2 + 2 * cfg.encoder_layers) + 3 * sum(cfg.groups) + 1
     assert sorted(seen) == [1] * (norms - attention_norms) + [1 if fuse_qkv else 3] * attention_norms, seen
