@@ -109,8 +109,8 @@ def main(argv=None) -> None:
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
 
     def record(name, tiling, fn):
-        got = jax.tree.leaves(fn(*operands))
-        err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))) for g, w in zip(got, jax.tree.leaves(want)))
+        pairs = zip(jax.tree.leaves(fn(*operands)), jax.tree.leaves(want), strict=True)
+        err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))) for g, w in pairs)
         s = _time(fn, operands, args.repeats)
         result["cases"].append({"impl": name, "tiling": tiling, "ms": 1e3 * s, "gb_per_s": gigabytes / s, "max_abs_err": err})
         save()

@@ -1,17 +1,20 @@
 """The loss head's log-normaliser: log sum exp over the first `valid` columns of each row of a block of
 logits [..., Vp] (Vp: the vocabulary padded to a multiple of 128; the padded columns do not count), and
-the same with the cross-entropy's gradient (`row_logsumexp_with_grad`, below).
+the same with the cross-entropy's gradient (`row_logsumexp_with_grad`, below), which the blocked loss
+takes when it is differentiated.
 
   "reference":  `logsumexp_one_pass` in jnp, one read of the logits. XLA's variadic reduction takes an
                 exp per element and a rescaling per merge; on an H100 it ran at 1.5 TB/s, where the
-                d logits pass over the same bytes runs at 2.6.
-  "pallas_gpu": a Pallas kernel lowered through Triton: each program walks a few rows in tiles of
-                columns, one exp per element, a running max and sum per row. Tested against float64
-                under the Pallas interpreter and compiled on a GPU.
+                d logits pass over the same bytes runs at 2.6. The gradient's reference adds that
+                pass: (softmax - one hot) x weight.
+  "pallas_gpu": Pallas kernels lowered through Triton: each program walks a few rows in tiles of
+                columns, one exp per element, a running max and sum per row; the gradient's kernel
+                then walks the rows again and writes the gradient. Tested against float64 under the
+                Pallas interpreter and compiled on a GPU.
   "auto":       pallas_gpu on a GPU, else the reference.
 
-Neither op is differentiable: the blocked loss forms its own gradient, with the second. The dispatcher tries the candidates in
-order; one that cannot take a call says why in a log line.
+Neither op is differentiable: the blocked loss forms its own gradient, with the second. The dispatcher
+tries the candidates in order; one that cannot take a call says why in a log line.
 """
 
 from __future__ import annotations
@@ -149,8 +152,9 @@ def softmax_grad_reference(x, targets, weights, valid: int, out_dtype):
 
 
 def _grad_kernel(x_ref, t_ref, w_ref, lse_ref, d_ref, *, bm, bv, valid, width, programs, steps):
-    # Program p takes the row blocks p, p + programs, ...: with `programs` a small multiple of the SMs,
-    # the rows in flight fit in L2, so the second sweep over a row reads it from there, not from memory.
+    # Program p takes the row blocks p, p + programs, ... (Tiling.programs). The default, one program a
+    # block of rows, keeps the most loads in flight; fewer programs, so that a row would still be in L2
+    # for its second sweep, ran slower on an H100 (docs/results.md).
     pid = pl.program_id(0)
 
     def row_block(j, carry):

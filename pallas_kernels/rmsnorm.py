@@ -6,9 +6,10 @@
 x, residual [..., d]; gain [d]. With a residual the op returns (s, y): the layer keeps s as its residual
 stream and feeds y to the next projection. With `copies` n > 1, y is returned as n arrays, one for each
 reader (self-attention's q, k and v projections): their gradients reach the backward kernel one by one
-and are summed as it reads them, where autodiff would sum them in a pass of their own. XLA emits the forward as two passes (the add and the sum of
-squares, then the scaling: five reads and writes of a row where four do) and the backward as a row
-reduction, a column reduction for d gain and an elementwise pass.
+and are summed as it reads them, where autodiff would sum them in a pass of their own. XLA emits the
+forward as two passes (the add and the sum of squares, then the scaling: five reads and writes of a row
+where four do) and the backward as a row reduction, a column reduction for d gain and an elementwise
+pass.
 
   "reference":  the maths in jnp; its gradient is autodiff's.
   "pallas_gpu": Pallas kernels lowered through Triton. The forward reads x (and residual) once and
