@@ -221,3 +221,57 @@ def test_pallas_tpu_kernels_in_interpret_mode_run_per_shard_on_data_x_tensor(tmp
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=str(REPO))
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+
+
+LOSS_HEAD_SCRIPT = textwrap.dedent(
+    """
+    import os, json, functools
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, jax.numpy as jnp, numpy as np
+    from drt_jax.losses import blocked_cross_entropy
+    from drt_jax.train import mesh as M
+    from drt_jax.train.config import DEFAULT_RULES, MeshConfig
+    from pallas_kernels import logsumexp as lse
+
+    shapes = []
+
+    def grad_kernel(*args, **kw):
+        shapes.append(args[0].shape)
+        return lse.softmax_grad_pallas_gpu(*args, interpret=True, **kw)
+
+    lse.SOFTMAX_GRADIENT.impls["pallas_gpu"] = grad_kernel
+    lse.LOG_NORMALISER.impls["pallas_gpu"] = functools.partial(lse.logsumexp_pallas_gpu, interpret=True)
+    mesh = M.make_mesh(MeshConfig(data=4, fsdp=1, tensor=2), jax.devices())
+    km = M.kernel_mesh(mesh, DEFAULT_RULES)
+    B, T, d, V = 8, 40, 16, 61
+    kh, ke, kt = jax.random.split(jax.random.PRNGKey(0), 3)
+    h = jax.random.normal(kh, (B, T, d))
+    e = 0.3 * jax.random.normal(ke, (V, d))
+    t = jax.random.randint(kt, (B, T), 0, V)
+    w = jnp.where(jnp.arange(T) % 3 == 0, 0.0, 2.0) * jnp.ones((B, 1))
+
+    def loss(h, e, impl, kernel_mesh):
+        return blocked_cross_entropy(h, e, t, w, block_size=16, lse_impl=impl, kernel_mesh=kernel_mesh)[0]
+
+    sharded = jax.device_put(h, M.batch_sharding(mesh, DEFAULT_RULES))
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, impl="pallas_gpu", kernel_mesh=km), argnums=(0, 1)))(sharded, e)
+    want = jax.value_and_grad(functools.partial(loss, impl="reference", kernel_mesh=None), argnums=(0, 1))(h, e)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    print("RESULT", json.dumps({"kernel_batch": sorted({s[0] for s in shapes}), "batch_axes": list(km.batch)}))
+    """
+)
+
+
+def test_the_loss_heads_gradient_kernel_runs_per_batch_shard_and_matches_the_reference(tmp_path):
+    """The blocked loss with both loss-head kernels (interpreted) under a (data 4, tensor 2) kernel mesh:
+    each kernel call sees a quarter of the batch, and the loss and gradients equal the unsharded reference's."""
+    script = tmp_path / "loss_head.py"
+    script.write_text(LOSS_HEAD_SCRIPT)
+    env = cli_env()
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert result == {"kernel_batch": [2], "batch_axes": ["data", "fsdp"]}, result
