@@ -127,14 +127,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_sharded_step_runs_opaque_kernels_per_shard_and_matches_one_device(tmp_path):
-    script = tmp_path / "kernels.py"
-    script.write_text(SCRIPT)
+def _run_on_eight_cpu_devices(tmp_path, text: str, timeout: int) -> dict:
+    """Runs a script (which sets up 8 simulated CPU devices itself) in a fresh process -> the JSON it
+    prints after "RESULT"."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
     env = cli_env()
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=400, env=env, cwd=str(REPO))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+def test_sharded_step_runs_opaque_kernels_per_shard_and_matches_one_device(tmp_path):
+    result = _run_on_eight_cpu_devices(tmp_path, SCRIPT, timeout=400)
     assert all(4.0 < x < 7.0 for x in result["one"]), result
     assert set(result) >= {"fsdp", "data_fsdp", "data_tensor", "data_tensor_fused_qkv"}, result
     assert "custom_partitioner" in result["unwrapped"], result["unwrapped"]
@@ -267,11 +273,5 @@ LOSS_HEAD_SCRIPT = textwrap.dedent(
 def test_the_loss_heads_gradient_kernel_runs_per_batch_shard_and_matches_the_reference(tmp_path):
     """The blocked loss with both loss-head kernels (interpreted) under a (data 4, tensor 2) kernel mesh:
     each kernel call sees a quarter of the batch, and the loss and gradients equal the unsharded reference's."""
-    script = tmp_path / "loss_head.py"
-    script.write_text(LOSS_HEAD_SCRIPT)
-    env = cli_env()
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=str(REPO))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    result = _run_on_eight_cpu_devices(tmp_path, LOSS_HEAD_SCRIPT, timeout=300)
     assert result == {"kernel_batch": [2], "batch_axes": ["data", "fsdp"]}, result
