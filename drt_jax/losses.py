@@ -113,8 +113,9 @@ def _sums_fwd(hidden, embedding, targets, weights, extra, logits_dtype, lse_impl
     loss with the known weights, so d total / d logits = (softmax - one_hot) * weight is complete once
     a block's logits exist, and the backward pass only scales by the incoming cotangent. This saves the
     recomputation of every block's logits (a quarter of the head's vocabulary-wide GEMMs) and keeps
-    only dh [nb, B, k, d] and d embedding [V, d]. d logits is cast to the compute dtype before both
-    products, so no float32 (tf32) GEMM of the vocabulary's width runs."""
+    only dh [nb, B, k, d] and d embedding [V, d]. The log-normaliser and d logits come from one pass over
+    each block's logits (pallas_kernels.logsumexp.row_logsumexp_with_grad), d logits in the compute
+    dtype, so no float32 (tf32) GEMM of the vocabulary's width runs."""
     V, emb = _compute_embedding(embedding, hidden.dtype)
     Vp = emb.shape[0]
 
