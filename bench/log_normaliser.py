@@ -94,8 +94,7 @@ def main(argv=None) -> None:
         def before(x, t, w):
             """The loss's path before the gradient kernel: the log-normaliser kernel, then XLA's pass."""
             m = lse.logsumexp_pallas_gpu(x, args.valid, interpret=args.interpret)
-            p = jnp.where(jnp.arange(x.shape[-1]) < args.valid, jnp.exp(x.astype(jnp.float32) - m[..., None]), 0.0)
-            return m, ((p - jax.nn.one_hot(t, x.shape[-1])) * w[..., None]).astype(x.dtype)
+            return m, lse.softmax_grad_given_lse(x, m, t, w, args.valid, x.dtype)
     else:
         operands, kwargs = (x,), {"valid": args.valid}
         kernel_fn, reference_fn, before = lse.logsumexp_pallas_gpu, lse.logsumexp_reference, None

@@ -86,14 +86,19 @@ def logsumexp_reference(x, valid: int):
     return logsumexp_one_pass(x)
 
 
-def _kernel(x_ref, out_ref, *, bm, bv, valid):
-    rows = pl.ds(pl.program_id(0) * bm, bm)
+def _load_tile(x_ref, rows, t, *, bv, valid):
+    """Tile t of `rows` -> (its column indices [bv], float32 [bm, bv] with -inf from column `valid` on)."""
+    cols = t * bv + jnp.arange(bv)
+    x = pltriton.load(x_ref.at[rows, pl.ds(t * bv, bv)], mask=(cols < valid)[None, :], other=-jnp.inf)
+    return cols, x.astype(jnp.float32)
+
+
+def _row_logsumexp(x_ref, rows, *, bm, bv, valid):
+    """log sum exp of `rows`' first `valid` columns [bm], one sweep of tiles with a running max and sum."""
 
     def body(t, carry):
         m, s = carry
-        cols = t * bv + jnp.arange(bv)
-        x = pltriton.load(x_ref.at[rows, pl.ds(t * bv, bv)], mask=(cols < valid)[None, :], other=-jnp.inf)
-        x = x.astype(jnp.float32)
+        x = _load_tile(x_ref, rows, t, bv=bv, valid=valid)[1]
         m_new = jnp.maximum(m, jnp.max(x, axis=1))
         base = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with no finite value yet stays (-inf, 0)
         s = s * jnp.exp(m - base) + jnp.sum(jnp.exp(x - base[:, None]), axis=1)
@@ -101,7 +106,12 @@ def _kernel(x_ref, out_ref, *, bm, bv, valid):
 
     init = (jnp.full((bm,), -jnp.inf, jnp.float32), jnp.zeros((bm,), jnp.float32))
     m, s = jax.lax.fori_loop(0, pl.cdiv(valid, bv), body, init)
-    out_ref[rows] = m + jnp.log(s)
+    return m + jnp.log(s)
+
+
+def _kernel(x_ref, out_ref, *, bm, bv, valid):
+    rows = pl.ds(pl.program_id(0) * bm, bm)
+    out_ref[rows] = _row_logsumexp(x_ref, rows, bm=bm, bv=bv, valid=valid)
 
 
 def logsumexp_pallas_gpu(x, valid: int, *, interpret: bool = False, tiling: Tiling = DEFAULT_TILING):
@@ -144,11 +154,16 @@ def softmax_grad_reference(x, targets, weights, valid: int, out_dtype):
     out_dtype): the log-normaliser and the gradient of weights x (lse - x[target]) with respect to x,
     (softmax(x[:valid]) - one_hot(target)) x weight, zero on the padded columns."""
     lse = logsumexp_reference(x, valid)
+    return lse, softmax_grad_given_lse(x, lse, targets, weights, valid, out_dtype)
+
+
+def softmax_grad_given_lse(x, lse, targets, weights, valid: int, out_dtype):
+    """The gradient of `softmax_grad_reference` from a log-normaliser already taken: d [..., Vp]."""
     p = jnp.exp(x.astype(jnp.float32) - lse[..., None])
     cols = jnp.arange(x.shape[-1])
     p = jnp.where(cols < valid, p, 0.0)
     d = (p - (cols == targets[..., None])) * weights[..., None].astype(jnp.float32)
-    return lse, d.astype(out_dtype)
+    return d.astype(out_dtype)
 
 
 def _grad_kernel(x_ref, t_ref, w_ref, lse_ref, d_ref, *, bm, bv, valid, width, programs, steps):
@@ -159,29 +174,13 @@ def _grad_kernel(x_ref, t_ref, w_ref, lse_ref, d_ref, *, bm, bv, valid, width, p
 
     def row_block(j, carry):
         rows = pl.ds((pid + j * programs) * bm, bm)
-
-        def load(t):
-            cols = t * bv + jnp.arange(bv)
-            x = pltriton.load(x_ref.at[rows, pl.ds(t * bv, bv)], mask=(cols < valid)[None, :], other=-jnp.inf)
-            return cols, x.astype(jnp.float32)
-
-        def stats(t, carry):
-            m, s = carry
-            x = load(t)[1]
-            m_new = jnp.maximum(m, jnp.max(x, axis=1))
-            base = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            s = s * jnp.exp(m - base) + jnp.sum(jnp.exp(x - base[:, None]), axis=1)
-            return m_new, s
-
-        init = (jnp.full((bm,), -jnp.inf, jnp.float32), jnp.zeros((bm,), jnp.float32))
-        m, s = jax.lax.fori_loop(0, pl.cdiv(valid, bv), stats, init)
-        lse = m + jnp.log(s)
+        lse = _row_logsumexp(x_ref, rows, bm=bm, bv=bv, valid=valid)
         lse_ref[rows] = lse
         target, weight = t_ref[rows], w_ref[rows].astype(jnp.float32)
 
         # Every column is written, zeros on the padding.
         def grad(t, carry):
-            cols, x = load(t)
+            cols, x = _load_tile(x_ref, rows, t, bv=bv, valid=valid)
             d = (jnp.exp(x - lse[:, None]) - (cols[None, :] == target[:, None])) * weight[:, None]
             pltriton.store(d_ref.at[rows, pl.ds(t * bv, bv)], d.astype(d_ref.dtype), mask=(cols < width)[None, :])
             return carry
